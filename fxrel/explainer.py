@@ -1,0 +1,216 @@
+"""The public explainer: capture → canonicalise → plan rules → build the relevance graph → (compile) → run.
+
+An :class:`Explainer` builds one relevance program per input signature ``(shape, dtype, device)`` and caches it
+(compiled too, with ``compile=True``), so repeated calls on same-shaped batches do no tracing or compiling.
+The explainer snapshots the model's parameters when it builds; call :meth:`Explainer.clear` after changing them.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import fx, nn
+from torch.fx.interpreter import Interpreter
+
+from fxrel.errors import InputError
+from fxrel.graphs.builder import RelevanceGraph, build_relevance_graph
+from fxrel.graphs.canonical import canonicalize
+from fxrel.graphs.capture import capture, check_eval_mode
+from fxrel.rules.base import Rule
+from fxrel.rules.composite import Matcher, RulePlan
+from fxrel.rules.methods import Method, make_method
+
+Target = int | str | Sequence[int] | torch.Tensor | None
+
+
+@dataclass
+class Explanation:
+    """Result of one explainer call."""
+
+    relevance: dict[str, torch.Tensor]   #: stop node → relevance (batch first)
+    output: torch.Tensor                  #: the start node's output (the logits by default)
+    targets: torch.Tensor | None          #: the explained class per row (None when a seed was given)
+
+
+def _parse_topk(target: str) -> int:
+    text = target.lower().replace("-", "")
+    if text.startswith("top") and text[3:].isdigit() and int(text[3:]) > 0:
+        return int(text[3:])
+    raise InputError(f"target '{target}' not understood; use an int, a list of ints, a tensor, or 'top1'/'top-k'")
+
+
+class Explainer:
+    """Explain a model with one method; reusable across calls.
+
+    ``method``: a registered name (see ``fxrel.methods()``) or a :class:`Method`. ``rules``: overrides as
+    ``(matcher, rule)`` pairs that take precedence over the method's composite (see ``fxrel.rules.composite``).
+    ``start``/``stops``: node or module names where relevance starts / is returned (default: model output / input).
+    ``compile``: run the relevance graph through ``torch.compile(fullgraph=True)``.
+    """
+
+    def __init__(self, model: nn.Module, method: str | Method = "epsilon_plus_flat", *,
+                 rules: Sequence[tuple[Matcher, Rule]] = (), start: str | None = None,
+                 stops: Sequence[str] | None = None, compile: bool = False, fold_batchnorm: bool = True,
+                 **params: Any) -> None:
+        check_eval_mode(model)
+        self.model = model
+        self.method = method if isinstance(method, Method) else make_method(method, **params)
+        if isinstance(method, Method) and params:
+            raise InputError(f"parameters {sorted(params)} given with a Method object; set them on the Method")
+        self.rules = list(rules)
+        self.start, self.stops = start, (list(stops) if stops is not None else None)
+        self.compile = compile
+        self.fold_batchnorm = fold_batchnorm
+        self._canonical: dict[tuple, fx.GraphModule] = {}
+        self._graphs: dict[tuple, RelevanceGraph] = {}
+        self._runners: dict[tuple, Any] = {}
+
+    # -- building ---------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _signature(x: torch.Tensor) -> tuple:
+        return tuple(x.shape), x.dtype, x.device
+
+    def canonical_graph(self, x: torch.Tensor) -> fx.GraphModule:
+        """The canonical forward graph for inputs shaped like ``x`` (cached)."""
+        key = self._signature(x)
+        if key not in self._canonical:
+            check_eval_mode(self.model)
+            example = torch.zeros_like(x) if not torch.isfinite(x).all() else x
+            self._canonical[key] = canonicalize(capture(self.model, example), (example,), self.fold_batchnorm)
+        return self._canonical[key]
+
+    def rule_plan(self, x: torch.Tensor) -> RulePlan:
+        """Which rule each canonical node gets, for inputs shaped like ``x``."""
+        return self.method.streams(self.canonical_graph(x), self.rules)[0].plan
+
+    def relevance_graph(self, x: torch.Tensor, stops: Sequence[str] | None = None) -> RelevanceGraph:
+        """The relevance program for inputs shaped like ``x`` (cached per signature and stop set)."""
+        stops = self.stops if stops is None else list(stops)
+        key = (*self._signature(x), tuple(stops) if stops is not None else None)
+        if key not in self._graphs:
+            canonical = self.canonical_graph(x)
+            streams = self.method.streams(canonical, self.rules)
+            self._graphs[key] = build_relevance_graph(canonical, streams, self.start, stops)
+        return self._graphs[key]
+
+    def _runner(self, x: torch.Tensor, stops: Sequence[str] | None) -> tuple[RelevanceGraph, Any]:
+        graph = self.relevance_graph(x, stops)
+        key = (*self._signature(x), tuple(graph.stops), self.compile)
+        if key not in self._runners:
+            self._runners[key] = torch.compile(graph.module, fullgraph=True) if self.compile else graph.module
+        return graph, self._runners[key]
+
+    def clear(self) -> None:
+        """Forget every built graph (call after changing the model's parameters)."""
+        self._canonical.clear()
+        self._graphs.clear()
+        self._runners.clear()
+
+    # -- running ----------------------------------------------------------------------------------------------------
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise InputError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dim() < 2:
+            raise InputError(f"x must be batched (batch first), got shape {tuple(x.shape)}")
+        if not torch.isfinite(x).all():
+            bad = "NaN" if torch.isnan(x).any() else "infinite"
+            raise InputError(f"x contains {bad} values; relevance of a non-finite input is undefined")
+        param = next(iter(self.model.parameters()), None)
+        if param is not None and param.device != x.device:
+            raise InputError(f"x is on {x.device} but the model is on {param.device}; move one of them")
+
+    def _seed_mask(self, graph: RelevanceGraph, x: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one-hot mask on the start node's output for ``target`` (runs the forward pass only for top-k)."""
+        start = next(n for n in graph.canonical.graph.nodes if n.name == graph.start)
+        shape = start.meta["tensor_meta"].shape
+        n, classes = shape[0], shape[-1]
+        if target is None or isinstance(target, str):
+            if len(shape) != 2:
+                raise InputError("'top-k' targets need a start node with output [batch, classes]; give a seed")
+            k = 1 if target is None else _parse_topk(target)
+            if k > classes:
+                raise InputError(f"top-{k} requested but the model has only {classes} classes")
+            idx = self._start_output(graph, x).topk(k, dim=1).indices[:, k - 1]
+        else:
+            idx = torch.as_tensor(target, device=x.device).long().flatten()
+            if idx.numel() == 1:
+                idx = idx.expand(n)
+            if idx.numel() != n:
+                raise InputError(f"got {idx.numel()} targets for a batch of {n}")
+            bad = idx[(idx < 0) | (idx >= classes)]
+            if bad.numel():
+                raise InputError(f"class index {bad[0].item()} out of range: the model has {classes} classes "
+                                 f"(valid 0…{classes - 1})")
+        mask = torch.zeros(shape, dtype=x.dtype, device=x.device)
+        mask[torch.arange(n, device=x.device), ..., idx] = 1
+        return mask, idx
+
+    def attribute(self, x: torch.Tensor, target: Target = None, *, seed: torch.Tensor | None = None,
+                  stops: Sequence[str] | None = None) -> Explanation:
+        """Explain a batch. ``target``: one class for all, one per row, ``None``/``"top1"`` (the predicted class)
+        or ``"top-k"`` (the k-th highest class). ``seed`` replaces the one-hot target mask (any start node)."""
+        self._check_input(x)
+        graph, run = self._runner(x, stops)
+        with torch.no_grad():
+            if seed is None:
+                mask, idx = self._seed_mask(graph, x, target)
+            else:
+                mask, idx = seed.to(x), None
+            result = run(x, mask)
+        relevance = {k.split(":", 1)[1]: v for k, v in result.items() if k != "output"}
+        return Explanation(relevance, result["output"], idx)
+
+    @staticmethod
+    def _start_output(graph: RelevanceGraph, x: torch.Tensor) -> torch.Tensor:
+        """The start node's output on ``x`` (the canonical forward pass up to the start node)."""
+        values: dict[str, torch.Tensor] = {}
+
+        class _Record(Interpreter):
+            def run_node(self, n: fx.Node) -> Any:
+                values[n.name] = super().run_node(n)
+                return values[n.name]
+
+        _Record(graph.canonical).run(x)
+        return values[graph.start]
+
+    def __call__(self, x: torch.Tensor, target: Target = None, *, seed: torch.Tensor | None = None
+                 ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Relevance for a batch: a tensor shaped like ``x`` (a dict when several stop nodes were asked for)."""
+        relevance = self.attribute(x, target, seed=seed).relevance
+        return next(iter(relevance.values())) if len(relevance) == 1 else relevance
+
+    def layer_table(self, x: torch.Tensor, target: Target = None) -> str:
+        """How much relevance passes each canonical node (Σ over all but the batch axis): the conservation audit."""
+        explanation = self.attribute(x, target, stops=["*"])
+        canonical = self.canonical_graph(x)
+        rows = [("node", "kind", "module", "relevance sum per image")]
+        for node in canonical.graph.nodes:
+            r = explanation.relevance.get(node.name)
+            if r is None:
+                continue
+            sums = r.flatten(1).sum(1).tolist()
+            rows.append((node.name, node.meta.get("fxrel_kind", ""), node.meta.get("fxrel_module", ""),
+                         "  ".join(f"{v:+.6g}" for v in sums)))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+def explain(model: nn.Module, x: torch.Tensor, target: Target = None, method: str | Method = "epsilon_plus_flat",
+            **kwargs: Any) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Explain ``model`` on the batch ``x`` for ``target`` with ``method`` (keyword arguments: rule parameters and
+    :class:`Explainer` options). Explainers are cached per (model, method, parameters), relevance programs per
+    input signature, so repeated calls do not rebuild or recompile."""
+    key = (method if isinstance(method, str) else id(method), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+    per_model = _CACHE.setdefault(model, {})
+    if key not in per_model:
+        per_model[key] = Explainer(model, method, **kwargs)
+    return per_model[key](x, target)
+
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()

@@ -1,0 +1,243 @@
+"""The relevance-graph builder: a reverse sweep that records rule templates into an explicit fx graph.
+
+The emitted ``GraphModule`` takes the model's inputs and a ``seed_mask`` (shaped like the start node's output),
+recomputes the forward pass, forms each stream's initial relevance from (start output, mask), and then, for every
+canonical node from the start node down to the inputs and for every stream, runs that node's rule template on fx
+proxies. It returns a dict ``{"output": start output, "<stream>:<node>": relevance, …}`` for every requested stop
+node. There are no autograd calls in it; it runs eagerly or under ``torch.compile(fullgraph=True)``.
+
+Fan-out is summation: a node used by several others receives the sum of what each sends back.
+Every emitted node records ``fxrel_role`` (``forward``/``seed``/``relevance``), ``fxrel_forward`` (the forward node it
+serves), ``fxrel_rule`` and ``fxrel_stream``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import fx
+
+from fxrel.errors import RuleError
+from fxrel.graphs import ops
+from fxrel.rules.base import Rule
+
+Seed = Callable[[Any, Any], Any]
+Finalize = Callable[[Any, Any], Any]
+
+
+@dataclass
+class Stream:
+    """One relevance flow of a sweep: a rule per canonical node, its initial relevance and a final transform."""
+
+    name: str
+    plan: Mapping[str, Rule]               #: canonical node name → rule
+    seed: Seed                              #: (start output, seed mask) → initial relevance
+    finalize: Finalize | None = None        #: (relevance, node value) → what is returned at a stop node
+
+
+@dataclass
+class _Context:
+    """The :class:`fxrel.rules.base.RuleContext` handed to rule templates."""
+
+    node: fx.Node
+    kind: str
+    inputs: list[Any]
+    output: Any
+    weight: Any
+    bias: Any
+    upstream: dict[str, Any]
+    downstream: dict[str, list]
+    builder: "_Builder"
+
+    def forward(self, inputs: Sequence[Any], weight: Any = None, bias: Any = None) -> Any:
+        return ops.spec_of(self.node).forward(self.node, list(inputs), weight, bias)
+
+    def vjp(self, grad: Any, weight: Any = None) -> list[Any]:
+        w = self.weight if weight is None else weight
+        return ops.spec_of(self.node).vjp(self.node, grad, self.inputs, w)
+
+    def param(self, which: str, tag: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+        return self.builder.derived_param(self.node, which, tag, fn)
+
+    def constant(self, value: torch.Tensor | float) -> Any:
+        return self.builder.constant(value)
+
+
+@dataclass
+class RelevanceGraph:
+    """A built relevance program and what it was built from."""
+
+    module: fx.GraphModule                   #: forward(*inputs, seed_mask) -> dict of tensors
+    canonical: fx.GraphModule                #: the canonical forward graph
+    streams: list[Stream]
+    start: str                               #: canonical node where relevance starts
+    stops: list[str]                         #: canonical nodes whose relevance is returned
+    output_keys: list[str] = field(default_factory=list)
+
+    @property
+    def code(self) -> str:
+        """Readable Python of the relevance program."""
+        return self.module.code
+
+
+class _Builder:
+    def __init__(self, canonical: fx.GraphModule) -> None:
+        self.canonical = canonical
+        self.graph = fx.Graph()
+        self.tracer = fx.proxy.GraphAppendingTracer(self.graph)
+        self.root = torch.nn.Module()
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.cache: dict[tuple, fx.Node] = {}
+        ref = next((getattr(canonical, n.target) for n in canonical.graph.nodes if n.op == "get_attr"), None)
+        self.device = ref.device if ref is not None else torch.device("cpu")
+        self.dtype = ref.dtype if ref is not None else torch.float32
+
+    def proxy(self, node: fx.Node | None) -> Any:
+        return None if node is None else fx.Proxy(node, self.tracer)
+
+    def _attr(self, value: torch.Tensor, hint: str) -> fx.Node:
+        name = f"{hint}_{len(self.cache)}"
+        self.root.register_buffer(name, value.detach(), persistent=False)
+        return self.graph.get_attr(name)
+
+    def derived_param(self, node: fx.Node, which: str, tag: str, fn: Callable) -> Any:
+        src = node.args[1] if which == "weight" else node.args[2]
+        key = ("param", src.target, tag)
+        if key not in self.cache:
+            self.cache[key] = self._attr(fn(getattr(self.canonical, src.target)), f"{src.target}_{tag}".replace(
+                "+", "pos").replace("-", "neg").replace(".", "_"))
+        return self.proxy(self.cache[key])
+
+    def constant(self, value: torch.Tensor | float) -> Any:
+        t = torch.as_tensor(value).to(device=self.device, dtype=self.dtype)
+        key = ("const", t.shape, tuple(t.flatten().tolist()))
+        if key not in self.cache:
+            self.cache[key] = self._attr(t, "const")
+        return self.proxy(self.cache[key])
+
+    def copy_forward(self) -> list[fx.Node]:
+        placeholders = []
+        for node in self.canonical.graph.nodes:
+            if node.op == "output":
+                continue
+            if node.op == "get_attr":
+                if node.target not in self.root._buffers:
+                    self.root.register_buffer(node.target, getattr(self.canonical, node.target), persistent=False)
+            new = self.graph.node_copy(node, lambda n: self.env[n])
+            new.meta["fxrel_role"] = "forward"
+            new.meta["fxrel_forward"] = node.name
+            self.env[node] = new
+            if node.op == "placeholder":
+                placeholders.append(new)
+        return placeholders
+
+    def tag_since(self, marker: fx.Node, **meta: Any) -> None:
+        """Attach provenance to every node appended after ``marker``."""
+        node = marker.next
+        while node is not self.graph._root:
+            node.meta.update(meta)
+            node = node.next
+
+    def last(self) -> fx.Node:
+        return self.graph._root.prev
+
+
+def _resolve(canonical: fx.GraphModule, name: str | None, default: fx.Node) -> fx.Node:
+    if name is None:
+        return default
+    nodes = {n.name: n for n in canonical.graph.nodes}
+    if name in nodes:
+        return nodes[name]
+    by_module = [n for n in canonical.graph.nodes if n.meta.get("fxrel_module") == name
+                 and n.meta.get("fxrel_kind") not in (ops.PARAM,)]
+    if by_module:
+        return by_module[-1]
+    raise RuleError(f"no node or module named '{name}' in the canonical graph")
+
+
+def build_relevance_graph(canonical: fx.GraphModule, streams: Sequence[Stream], start: str | None = None,
+                          stops: Sequence[str] | None = None) -> RelevanceGraph:
+    """Build the explicit relevance program for ``streams`` on a canonical graph.
+
+    ``start``: node (or module) name where relevance starts (default: the model output). ``stops``: node or module
+    names whose relevance is returned (default: the model inputs); ``"*"`` returns every node's relevance.
+    """
+    if not streams:
+        raise RuleError("a relevance sweep needs at least one stream")
+    b = _Builder(canonical)
+    order = [n for n in canonical.graph.nodes if n.op != "output"]
+    output_node = next(n for n in canonical.graph.nodes if n.op == "output")
+    start_node = _resolve(canonical, start, output_node.args[0])
+    inputs = [n for n in order if n.op == "placeholder"]
+    stops = None if stops is None else list(stops)
+    if stops is None:
+        stop_nodes = inputs
+    elif stops == ["*"]:
+        stop_nodes = [n for n in order if n.op != "get_attr"]
+    else:
+        stop_nodes = [_resolve(canonical, s, None) for s in stops]
+
+    for s in streams:
+        missing = [n.name for n in order if n.op == "call_function" and n.name not in s.plan]
+        if missing:
+            raise RuleError(f"stream '{s.name}' has no rule for nodes {missing[:5]}")
+
+    b.copy_forward()
+    mask = b.graph.placeholder("seed_mask")
+    mask.meta["fxrel_role"] = "seed"
+    start_value = b.proxy(b.env[start_node])
+    pending: dict[tuple[str, fx.Node], list[Any]] = {}
+    for s in streams:
+        marker = b.last()
+        pending[(s.name, start_node)] = [s.seed(start_value, b.proxy(mask))]
+        b.tag_since(marker, fxrel_role="seed", fxrel_forward=start_node.name, fxrel_stream=s.name)
+
+    outputs: dict[str, Any] = {"output": start_value}
+    reached = False
+    for node in reversed(order):
+        reached = reached or node is start_node
+        if not reached or node.op == "get_attr":
+            continue
+        upstream: dict[str, Any] = {}
+        for s in streams:
+            parts = pending.pop((s.name, node), [])
+            marker = b.last()
+            upstream[s.name] = sum(parts[1:], parts[0]) if parts else None
+            b.tag_since(marker, fxrel_role="relevance", fxrel_forward=node.name, fxrel_rule="fan-out sum",
+                        fxrel_stream=s.name)
+        downstream: dict[str, list] = {}
+        for s in streams:
+            relevance = upstream[s.name]
+            if relevance is None:
+                continue
+            if node in stop_nodes:
+                value = b.proxy(b.env[node])
+                outputs[f"{s.name}:{node.name}"] = relevance if s.finalize is None else s.finalize(relevance, value)
+            if node.op == "placeholder":
+                continue
+            rule = s.plan[node.name]
+            kind = node.meta["fxrel_kind"]
+            if not rule.accepts(kind):
+                raise RuleError(f"rule {rule!r} cannot handle node '{node.name}' of kind '{kind}' "
+                                f"(module '{node.meta.get('fxrel_module', '')}')")
+            weight, bias = ops.weight_and_bias(node)
+            ctx = _Context(node, kind, [b.proxy(b.env[a]) for a in ops.tensor_inputs(node)],
+                           b.proxy(b.env[node]), b.proxy(b.env[weight]) if weight is not None else None,
+                           b.proxy(b.env[bias]) if bias is not None else None, upstream, downstream, b)
+            marker = b.last()
+            sent = rule(ctx, relevance)
+            b.tag_since(marker, fxrel_role="relevance", fxrel_forward=node.name, fxrel_rule=repr(rule),
+                        fxrel_stream=s.name)
+            downstream[s.name] = sent
+            for arg, r in zip(ops.tensor_inputs(node), sent):
+                pending.setdefault((s.name, arg), []).append(r)
+
+    missing = [f"{s.name}:{n.name}" for s in streams for n in stop_nodes if f"{s.name}:{n.name}" not in outputs]
+    if missing and stops != ["*"]:
+        raise RuleError(f"no relevance reaches the stop nodes {missing[:5]} from start node '{start_node.name}'")
+    keys = list(outputs)
+    b.graph.output({k: (v.node if isinstance(v, fx.Proxy) else v) for k, v in outputs.items()})
+    b.graph.eliminate_dead_code()
+    module = fx.GraphModule(b.root, b.graph, "RelevanceGraph")
+    return RelevanceGraph(module, canonical, list(streams), start_node.name, [n.name for n in stop_nodes], keys)

@@ -1,0 +1,294 @@
+"""Canonicalisation: map a captured ATen graph onto fxrel's closed op set (see :mod:`fxrel.graphs.ops`).
+
+The pass is a single walk over the captured graph with one small handler per ATen target. It
+
+* turns every convolution into ``aten.convolution`` and BatchNorm into a per-channel ``channel_affine``;
+* drops no-ops (eval-mode dropout, ``_assert`` nodes, identity copies);
+* records on every node: ``fxrel_kind``, the module it came from (``fxrel_module``), its source line
+  (``fxrel_source``), the original ATen target (``fxrel_origin``), and, after shape propagation, ``tensor_meta``.
+
+A second pass folds each per-channel affine into a directly preceding conv/linear whose output has no other user
+(``fold_affine``): ``W' = W·s``, ``b' = b·s + t``. An affine that cannot be folded (DenseNet's pre-activation
+BatchNorm after a concatenation) stays an ``affine`` node. Any other target raises :class:`UnsupportedOpError`
+naming the node, its target and its source line.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import torch
+from torch import fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+from fxrel.errors import UnsupportedOpError
+from fxrel.graphs import ops
+from fxrel.graphs.ops import aten
+
+Handler = Callable[["_Canonicalizer", fx.Node], Any]
+HANDLERS: dict[Any, Handler] = {}
+
+
+def handles(*targets: Any) -> Callable[[Handler], Handler]:
+    """Register a canonicalisation handler for ATen targets."""
+    def register(fn: Handler) -> Handler:
+        for t in targets:
+            HANDLERS[t] = fn
+        return fn
+    return register
+
+
+def source_line(node: fx.Node) -> str:
+    """The innermost user-code frame of a node's stack trace, as ``file:line: code`` (or ``<unknown>``)."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines()]
+    frames = [(lines[i], lines[i + 1] if i + 1 < len(lines) else "") for i, ln in enumerate(lines)
+              if ln.startswith("File ")]
+    if not frames:
+        return "<unknown>"
+    where, code = frames[-1]
+    return f"{where.removeprefix('File ')}: {code}"
+
+
+def module_path(node: fx.Node) -> str:
+    """Qualified name of the innermost ``nn.Module`` that produced a node ('' for the root)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, _ = list(stack.values())[-1]
+    return path
+
+
+class _Canonicalizer:
+    def __init__(self, captured: fx.GraphModule) -> None:
+        self.src = captured
+        self.graph = fx.Graph()
+        self.root = torch.nn.Module()
+        self.env: dict[fx.Node, Any] = {}
+        self.current: fx.Node | None = None
+        self.n_params = 0
+
+    # -- helpers used by handlers ---------------------------------------------------------------------------------
+    def const(self, node: Any) -> torch.Tensor | None:
+        """The concrete tensor behind a ``get_attr`` argument (``None`` stays ``None``)."""
+        if node is None:
+            return None
+        if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+            raise self.unsupported(f"expected a parameter, got a computed value {node}")
+        return getattr(self.src, node.target)
+
+    def is_const(self, node: Any) -> bool:
+        return isinstance(node, fx.Node) and node.op == "get_attr"
+
+    def param(self, value: torch.Tensor | None, name: str) -> fx.Node | None:
+        """Register ``value`` as an attribute of the canonical module and return its ``get_attr`` node."""
+        if value is None:
+            return None
+        attr = f"{name}_{self.n_params}"
+        self.n_params += 1
+        self.root.register_buffer(attr, value.detach(), persistent=False)
+        node = self.graph.get_attr(attr)
+        node.meta["fxrel_kind"] = ops.PARAM
+        return node
+
+    def value(self, node: Any) -> Any:
+        return self.env[node] if isinstance(node, fx.Node) else node
+
+    def emit(self, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
+        """Emit one canonical call node carrying the current source node's provenance."""
+        node = self.graph.call_function(target, args, kwargs or {})
+        src = self.current
+        node.meta.update(fxrel_kind=ops.OP_SPECS[target].kind, fxrel_module=module_path(src),
+                         fxrel_source=source_line(src), fxrel_origin=str(src.target),
+                         nn_module_stack=src.meta.get("nn_module_stack"))
+        return node
+
+    def unsupported(self, why: str) -> UnsupportedOpError:
+        n = self.current
+        return UnsupportedOpError(
+            f"node '{n.name}' (target {n.target}, module '{module_path(n)}') is not in fxrel's canonical op set: "
+            f"{why}\n  source: {source_line(n)}")
+
+    # -- the walk -------------------------------------------------------------------------------------------------
+    def run(self) -> fx.GraphModule:
+        for node in self.src.graph.nodes:
+            self.current = node
+            if node.op == "placeholder":
+                new = self.graph.placeholder(node.target)
+                new.meta["fxrel_kind"] = ops.INPUT
+                self.env[node] = new
+            elif node.op == "get_attr":
+                self.env[node] = node  # resolved lazily by handlers through const()
+            elif node.op == "output":
+                out = self.graph.output(self.value(node.args[0]))
+                out.meta["fxrel_kind"] = ops.OUTPUT
+            elif node.op == "call_function":
+                handler = HANDLERS.get(node.target)
+                if handler is None:
+                    raise self.unsupported("no canonicalisation rule for this op")
+                self.env[node] = handler(self, node)
+            else:
+                raise self.unsupported(f"unexpected fx op '{node.op}'")
+        gm = fx.GraphModule(self.root, self.graph, self.src.__class__.__name__)
+        return gm
+
+
+# --- handlers ----------------------------------------------------------------------------------------------------
+@handles(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default)
+def _conv(c: _Canonicalizer, n: fx.Node):
+    x, w, b = n.args[0], n.args[1], n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+    weight = c.const(w)
+    dims = weight.dim() - 2
+    if n.target is aten.convolution.default:
+        _, _, _, stride, padding, dilation, transposed, output_padding, groups = n.args
+        if transposed:
+            raise c.unsupported("transposed convolution")
+    else:
+        names = ("stride", "padding", "dilation", "groups")
+        given = dict(zip(names, n.args[3:]), **n.kwargs)
+        stride, padding = given.get("stride", [1] * dims), given.get("padding", [0] * dims)
+        dilation, groups = given.get("dilation", [1] * dims), given.get("groups", 1)
+    if isinstance(padding, str):
+        raise c.unsupported(f"string padding '{padding}'")
+    expand = (lambda v: list(v) * dims if len(v) == 1 else list(v))
+    return c.emit(aten.convolution.default,
+                  (c.value(x), c.param(weight, "weight"), c.param(c.const(b), "bias"), expand(stride),
+                   expand(padding), expand(dilation), False, [0] * dims, groups))
+
+
+@handles(aten.linear.default)
+def _linear(c: _Canonicalizer, n: fx.Node):
+    b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+    return c.emit(aten.linear.default, (c.value(n.args[0]), c.param(c.const(n.args[1]), "weight"),
+                                        c.param(c.const(b), "bias")))
+
+
+@handles(aten._native_batch_norm_legit_no_training.default, aten.batch_norm.default)
+def _batch_norm(c: _Canonicalizer, n: fx.Node):
+    if n.target is aten.batch_norm.default:
+        x, w, b, mean, var, training, _, eps = n.args[:8]
+        if training:
+            raise c.unsupported("BatchNorm in training mode")
+    else:
+        x, w, b, mean, var, _, eps = n.args
+    mean, var = c.const(mean), c.const(var)
+    w, b = c.const(w), c.const(b)
+    scale = torch.rsqrt(var + eps) * (w if w is not None else 1.0)
+    shift = (b if b is not None else 0.0) - mean * scale
+    rank = len(n.meta["val"][0].shape if isinstance(n.meta["val"], (tuple, list)) else n.meta["val"].shape)
+    view = (-1,) + (1,) * (rank - 2)
+    node = c.emit(ops.channel_affine, (c.value(x), c.param(scale.reshape(view), "scale"),
+                                       c.param(shift.reshape(view), "shift")))
+    return (node,) if n.target is aten._native_batch_norm_legit_no_training.default else node
+
+
+@handles(operator.getitem)
+def _getitem(c: _Canonicalizer, n: fx.Node):
+    container, index = n.args
+    value = c.value(container)
+    if isinstance(value, (tuple, list)) and index < len(value):
+        return value[index]
+    raise c.unsupported("getitem of an unsupported multi-output op")
+
+
+@handles(*ops.ACTIVATIONS, *ops.SHAPE_OPS, aten.max_pool2d.default, aten.avg_pool2d.default,
+         aten.adaptive_avg_pool2d.default, aten.cat.default)
+def _passthrough(c: _Canonicalizer, n: fx.Node):
+    target = aten.view.default if n.target is aten._unsafe_view.default else n.target
+    args = tuple([c.value(a) for a in n.args[0]] if i == 0 and isinstance(n.args[0], (list, tuple)) else c.value(a)
+                 for i, a in enumerate(n.args))
+    return c.emit(target, args, dict(n.kwargs))
+
+
+@handles(aten.mean.dim)
+def _mean(c: _Canonicalizer, n: fx.Node):
+    rank = len(n.args[0].meta["val"].shape)
+    if not ops.is_spatial_mean(n.args[1], rank):
+        raise c.unsupported(f"mean over dims {n.args[1]} (only spatial means are canonical)")
+    return _passthrough(c, n)
+
+
+@handles(aten.add.Tensor)
+def _add(c: _Canonicalizer, n: fx.Node):
+    a, b = n.args
+    alpha = n.kwargs.get("alpha", 1)
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or c.is_const(a) or c.is_const(b) or alpha != 1:
+        raise c.unsupported("add with a constant or alpha≠1 (only sums of two computed tensors are canonical)")
+    return c.emit(aten.add.Tensor, (c.value(a), c.value(b)))
+
+
+@handles(aten.pad.default, aten.constant_pad_nd.default)
+def _pad(c: _Canonicalizer, n: fx.Node):
+    mode = n.args[2] if len(n.args) > 2 else n.kwargs.get("mode", "constant")
+    value = n.args[3] if len(n.args) > 3 else n.kwargs.get("value", 0.0)
+    if n.target is aten.constant_pad_nd.default:
+        mode, value = "constant", (n.args[2] if len(n.args) > 2 else 0.0)
+    if mode != "constant" or (value or 0.0) != 0.0 or any(p < 0 for p in n.args[1]):
+        raise c.unsupported(f"padding mode={mode} value={value} (only non-negative zero padding is canonical)")
+    return c.emit(aten.constant_pad_nd.default, (c.value(n.args[0]), list(n.args[1]), 0.0))
+
+
+@handles(aten.dropout.default, aten.detach.default, aten.lift_fresh_copy.default)
+def _identity(c: _Canonicalizer, n: fx.Node):
+    if n.target is aten.dropout.default and n.args[2]:
+        raise c.unsupported("dropout in training mode")
+    return c.value(n.args[0])
+
+
+@handles(torch._assert, aten._assert_async.msg, aten._assert_scalar.default, aten.sym_constrain_range_for_size.default)
+def _drop(c: _Canonicalizer, n: fx.Node):
+    return None
+
+
+# --- folding -----------------------------------------------------------------------------------------------------
+def fold_affine(gm: fx.GraphModule) -> int:
+    """Fold every per-channel affine into the conv/linear directly before it; return how many were folded.
+
+    ``affine(conv(x; W, b); s, t) = conv(x; W·s, b·s + t)`` when the conv's output is used only by the affine.
+    """
+    folded = 0
+    for node in list(gm.graph.nodes):
+        if node.meta.get("fxrel_kind") != ops.AFFINE:
+            continue
+        prev = node.args[0]
+        if not (isinstance(prev, fx.Node) and prev.meta.get("fxrel_kind") in (ops.CONV, ops.LINEAR)
+                and len(prev.users) == 1):
+            continue
+        scale = getattr(gm, node.args[1].target).flatten()
+        shift = getattr(gm, node.args[2].target).flatten()
+        w_node, b_node = prev.args[1], prev.args[2]
+        weight = getattr(gm, w_node.target)
+        bias = getattr(gm, b_node.target) if b_node is not None else torch.zeros_like(shift)
+        if prev.meta["fxrel_kind"] == ops.LINEAR and weight.shape[0] != scale.numel():
+            continue  # an affine over a non-feature axis; keep it
+        new_w = weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1))
+        new_b = bias * scale + shift
+        setattr(gm, w_node.target, new_w)
+        if b_node is None:
+            gm.register_buffer(f"{w_node.target}_bias", new_b, persistent=False)
+            with gm.graph.inserting_before(prev):
+                b_node = gm.graph.get_attr(f"{w_node.target}_bias")
+            b_node.meta["fxrel_kind"] = ops.PARAM
+            prev.args = (prev.args[0], w_node, b_node, *prev.args[3:])
+        else:
+            setattr(gm, b_node.target, new_b)
+        prev.meta.setdefault("fxrel_folded", []).append(node.meta.get("fxrel_module") or node.name)
+        node.replace_all_uses_with(prev)
+        gm.graph.erase_node(node)
+        folded += 1
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return folded
+
+
+def canonicalize(captured: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...],
+                 fold_batchnorm: bool = True) -> fx.GraphModule:
+    """Map a captured graph onto the canonical op set, fold BatchNorm, and annotate every node's shape."""
+    gm = _Canonicalizer(captured).run()
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    if fold_batchnorm:
+        fold_affine(gm)
+    ShapeProp(gm).propagate(*example_inputs)
+    return gm

@@ -1,0 +1,305 @@
+"""The closed canonical op set: what each kind computes, and its exact vector–Jacobian product.
+
+Every canonical call node has ``node.meta['fxrel_kind']``, one of :data:`KINDS`. For each canonical target this
+module gives an :class:`OpSpec` with
+
+* ``inputs(node)``: the node's tensor-valued inputs (the values relevance flows back to);
+* ``forward(node, inputs, weight, bias)``: the op applied to (possibly modified) inputs and parameters;
+* ``vjp(node, grad, inputs, weight)``: ``(∂f/∂inputs)ᵀ grad`` for each input, written with explicit ops
+  (transposed convolution, ``max_pool2d_with_indices_backward`` …), never with autograd.
+
+All functions work on real tensors and on ``torch.fx.Proxy`` objects alike, which is how rule templates are
+recorded into relevance graphs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+# --- kinds -----------------------------------------------------------------------------------------------------
+INPUT, PARAM, CONV, LINEAR, AFFINE, ACTIVATION, MAXPOOL, AVGPOOL, ADD, CAT, SHAPE, PAD, OUTPUT = (
+    "input", "param", "conv", "linear", "affine", "activation", "maxpool", "avgpool", "add", "cat", "shape",
+    "pad", "output")
+#: Kinds of canonical call nodes, with what they are.
+KINDS: dict[str, str] = {
+    CONV: "convolution of any stride/padding/dilation/groups (weights w, optional bias b)",
+    LINEAR: "fully connected layer x·wᵀ + b",
+    AFFINE: "per-channel affine x·scale + shift (an unfolded BatchNorm)",
+    ACTIVATION: "elementwise activation (relu, relu6/hardtanh, leaky_relu, elu, sigmoid, tanh, silu, gelu)",
+    MAXPOOL: "max pooling",
+    AVGPOOL: "average / adaptive average pooling and spatial mean",
+    ADD: "elementwise sum of two tensors (residual connections)",
+    CAT: "concatenation along one dimension",
+    SHAPE: "shape-only op (view, reshape, permute, transpose, squeeze/unsqueeze, clone)",
+    PAD: "constant zero padding",
+}
+#: Kinds that are linear in their tensor inputs, apart from a bias: the generic propagation rule applies to them.
+LINEAR_KINDS = frozenset({CONV, LINEAR, AFFINE, AVGPOOL, ADD, CAT, PAD, SHAPE})
+#: Kinds with parameters (weight, bias).
+PARAM_KINDS = frozenset({CONV, LINEAR, AFFINE})
+
+
+def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    """Per-channel affine map ``x·scale + shift``; ``scale``/``shift`` are shaped to broadcast over dim 1."""
+    return x * scale if shift is None else x * scale + shift
+
+
+# --- op specs --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OpSpec:
+    """How one canonical target computes, and its vector–Jacobian product."""
+
+    kind: str
+    inputs: Callable[[fx.Node], list[fx.Node]]
+    forward: Callable[..., Any]
+    vjp: Callable[..., list[Any]]
+
+
+def _first(node: fx.Node) -> list[fx.Node]:
+    return [node.args[0]]
+
+
+def _shape(node: fx.Node) -> torch.Size:
+    return node.meta["tensor_meta"].shape
+
+
+def _in_shape(node: fx.Node, i: int = 0) -> torch.Size:
+    return _shape(node.args[i]) if isinstance(node.args[i], fx.Node) else _shape(node.args[0][i])
+
+
+def _conv_forward(node, inputs, weight, bias):
+    _, _, _, stride, padding, dilation, transposed, output_padding, groups = node.args
+    return aten.convolution.default(inputs[0], weight, bias, stride, padding, dilation, transposed,
+                                    output_padding, groups)
+
+
+def _conv_vjp(node, grad, inputs, weight):
+    _, _, _, stride, padding, dilation, _, _, groups = node.args
+    in_size, out_size = _in_shape(node)[2:], _shape(node)[2:]
+    k = weight.shape[2:] if isinstance(weight, torch.Tensor) else node.args[1].meta["tensor_meta"].shape[2:]
+    output_padding = [i - ((o - 1) * s - 2 * p + d * (kk - 1) + 1)
+                      for i, o, s, p, d, kk in zip(in_size, out_size, stride, padding, dilation, k)]
+    return [aten.convolution.default(grad, weight, None, stride, padding, dilation, True, output_padding, groups)]
+
+
+def _linear_forward(node, inputs, weight, bias):
+    return aten.linear.default(inputs[0], weight, bias)
+
+
+def _linear_vjp(node, grad, inputs, weight):
+    return [aten.matmul.default(grad, weight)]
+
+
+def _affine_forward(node, inputs, weight, bias):
+    return channel_affine(inputs[0], weight, bias)
+
+
+def _affine_vjp(node, grad, inputs, weight):
+    return [grad * weight]
+
+
+def _maxpool_forward(node, inputs, weight=None, bias=None):
+    return aten.max_pool2d.default(inputs[0], *node.args[1:])
+
+
+def _maxpool_vjp(node, grad, inputs, weight=None):
+    k, s, p, d, ceil = _pool_args(node)
+    _, indices = aten.max_pool2d_with_indices.default(inputs[0], k, s, p, d, ceil)
+    return [aten.max_pool2d_with_indices_backward.default(grad, inputs[0], k, s, p, d, ceil, indices)]
+
+
+def _pool_args(node: fx.Node) -> tuple:
+    """(kernel, stride, padding, dilation, ceil_mode) of a max_pool2d node, defaults filled in."""
+    args = list(node.args[1:]) + [None] * (5 - len(node.args[1:]))
+    k = list(args[0])
+    s = list(args[1]) if args[1] else k
+    p = list(args[2]) if args[2] is not None else [0, 0]
+    d = list(args[3]) if args[3] is not None else [1, 1]
+    return k, s, p, d, bool(args[4])
+
+
+def _avgpool_forward(node, inputs, weight=None, bias=None):
+    return node.target(inputs[0], *node.args[1:], **node.kwargs)
+
+
+def _avgpool_vjp(node, grad, inputs, weight=None):
+    x = inputs[0]
+    if node.target is aten.adaptive_avg_pool2d.default:
+        return [aten._adaptive_avg_pool2d_backward.default(grad, x)]
+    if node.target is aten.avg_pool2d.default:
+        names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+        defaults = dict(stride=[], padding=[0, 0], ceil_mode=False, count_include_pad=True, divisor_override=None)
+        given = dict(zip(names, node.args[1:]), **node.kwargs)
+        a = {n: given.get(n, defaults.get(n)) for n in names}
+        stride = a["stride"] or a["kernel_size"]
+        return [aten.avg_pool2d_backward.default(grad, x, a["kernel_size"], stride, a["padding"], a["ceil_mode"],
+                                                 a["count_include_pad"], a["divisor_override"])]
+    # aten.mean.dim(x, dims, keepdim)
+    shape = _in_shape(node)
+    dims = sorted(d % len(shape) for d in node.args[1])
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    count = math.prod(shape[d] for d in dims)
+    g = grad
+    if not keepdim:
+        for d in dims:
+            g = g.unsqueeze(d)
+    return [g.expand(*shape) / count]
+
+
+def _add_inputs(node: fx.Node) -> list[fx.Node]:
+    return [node.args[0], node.args[1]]
+
+
+def _add_forward(node, inputs, weight=None, bias=None):
+    return inputs[0] + inputs[1]
+
+
+def _sum_to(grad, shape: torch.Size):
+    """Reduce a broadcast gradient back to ``shape``."""
+    return aten.sum_to_size.default(grad, list(shape))
+
+
+def _add_vjp(node, grad, inputs, weight=None):
+    out = _shape(node)
+    return [grad if _in_shape(node, i) == out else _sum_to(grad, _in_shape(node, i)) for i in range(2)]
+
+
+def _cat_inputs(node: fx.Node) -> list[fx.Node]:
+    return list(node.args[0])
+
+
+def _cat_dim(node: fx.Node) -> int:
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return dim % len(_shape(node))
+
+
+def _cat_forward(node, inputs, weight=None, bias=None):
+    return aten.cat.default(list(inputs), _cat_dim(node))
+
+
+def _cat_vjp(node, grad, inputs, weight=None):
+    dim = _cat_dim(node)
+    sizes = [_shape(a)[dim] for a in node.args[0]]
+    return list(aten.split_with_sizes.default(grad, sizes, dim))
+
+
+def _shape_forward(node, inputs, weight=None, bias=None):
+    return node.target(inputs[0], *node.args[1:], **node.kwargs)
+
+
+def _shape_vjp(node, grad, inputs, weight=None):
+    if node.target is aten.permute.default:
+        order = [d % len(_shape(node)) for d in node.args[1]]
+        inverse = sorted(range(len(order)), key=order.__getitem__)
+        return [aten.permute.default(grad, inverse)]
+    if node.target is aten.transpose.int:
+        return [aten.transpose.int(grad, node.args[1], node.args[2])]
+    return [aten.reshape.default(grad, list(_in_shape(node)))]
+
+
+def _pad_forward(node, inputs, weight=None, bias=None):
+    return aten.constant_pad_nd.default(inputs[0], node.args[1], 0.0)
+
+
+def _pad_vjp(node, grad, inputs, weight=None):
+    pads = list(node.args[1])
+    return [aten.constant_pad_nd.default(grad, [-p for p in pads], 0.0)]
+
+
+def _activation_forward(node, inputs, weight=None, bias=None):
+    return node.target(inputs[0], *node.args[1:], **node.kwargs)
+
+
+def _gelu_derivative(x, approximate: str):
+    if approximate == "tanh":
+        c = math.sqrt(2.0 / math.pi)
+        inner = c * (x + 0.044715 * x * x * x)
+        t = torch.tanh(inner)
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
+    cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2.0)))
+    pdf = torch.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    return cdf + x * pdf
+
+
+def activation_derivative(node: fx.Node, x):
+    """``f'(x)`` of an activation node, elementwise, matching autograd's convention at kinks."""
+    t = node.target
+    if t is aten.relu.default:
+        return (x > 0).to(x.dtype)
+    if t is aten.hardtanh.default:
+        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
+        hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
+        return ((x > lo) & (x < hi)).to(x.dtype)
+    if t is aten.leaky_relu.default:
+        slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
+        return torch.where(x > 0, 1.0, slope).to(x.dtype)
+    if t is aten.elu.default:
+        alpha, scale, input_scale = (list(node.args[1:]) + [1.0, 1.0, 1.0])[:3]
+        return torch.where(x > 0, scale, alpha * scale * input_scale * torch.exp(x * input_scale)).to(x.dtype)
+    if t is aten.sigmoid.default:
+        s = torch.sigmoid(x)
+        return s * (1 - s)
+    if t is aten.tanh.default:
+        th = torch.tanh(x)
+        return 1 - th * th
+    if t is aten.silu.default:
+        s = torch.sigmoid(x)
+        return s * (1 + x * (1 - s))
+    if t is aten.gelu.default:
+        return _gelu_derivative(x, node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none"))
+    raise KeyError(t)
+
+
+def _activation_vjp(node, grad, inputs, weight=None):
+    return [grad * activation_derivative(node, inputs[0])]
+
+
+ACTIVATIONS = (aten.relu.default, aten.hardtanh.default, aten.leaky_relu.default, aten.elu.default,
+               aten.sigmoid.default, aten.tanh.default, aten.silu.default, aten.gelu.default)
+SHAPE_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
+             aten.transpose.int, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+             aten.squeeze.default, aten.clone.default, aten.alias.default, aten.flatten.using_ints)
+
+OP_SPECS: dict[Any, OpSpec] = {
+    aten.convolution.default: OpSpec(CONV, _first, _conv_forward, _conv_vjp),
+    aten.linear.default: OpSpec(LINEAR, _first, _linear_forward, _linear_vjp),
+    channel_affine: OpSpec(AFFINE, _first, _affine_forward, _affine_vjp),
+    aten.max_pool2d.default: OpSpec(MAXPOOL, _first, _maxpool_forward, _maxpool_vjp),
+    aten.avg_pool2d.default: OpSpec(AVGPOOL, _first, _avgpool_forward, _avgpool_vjp),
+    aten.adaptive_avg_pool2d.default: OpSpec(AVGPOOL, _first, _avgpool_forward, _avgpool_vjp),
+    aten.mean.dim: OpSpec(AVGPOOL, _first, _avgpool_forward, _avgpool_vjp),
+    aten.add.Tensor: OpSpec(ADD, _add_inputs, _add_forward, _add_vjp),
+    aten.cat.default: OpSpec(CAT, _cat_inputs, _cat_forward, _cat_vjp),
+    aten.constant_pad_nd.default: OpSpec(PAD, _first, _pad_forward, _pad_vjp),
+    **{t: OpSpec(ACTIVATION, _first, _activation_forward, _activation_vjp) for t in ACTIVATIONS},
+    **{t: OpSpec(SHAPE, _first, _shape_forward, _shape_vjp) for t in SHAPE_OPS},
+}
+
+
+def spec_of(node: fx.Node) -> OpSpec:
+    """The :class:`OpSpec` of a canonical call node."""
+    return OP_SPECS[node.target]
+
+
+def tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    """The tensor-valued inputs of a canonical node (what relevance is sent back to)."""
+    return spec_of(node).inputs(node)
+
+
+def weight_and_bias(node: fx.Node) -> tuple[fx.Node | None, fx.Node | None]:
+    """The ``get_attr`` nodes holding a parametrised node's weight and bias (``None`` where absent)."""
+    kind = node.meta.get("fxrel_kind")
+    if kind not in PARAM_KINDS:
+        return None, None
+    return node.args[1], node.args[2]
+
+
+def is_spatial_mean(dims: Sequence[int], rank: int) -> bool:
+    """True when ``dims`` reduce only spatial axes (not batch or channel)."""
+    return all(d % rank >= 2 for d in dims)

@@ -1,0 +1,118 @@
+"""Composites: which rule each canonical node gets.
+
+A :class:`Composite` is an ordered list of ``(matcher, rule)`` pairs; the first pair whose matcher accepts a node
+decides its rule (like zennit's layer-map composites). Matchers select nodes by kind (:func:`kind`), by the name of
+the module they came from (:func:`module`, glob patterns), by an arbitrary predicate (:func:`where`), or by being
+the first/last parametrised layer (:func:`first`, :func:`last`). ``composite.plan(graph)`` returns the
+:class:`RulePlan`, the node → rule table that a relevance graph is built from.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Sequence
+
+from torch import fx
+
+from fxrel.errors import RuleError
+from fxrel.graphs import ops
+from fxrel.rules.base import Rule
+
+Matcher = Callable[[fx.Node, "MatchInfo"], bool]
+
+
+@dataclass(frozen=True)
+class MatchInfo:
+    """Graph-level facts that matchers may need (computed once per plan)."""
+
+    first_layer: str | None
+    last_layer: str | None
+
+
+def kind(*kinds: str) -> Matcher:
+    """Match nodes of the given canonical kinds (``"conv"``, ``"linear"``, …; see ``fxrel.graphs.ops.KINDS``)."""
+    unknown = set(kinds) - set(ops.KINDS)
+    if unknown:
+        raise RuleError(f"unknown node kinds {sorted(unknown)}; known kinds: {sorted(ops.KINDS)}")
+    wanted = frozenset(kinds)
+    return lambda node, info: node.meta.get("fxrel_kind") in wanted
+
+
+def module(*patterns: str) -> Matcher:
+    """Match nodes produced by modules whose qualified name matches a glob pattern (e.g. ``"features.0"``,
+    ``"layer4.*"``)."""
+    return lambda node, info: any(fnmatch.fnmatchcase(node.meta.get("fxrel_module", ""), p) for p in patterns)
+
+
+def node_name(*patterns: str) -> Matcher:
+    """Match canonical nodes by (glob) node name."""
+    return lambda node, info: any(fnmatch.fnmatchcase(node.name, p) for p in patterns)
+
+
+def where(predicate: Callable[[fx.Node], bool]) -> Matcher:
+    """Match nodes for which ``predicate(node)`` is true."""
+    return lambda node, info: bool(predicate(node))
+
+
+def first(*kinds: str) -> Matcher:
+    """Match the first conv/linear node from the input side (restricted to ``kinds`` if given)."""
+    restrict = kind(*kinds) if kinds else (lambda node, info: True)
+    return lambda node, info: node.name == info.first_layer and restrict(node, info)
+
+
+def last(*kinds: str) -> Matcher:
+    """Match the last conv/linear node before the output (restricted to ``kinds`` if given)."""
+    restrict = kind(*kinds) if kinds else (lambda node, info: True)
+    return lambda node, info: node.name == info.last_layer and restrict(node, info)
+
+
+class RulePlan(dict):
+    """Canonical node name → rule, with a readable table (``str(plan)``)."""
+
+    def __init__(self, graph: fx.GraphModule, rules: Mapping[str, Rule]) -> None:
+        super().__init__(rules)
+        self.graph = graph
+
+    def rows(self) -> list[tuple[str, str, str, str]]:
+        """(node, kind, module, rule) for every planned node, in forward order."""
+        return [(n.name, n.meta.get("fxrel_kind", ""), n.meta.get("fxrel_module", ""), repr(self[n.name]))
+                for n in self.graph.graph.nodes if n.name in self]
+
+    def __str__(self) -> str:
+        rows = [("node", "kind", "module", "rule")] + self.rows()
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+class Composite:
+    """An ordered list of ``(matcher, rule)`` pairs; the first match wins."""
+
+    def __init__(self, mapping: Iterable[tuple[Matcher, Rule]], name: str = "custom") -> None:
+        self.mapping = list(mapping)
+        self.name = name
+
+    def with_rules(self, overrides: Sequence[tuple[Matcher, Rule]]) -> "Composite":
+        """A copy whose ``overrides`` take precedence over this composite's own pairs."""
+        return Composite(list(overrides) + self.mapping, self.name)
+
+    def plan(self, graph: fx.GraphModule) -> RulePlan:
+        layers = [n.name for n in graph.graph.nodes if n.meta.get("fxrel_kind") in (ops.CONV, ops.LINEAR)]
+        info = MatchInfo(layers[0] if layers else None, layers[-1] if layers else None)
+        rules: dict[str, Rule] = {}
+        for node in graph.graph.nodes:
+            if node.op != "call_function":
+                continue
+            rule = next((r for m, r in self.mapping if m(node, info)), None)
+            if rule is None:
+                raise RuleError(f"composite '{self.name}' has no rule for node '{node.name}' of kind "
+                                f"'{node.meta.get('fxrel_kind')}' (module '{node.meta.get('fxrel_module', '')}')")
+            if not rule.accepts(node.meta["fxrel_kind"]):
+                raise RuleError(f"rule {rule!r} was assigned to node '{node.name}' of kind "
+                                f"'{node.meta['fxrel_kind']}', which it cannot handle")
+            rules[node.name] = rule
+        return RulePlan(graph, rules)
+
+    def __repr__(self) -> str:
+        return f"Composite({self.name!r}, {len(self.mapping)} pairs)"

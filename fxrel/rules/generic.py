@@ -1,0 +1,127 @@
+"""The generic propagation rule, from which every LRP variant is built.
+
+For a node ``z = f(x; W, b)`` that is linear in ``x`` apart from its bias (conv, linear, per-channel affine,
+average pooling, sums, concatenation), a rule is a list of *terms* ``m = (x_m, W_m, b_m, s_m)`` grouped into
+*groups* ``g`` with a coefficient ``c_g`` and an optional mask ``M_g(z)`` on the unmodified output:
+
+    Z_g   = Σ_{m∈g} s_m · f(x_m; W_m, b_m)                            (modified forward pass)
+    R_in  = Σ_g c_g Σ_{m∈g} s_m · x_m ⊙ f*(W_m; M_g ⊙ R_out / stab(Z_g))   (f* = vector–Jacobian product)
+
+This is the generic rule of Montavon et al. (2019, Eq. 5-6) and AGF's Definition 1 (Gur et al. 2021) with
+``stab(z) = z + ε·sign(z)`` (``sign(0) = +1``, zennit's convention). LRP-0, ε, γ, αβ, z⁺, z^β, w² and flat are
+choices of terms (:mod:`fxrel.rules.lrp`); the rule itself exists once, here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from fxrel.graphs import ops
+from fxrel.rules.base import Rule, RuleContext
+
+InputMod = Callable[[Any, RuleContext], Any]
+ParamMod = Callable[[torch.Tensor], torch.Tensor]
+
+
+def stabilize(z: Any, epsilon: float) -> Any:
+    """``z + ε·sign(z)`` with ``sign(0) = +1``: moves every denominator away from zero by ``ε``."""
+    return torch.where(z >= 0, z + epsilon, z - epsilon)
+
+
+def divide(relevance: Any, z: Any, epsilon: float) -> Any:
+    """``relevance / stab(z)``; with ``ε = 0`` a zero denominator sends nothing (``sdiv`` of the LRP spec §6)."""
+    if epsilon > 0:
+        return relevance / stabilize(z, epsilon)
+    zero = z == 0
+    return torch.where(zero, 0.0, relevance / torch.where(zero, 1.0, z))
+
+
+def identity(x: Any, ctx: RuleContext) -> Any:
+    return x
+
+
+def positive(x: Any, ctx: RuleContext) -> Any:
+    return x.clamp(min=0)
+
+
+def negative(x: Any, ctx: RuleContext) -> Any:
+    return x.clamp(max=0)
+
+
+def ones(x: Any, ctx: RuleContext) -> Any:
+    return torch.ones_like(x)
+
+
+@dataclass(frozen=True)
+class Term:
+    """One modified forward pass: an input modifier, a parameter modifier (``tag`` names it for caching) and a
+    sign. ``zero_bias`` drops the bias of this term; parameter-free ops ignore ``param``."""
+
+    input: InputMod = identity
+    param: ParamMod | None = None
+    tag: str = "id"
+    zero_bias: bool = False
+    sign: float = 1.0
+
+
+@dataclass(frozen=True)
+class Group:
+    """Terms sharing one denominator; ``mask`` (on the unmodified output ``z``) gates which outputs use it."""
+
+    terms: tuple[Term, ...]
+    coefficient: float = 1.0
+    mask: Callable[[Any], Any] | None = None
+
+
+@dataclass(repr=False)
+class GenericRule(Rule):
+    """The generic propagation rule over groups of modified terms (see the module docstring)."""
+
+    groups: tuple[Group, ...] = field(default_factory=lambda: (Group((Term(),)),))
+    stabilizer: float = 1e-6
+    name: str = "generic"
+
+    kinds = ops.LINEAR_KINDS
+
+    def _params(self, ctx: RuleContext, term: Term) -> tuple[Any, Any]:
+        if ctx.weight is None:
+            return None, None
+        weight = ctx.weight if term.param is None else ctx.param("weight", term.tag, term.param)
+        if ctx.bias is None or term.zero_bias:
+            return weight, None
+        bias = ctx.bias if term.param is None else ctx.param("bias", term.tag, term.param)
+        return weight, bias
+
+    def __call__(self, ctx: RuleContext, relevance: Any) -> list[Any]:
+        result: list[Any] = [0.0] * len(ctx.inputs)
+        for group in self.groups:
+            variants = [([term.input(x, ctx) for x in ctx.inputs], *self._params(ctx, term)) for term in group.terms]
+            z = sum(term.sign * ctx.forward(xs, w, b) for term, (xs, w, b) in zip(group.terms, variants))
+            scaled = divide(relevance, z, self.stabilizer)
+            if group.mask is not None:
+                scaled = scaled * group.mask(ctx.output).to(scaled.dtype)
+            for term, (xs, w, _) in zip(group.terms, variants):
+                grads = ctx.vjp(scaled, weight=w)
+                for i, (x, g) in enumerate(zip(xs, grads)):
+                    result[i] = result[i] + (group.coefficient * term.sign) * (x * g)
+        return result
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def single(term: Term, stabilizer: float, name: str, coefficient: float = 1.0) -> GenericRule:
+    """A generic rule with one group of one term."""
+    return GenericRule((Group((term,), coefficient),), stabilizer, name)
+
+
+def split_signs(pos: ParamMod, neg: ParamMod, tag: str) -> tuple[Term, Term]:
+    """The two terms ``(x⁺, pos(W), pos(b))`` and ``(x⁻, neg(W), bias dropped)`` of a sign-split rule."""
+    return (Term(positive, pos, f"{tag}+"), Term(negative, neg, f"{tag}-", zero_bias=True))
+
+
+def rule_terms(rule: GenericRule) -> Sequence[Term]:
+    """All terms of a rule (for inspection)."""
+    return [t for g in rule.groups for t in g.terms]
