@@ -142,14 +142,22 @@ def _single_map(relevance: torch.Tensor) -> torch.Tensor:
     return m
 
 
-def _atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp)`` on a temp file next to ``path``, then move it into place."""
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp)`` on a temp file next to ``path``, then move it into place with the mode a plain ``open``
+    would give (``0666 & ~umask``; ``mkstemp`` alone leaves 0600). A failure leaves nothing behind."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -183,7 +191,7 @@ def save_heatmap(
     if title is not None:
         centre_y = 1.0 - _TITLE_HEIGHT / 2 / heat.shape[0]
         fig.text(0.5, centre_y, title, ha="center", va="center", fontsize=9)
-    return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=_PIXEL_DPI))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=_PIXEL_DPI))
 
 
 def save_grid(
@@ -229,4 +237,4 @@ def save_grid(
                 ax.set_title(titles[j], fontsize=9)
             if j == 0:
                 ax.set_ylabel(rows[i], fontsize=9)
-    return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=_GRID_DPI))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=_GRID_DPI))

@@ -185,8 +185,10 @@ def _cat_forward(node, inputs, weight=None, bias=None):
 
 def _cat_vjp(node, grad, inputs, weight=None):
     dim = _cat_dim(node)
-    sizes = [_shape(a)[dim] for a in node.args[0]]
-    return list(aten.split_with_sizes.default(grad, sizes, dim))
+    bounds = [0]
+    for a in node.args[0]:
+        bounds.append(bounds[-1] + _shape(a)[dim])
+    return [aten.slice.Tensor(grad, dim, lo, hi) for lo, hi in zip(bounds, bounds[1:])]
 
 
 def _shape_forward(node, inputs, weight=None, bias=None):

@@ -98,7 +98,10 @@ class GenericRule(Rule):
         result: list[Any] = [0.0] * len(ctx.inputs)
         for group in self.groups:
             variants = [([term.input(x, ctx) for x in ctx.inputs], *self._params(ctx, term)) for term in group.terms]
-            z = sum(term.sign * ctx.forward(xs, w, b) for term, (xs, w, b) in zip(group.terms, variants))
+            if group.terms == (Term(),):
+                z = ctx.output  # the unmodified forward pass: reuse the forward node instead of recomputing it
+            else:
+                z = sum(term.sign * ctx.forward(xs, w, b) for term, (xs, w, b) in zip(group.terms, variants))
             scaled = divide(relevance, z, self.stabilizer)
             if group.mask is not None:
                 scaled = scaled * group.mask(ctx.output).to(scaled.dtype)

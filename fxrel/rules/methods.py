@@ -73,7 +73,8 @@ def make_method(name: str, **params: Any) -> Method:
     info = REGISTRY[name]
     unknown = set(params) - set(info.defaults)
     if unknown:
-        raise RuleError(f"method '{name}' has no parameters {sorted(unknown)}; it takes {sorted(info.defaults)}")
+        takes = f"it takes {', '.join(sorted(info.defaults))}" if info.defaults else "it takes no parameters"
+        raise RuleError(f"method '{name}' has no parameter(s) {', '.join(sorted(unknown))}; {takes}")
     return info.factory(**{**info.defaults, **params})
 
 

@@ -1,0 +1,446 @@
+"""Command-line interface: ``fxrel explain``, ``fxrel methods`` and ``fxrel graph``.
+
+Every error a user can cause (a bad argument, an unknown method or model, a missing image or weight file, a class
+index out of range, any :class:`fxrel.FxrelError`) is reported as one ``fxrel: error: <message>`` line on stderr with
+exit code 2 and no traceback. Output files are written atomically (temp file, then rename) and only after all the
+work that could fail is done, so a failed run never leaves a half-written file behind.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, NoReturn, Sequence
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_IO = 1
+EXIT_USAGE = 2
+_FORMATS = ("code", "dot", "plan", "layers")
+
+
+class CLIError(Exception):
+    """A user error found by the CLI itself (reported like an :class:`fxrel.FxrelError`)."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _UsageError(CLIError):
+    def __init__(self, message: str, usage: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises instead of exiting, so ``main`` returns the exit code."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(message, self.format_usage())
+
+
+# --- argument parsing helpers ---------------------------------------------------------------------------------------
+def parse_value(text: str) -> Any:
+    """``--param`` values: bool (true/false/yes/no/on/off), None (none/null), int, float, else the string."""
+    low = text.strip().lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    if low in ("none", "null"):
+        return None
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_params(items: Sequence[str] | None) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise CLIError(f"--param expects key=value (e.g. epsilon=1e-3), got '{item}'")
+        if key in params:
+            raise CLIError(f"--param '{key}' given twice")
+        params[key] = parse_value(value)
+    return params
+
+
+def parse_targets(text: str) -> list[int | str]:
+    """``--target``: comma-separated class indices and/or ``top1``/``top-k`` (k-th highest class)."""
+    targets: list[int | str] = []
+    for token in (t.strip() for t in text.split(",")):
+        if not token:
+            raise CLIError(f"--target '{text}' has an empty entry")
+        topk = re.fullmatch(r"top-?(\d+)", token.lower())
+        if re.fullmatch(r"[+-]?\d+", token):
+            targets.append(int(token))
+        elif topk and int(topk.group(1)) > 0:
+            targets.append(f"top{int(topk.group(1))}")
+        else:
+            raise CLIError(f"--target entry '{token}' not understood; use a class index, 'top1' or 'top-k' "
+                           "(several separated by commas)")
+    return targets
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+# --- models, weights, inputs ----------------------------------------------------------------------------------------
+def _model_label(spec: str) -> str:
+    return spec.split(":", 1)[1] if ":" in spec else spec
+
+
+def build_model(spec: str, num_classes: int | None = None):
+    """``tv:NAME`` → torchvision (``weights=None``); ``timm:NAME`` or ``NAME`` → timm (``pretrained=False``)."""
+    source, sep, name = spec.partition(":")
+    if not sep:
+        source, name = "timm", spec
+    if not name:
+        raise CLIError(f"model '{spec}' has no name; use tv:NAME or timm:NAME")
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if source in ("tv", "torchvision"):
+        import torchvision
+
+        if name not in torchvision.models.list_models():
+            raise CLIError(f"unknown torchvision model '{name}' (see torchvision.models.list_models())")
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    if source == "timm":
+        import timm
+
+        if not timm.is_model(name):
+            close = timm.list_models(f"*{name}*")[:8]
+            hint = f"; similar: {', '.join(close)}" if close else " (see timm.list_models())"
+            raise CLIError(f"unknown timm model '{name}'{hint}")
+        return timm.create_model(name, pretrained=False, **kwargs)
+    raise CLIError(f"unknown model source '{source}' in '{spec}'; use tv:NAME (torchvision) or timm:NAME")
+
+
+def _read_state_dict(path: Path) -> dict:
+    import torch
+
+    if not path.is_file():
+        raise CLIError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling / format errors: the file is the problem, not fxrel
+        raise CLIError(f"cannot read weights {path}: {type(exc).__name__}: {exc}") from None
+    # common checkpoint wrappers: {"state_dict": ...}, {"model": ...}
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CLIError(f"weights {path} do not hold a state dict (name → tensor), got {type(state).__name__}")
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _key_list(keys: Sequence[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" … and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def load_weights(model, path: str, strict: bool = True) -> list[str]:
+    """Load a state dict into ``model``; returns warnings (missing/unexpected keys when not ``strict``)."""
+    state = _read_state_dict(Path(path))
+    own = model.state_dict()
+    shapes = [f"{k} (file {tuple(v.shape)}, model {tuple(own[k].shape)})" for k, v in state.items()
+              if k in own and own[k].shape != v.shape]
+    if shapes:
+        raise CLIError(f"weights {path} do not fit the model: shape mismatch for {_key_list(shapes, 4)}"
+                       " (a different classifier size? pass --num-classes)")
+    result = model.load_state_dict(state, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"{len(result.missing_keys)} missing keys: {_key_list(result.missing_keys)}")
+    if result.unexpected_keys:
+        problems.append(f"{len(result.unexpected_keys)} unexpected keys: {_key_list(result.unexpected_keys)}")
+    if problems and strict:
+        raise CLIError(f"weights {path} do not match the model: " + "; ".join(problems)
+                       + " (use --no-strict to load them anyway)")
+    return [f"weights {path}: {p}" for p in problems]
+
+
+def _device(name: str):
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda requested but CUDA is not available")
+    return torch.device(name)
+
+
+def _prepare_model(args: argparse.Namespace):
+    import torch
+
+    torch.manual_seed(args.seed)  # random (not loaded) weights are reproducible
+    model = build_model(args.model, args.num_classes)
+    warnings = load_weights(model, args.weights, strict=args.strict) if args.weights else []
+    for warning in warnings:
+        print(f"fxrel: warning: {warning}", file=sys.stderr)
+    return model.eval().to(_device(args.device))
+
+
+def _input_image(image: str | None, size: int):
+    from fxrel import sample_images
+
+    try:
+        return sample_images.synthetic_image(size) if image is None else sample_images.load_image(image, size)
+    except FileNotFoundError as exc:
+        raise CLIError(str(exc)) from None
+    except ValueError as exc:  # undecodable image, size too small
+        raise CLIError(str(exc)) from None
+
+
+# --- output ---------------------------------------------------------------------------------------------------------
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` atomically (temp file in the same folder, then rename)."""
+    body = text if text.endswith("\n") else text + "\n"
+    return visualize.atomic_write(path, lambda tmp: Path(tmp).write_text(body, encoding="utf-8"))
+
+
+def _progress(total: int, desc: str, quiet: bool):
+    from tqdm import tqdm
+
+    # disable=None: shown only on a terminal, so logs and pipes stay clean
+    # set_description() appends ": " itself, so the format adds no separator after {desc}
+    return tqdm(total=total, desc=f"{desc}: ", file=sys.stderr, disable=True if quiet else None, leave=False,
+                bar_format="{desc}{n_fmt}/{total_fmt} |{bar}| {elapsed}")
+
+
+def _target_label(target: int | str) -> str:
+    return f"t{target}" if isinstance(target, int) else str(target)
+
+
+# --- subcommands ----------------------------------------------------------------------------------------------------
+def cmd_methods(args: argparse.Namespace) -> int:
+    import fxrel
+
+    table = fxrel.methods()
+    width = max(map(len, table))
+    for name, description in table.items():
+        print(f"{name.ljust(width)}  {description}")
+    return EXIT_OK
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    import torch
+
+    import fxrel
+    from fxrel import sample_images, visualize
+
+    params = parse_params(args.param)
+    targets = parse_targets(args.target)
+    fxrel.make_method(args.method, **params)         # fails fast on an unknown method or parameter
+    size = args.size
+    image = _input_image(args.image, size)           # fails fast on a missing/bad image
+
+    model_label = _model_label(args.model)
+    out = Path(args.out) if args.out else Path(f"{re.sub(r'[^A-Za-z0-9_.-]', '_', model_label)}_{args.method}.png")
+    plan_path = Path(args.plan) if args.plan else out.with_name(f"{out.stem}.plan.txt")
+    outs = [out] if len(targets) == 1 else [out.with_name(f"{out.stem}.{_target_label(t)}{out.suffix}")
+                                            for t in targets]
+
+    with _progress(3 + len(targets), "fxrel explain", args.quiet) as bar:
+        bar.set_description("loading model")
+        model = _prepare_model(args)
+        explainer = fxrel.Explainer(model, args.method, compile=args.compile, **params)
+        device = _device(args.device)
+        x = sample_images.imagenet_normalize(image).unsqueeze(0).to(device)
+        bar.update()
+
+        bar.set_description("building relevance graph")
+        plan_text = str(explainer.rule_plan(x))
+        explainer.relevance_graph(x)
+        bar.update()
+
+        results = []
+        for target in targets:
+            bar.set_description(f"explaining {target}")
+            explanation = explainer.attribute(x, target)
+            relevance = next(iter(explanation.relevance.values())).detach().cpu()
+            results.append((target, explanation, relevance))
+            bar.update()
+
+        bar.set_description("writing")
+        written = [visualize.save_heatmap(path, relevance[0], image=image)
+                   for path, (_, _, relevance) in zip(outs, results)]
+        write_text(plan_path, plan_text)
+        bar.update()
+
+    logits = results[0][1].output.detach().float().cpu()[0]
+    probs = torch.softmax(logits, dim=0)
+    predicted = int(logits.argmax())
+    lines = [f"model:      {args.model}" + (f" (weights {args.weights})" if args.weights else " (random weights)"),
+             f"method:     {args.method}" + (f" {params}" if params else ""),
+             f"input:      {args.image or f'synthetic image {size}x{size}'}",
+             f"prediction: class {predicted} (logit {logits[predicted]:+.6g}, p={probs[predicted]:.4f})"]
+    for (target, explanation, relevance), path in zip(results, written):
+        cls = int(explanation.targets[0]) if explanation.targets is not None else target
+        total, logit = float(relevance[0].sum()), float(logits[cls])
+        ratio = f", ratio {total / logit:.4f}" if logit != 0 else ""
+        shown = f"{cls} ({target})" if isinstance(target, str) else f"{cls}"
+        lines += [f"target:     class {shown}: relevance sum {total:+.6g} vs target logit {logit:+.6g}{ratio}",
+                  f"heatmap:    {path}"]
+    lines.append(f"rule plan:  {plan_path}")
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    import fxrel
+    from fxrel import sample_images
+
+    params = parse_params(args.param)
+    targets = parse_targets(args.target)
+    fxrel.make_method(args.method, **params)
+    if args.format == "layers" and len(targets) != 1:
+        raise CLIError("graph --format layers takes a single --target")
+    if args.format == "dot":
+        try:
+            from fxrel.graphs.export import to_dot
+        except ModuleNotFoundError as exc:
+            if exc.name != "fxrel.graphs.export":
+                raise
+            raise CLIError("--format dot needs fxrel.graphs.export, which is not available in this install") from None
+
+    with _progress(2, "fxrel graph", args.quiet) as bar:
+        bar.set_description("loading model")
+        model = _prepare_model(args)
+        explainer = fxrel.Explainer(model, args.method, compile=False, **params)
+        x = sample_images.imagenet_normalize(_input_image(None, args.size)).unsqueeze(0).to(_device(args.device))
+        bar.update()
+        bar.set_description(f"building {args.format}")
+        if args.format == "plan":
+            text = str(explainer.rule_plan(x))
+        elif args.format == "layers":
+            text = explainer.layer_table(x, targets[0])
+        elif args.format == "dot":
+            text = to_dot(explainer.relevance_graph(x))
+        else:
+            text = explainer.relevance_graph(x).code
+        bar.update()
+
+    if args.out:
+        print(f"wrote {write_text(args.out, text)}")
+    else:
+        print(text.strip("\n"))
+    return EXIT_OK
+
+
+# --- parser ---------------------------------------------------------------------------------------------------------
+def _add_model_options(p: argparse.ArgumentParser, *, positional_model: bool) -> None:
+    if positional_model:
+        p.add_argument("model", metavar="MODEL", help="tv:NAME (torchvision), timm:NAME or NAME (timm)")
+    else:
+        p.add_argument("--model", required=True, metavar="NAME",
+                       help="tv:NAME (torchvision, weights=None), timm:NAME or NAME (timm, pretrained=False)")
+    p.add_argument("--weights", metavar="PATH", help="state dict to load (torch.save file or .safetensors)")
+    p.add_argument("--no-strict", dest="strict", action="store_false",
+                   help="load --weights even with missing/unexpected keys (reported as warnings)")
+    p.add_argument("--num-classes", type=_positive_int, metavar="N", help="classifier size (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="seed for the model's random initialisation (default 0)")
+    p.add_argument("--method", required=True, metavar="NAME", help="explanation method (see `fxrel methods`)")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="method parameter, e.g. epsilon=1e-3 (repeatable; int/float/bool/str)")
+    p.add_argument("--size", type=_positive_int, default=224, metavar="N", help="input side length (default 224)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
+    p.add_argument("--target", default="top1", metavar="T",
+                   help="class index, 'top1' (default) or 'top-k'; several separated by commas")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fxrel", description="Explain CNN image classifiers with relevance graphs.")
+    from fxrel import __version__
+
+    parser.add_argument("--version", action="version", version=f"fxrel {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("explain", help="explain one image and write a heatmap PNG and the rule plan",
+                       description="Explain IMAGE (default: a synthetic demo image) and write a heatmap PNG "
+                                   "(image | overlay) and the rule plan.")
+    p.add_argument("image", nargs="?", metavar="IMAGE", help="image file (default: synthetic demo image)")
+    _add_model_options(p, positional_model=False)
+    p.add_argument("--out", metavar="FILE.png", help="heatmap PNG (default: <model>_<method>.png); with several "
+                                                     "targets each gets .<target> before the suffix")
+    p.add_argument("--plan", metavar="FILE.txt", help="rule plan text (default: <out stem>.plan.txt)")
+    p.add_argument("--compile", action="store_true", help="run the relevance graph through torch.compile")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("methods", help="list the explanation methods")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("graph", help="show a model's relevance graph code, DOT graph, rule plan or layer table",
+                       description="Print (or write with --out) the relevance program of MODEL for one method.")
+    _add_model_options(p, positional_model=True)
+    p.add_argument("--format", choices=_FORMATS, default="code", help="default code")
+    p.add_argument("--out", metavar="FILE", help="write to FILE instead of stdout")
+    p.set_defaults(func=cmd_graph)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 2 usage/input error, 1 I/O error, 130 interrupted)."""
+    parser = build_parser()
+    try:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help / --version
+            return exc.code if isinstance(exc.code, int) else EXIT_OK
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        return args.func(args)
+    except _UsageError as exc:
+        print(exc.usage.rstrip("\n"), file=sys.stderr)
+        print(f"fxrel: error: {exc}", file=sys.stderr)
+        return exc.code
+    except CLIError as exc:
+        print(f"fxrel: error: {exc}", file=sys.stderr)
+        return exc.code
+    except BrokenPipeError:  # `fxrel graph … | head`: the reader left; not an error
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+        return EXIT_OK
+    except KeyboardInterrupt:
+        print("fxrel: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        from fxrel.errors import FxrelError
+
+        if isinstance(exc, FxrelError):
+            print(f"fxrel: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        if isinstance(exc, OSError):  # cannot write an output file, …
+            print(f"fxrel: error: {exc}", file=sys.stderr)
+            return EXIT_IO
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,204 @@
+"""Public API: targets, user rule assignment, streams, start/stop nodes, inspection, caching, compile."""
+from __future__ import annotations
+
+import networkx as nx
+import pytest
+import torch
+from torch import nn
+
+import fxrel
+from fxrel.graphs import Stream, build_relevance_graph
+from fxrel.graphs.export import to_dot, to_networkx
+from fxrel.rules import Flat, Gradient, Pass, ZPlus, kind, module, where
+from fxrel.rules.methods import seed_gradient
+from tests.helpers import autograd_input_gradient, rel_error
+
+
+class SmallNet(nn.Module):
+    """conv-BN-ReLU, a residual add, a concat, max-pool, GAP head: every structural kind in a few lines."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(inplace=True))
+        self.branch = nn.Conv2d(6, 6, 3, padding=1)
+        self.side = nn.Conv2d(6, 4, 1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(10, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.branch(x)
+        y += x
+        y = torch.relu(y)
+        z = torch.cat([y, self.side(y)], 1)
+        z = self.pool(z)
+        return self.fc(z.mean((2, 3)))
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    model = SmallNet().eval()
+    bn = model.stem[1]
+    bn.running_mean.uniform_(-0.2, 0.2)
+    bn.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def test_targets_int_list_tensor_and_topk(net):
+    x = torch.randn(3, 3, 8, 8)
+    e = fxrel.Explainer(net, "gradient")
+    logits = net(x)
+    assert torch.allclose(e(x, 2), e(x, [2, 2, 2]), atol=1e-7)
+    assert torch.allclose(e(x, torch.tensor([0, 1, 2])), torch.cat([e(x[i:i + 1], i) for i in range(3)]), atol=1e-6)
+    second = logits.topk(2, dim=1).indices[:, 1]
+    explanation = e.attribute(x, "top-2")
+    assert torch.equal(explanation.targets, second)
+    assert rel_error(explanation.relevance["x"], autograd_input_gradient(net, x, second)) < 1e-5
+    assert torch.equal(e.attribute(x).targets, logits.argmax(1))
+
+
+def test_rules_by_kind_module_and_predicate(net):
+    x = torch.randn(1, 3, 8, 8)
+    e = fxrel.Explainer(net, "epsilon_plus_flat", rules=[(module("side"), Flat()), (kind("maxpool"), Gradient())])
+    plan = e.rule_plan(x)
+    by_module = {row[2]: row[3] for row in plan.rows()}
+    assert by_module["side"] == "Flat()" and by_module["branch"].startswith("ZPlus")
+    assert by_module["stem.0"] == "Flat()"  # the preset's first layer
+    assert "Flat()" in str(plan)
+    # a predicate that gives every node the gradient turns the LRP preset into logit × gradient (its seed is y_t)
+    every = fxrel.Explainer(net, "epsilon_plus_flat",
+                            rules=[(where(lambda n: n.meta["fxrel_kind"] != "activation"), Gradient()),
+                                   (kind("activation"), Gradient())])
+    logit = net(x)[0, 3]
+    assert rel_error(every(x, 3), logit * autograd_input_gradient(net, x, torch.tensor([3]))) < 1e-5
+
+
+def test_wrong_rule_for_a_kind_is_a_clear_error(net):
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(fxrel.RuleError, match="maxpool"):
+        fxrel.Explainer(net, "lrp_epsilon", rules=[(kind("maxpool"), ZPlus())]).rule_plan(x)
+
+
+def test_two_streams_in_one_sweep_equal_separate_sweeps(net):
+    x = torch.randn(2, 3, 8, 8)
+    e_grad, e_lrp = fxrel.Explainer(net, "gradient"), fxrel.Explainer(net, "lrp_epsilon")
+    canonical = e_grad.canonical_graph(x)
+    streams = [e_grad.method.streams(canonical)[0], e_lrp.method.streams(canonical)[0]]
+    graph = build_relevance_graph(canonical, streams)
+    mask = torch.zeros(2, 5)
+    mask[:, 4] = 1
+    out = graph.module(x, mask)
+    assert torch.allclose(out["gradient:x"], e_grad(x, 4), atol=1e-6)
+    assert torch.allclose(out["lrp_epsilon:x"], e_lrp(x, 4), atol=1e-6)
+    assert {n.meta.get("fxrel_stream") for n in graph.module.graph.nodes} >= {"gradient", "lrp_epsilon"}
+
+
+def test_a_stream_sees_the_other_streams_messages(net):
+    """A rule may read another stream's relevance at the same node (AGF needs the gradient there)."""
+
+    class TimesOtherStream(Gradient):
+        def __call__(self, ctx, relevance):
+            return ctx.vjp(relevance * ctx.upstream["grad"] * 2)  # seeds are one-hot, so this doubles
+
+    x = torch.randn(2, 3, 8, 8)
+    explainer = fxrel.Explainer(net, "gradient")
+    canonical = explainer.canonical_graph(x)
+    plain = {n.name: Gradient() for n in canonical.graph.nodes if n.op == "call_function"}
+    last = [n.name for n in canonical.graph.nodes if n.meta.get("fxrel_kind") == "linear"][-1]
+    mixed = {name: (TimesOtherStream() if name == last else rule) for name, rule in plain.items()}
+    graph = build_relevance_graph(canonical, [Stream("grad", plain, seed_gradient),
+                                              Stream("mixed", mixed, seed_gradient)])
+    mask = torch.zeros(2, 5)
+    mask[:, 1] = 1
+    out = graph.module(x, mask)
+    assert torch.allclose(out["mixed:x"], 2 * out["grad:x"], atol=1e-7)
+    assert rel_error(out["grad:x"], explainer(x, 1)) < 1e-6
+
+
+def test_start_and_stop_at_intermediate_nodes(net):
+    """Relevance from the residual sum down to the stem output equals autograd of ⟨seed, activation⟩."""
+    x = torch.randn(2, 3, 8, 8)
+    e = fxrel.Explainer(net, "gradient", start="add_tensor", stops=["relu_default", "x"])
+    canonical = e.canonical_graph(x)
+    shape = next(n for n in canonical.graph.nodes if n.name == "add_tensor").meta["tensor_meta"].shape
+    seed = torch.randn(shape)
+    result = e(x, seed=seed)
+    xr = x.clone().requires_grad_()
+    stem = net.stem(xr)
+    stem.retain_grad()
+    y = net.branch(stem) + stem
+    (y * seed).sum().backward()
+    assert rel_error(result["x"], xr.grad) < 1e-5
+    assert rel_error(result["relu_default"], stem.grad) < 1e-5
+
+
+def test_relevance_graph_is_explicit_and_inspectable(net):
+    x = torch.randn(1, 3, 8, 8)
+    graph = fxrel.Explainer(net, "epsilon_plus_flat").relevance_graph(x)
+    targets = {str(n.target) for n in graph.module.graph.nodes if n.op == "call_function"}
+    assert not any("autograd" in t or "backward" == t for t in targets)
+    assert "convolution" in graph.code
+    relevance_nodes = [n for n in graph.module.graph.nodes if n.meta.get("fxrel_role") == "relevance"]
+    assert relevance_nodes and all(n.meta.get("fxrel_forward") and n.meta.get("fxrel_rule")
+                                   for n in relevance_nodes)
+    g = to_networkx(graph)
+    assert isinstance(g, nx.DiGraph) and nx.is_directed_acyclic_graph(g)
+    rel = [d for _, d in g.nodes(data=True) if d["role"] == "relevance"]
+    assert all(d["shape"] is not None for d in rel)
+    dot = to_dot(graph)
+    assert dot.startswith("digraph") and "ZPlus" in dot
+
+
+def test_layer_table_audits_conservation(net):
+    x = torch.randn(1, 3, 8, 8)
+    table = fxrel.Explainer(net, "lrp_0").layer_table(x, 1)
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["node", "kind", "module"]
+    assert any(line.startswith("add_tensor") for line in lines)
+
+
+def test_explainer_caches_per_signature(net, monkeypatch):
+    x = torch.randn(2, 3, 8, 8)
+    e = fxrel.Explainer(net, "lrp_epsilon")
+    e(x, 1)
+    calls = []
+    import fxrel.explainer as module_under_test
+    monkeypatch.setattr(module_under_test, "capture", lambda *a, **k: calls.append(1))
+    e(torch.randn(2, 3, 8, 8), 2)  # same signature: no new capture
+    assert calls == []
+    monkeypatch.undo()
+    fxrel.explain(net, x, 1, method="lrp_epsilon")
+    fxrel.explain(net, x, 2, method="lrp_epsilon")
+    cached = fxrel.explainer._CACHE[net]
+    assert len(cached) == 1
+
+
+def test_compiled_equals_eager_without_graph_breaks(net):
+    x = torch.randn(2, 3, 8, 8)
+    eager = fxrel.Explainer(net, "epsilon_gamma_box", low=-3.0, high=3.0)
+    graph = eager.relevance_graph(x)
+    mask = torch.zeros(2, 5)
+    mask[:, 2] = 1
+    explanation = torch._dynamo.explain(graph.module)(x, mask)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    compiled = fxrel.Explainer(net, "epsilon_gamma_box", low=-3.0, high=3.0, compile=True)
+    assert rel_error(compiled(x, 2), eager(x, 2)) < 1e-5
+    runner = compiled._runner(x, None)[1]
+    compiled(torch.randn(2, 3, 8, 8), 1)
+    assert compiled._runner(x, None)[1] is runner  # cached: the second call reuses the compiled program
+
+
+def test_methods_registry_lists_every_method():
+    names = fxrel.methods()
+    for name in ("gradient", "gradient_x_input", "guided_backprop", "deconvnet", "lrp_0", "lrp_epsilon", "lrp_gamma",
+                 "lrp_zplus", "lrp_alpha_beta", "lrp_flat", "lrp_wsquare", "lrp_zbox", "epsilon_plus_flat",
+                 "epsilon_gamma_box", "epsilon_alpha2_beta1_flat"):
+        assert name in names
+
+
+def test_gradient_x_input_and_pass_rule(net):
+    x = torch.randn(2, 3, 8, 8)
+    gxi = fxrel.Explainer(net, "gradient_x_input")(x, 0)
+    assert rel_error(gxi, autograd_input_gradient(net, x, torch.tensor([0, 0])) * x) < 1e-5
+    assert Pass().accepts("activation") and not Pass().accepts("conv")

