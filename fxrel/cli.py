@@ -218,7 +218,9 @@ def _input_image(image: str | None, size: int):
 def write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` atomically (temp file in the same folder, then rename)."""
     body = text if text.endswith("\n") else text + "\n"
-    return visualize.atomic_write(path, lambda tmp: Path(tmp).write_text(body, encoding="utf-8"))
+    from fxrel.visualize import atomic_write
+
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(body, encoding="utf-8"))
 
 
 def _progress(total: int, desc: str, quiet: bool):
