@@ -15,12 +15,17 @@ blocks: on timm ResNets the residual additions stay unhooked, so zennit's releva
     python benchmarks/bench_lrp.py                                  # timm resnet50, 224×224, batch 8, CPU
     python benchmarks/bench_lrp.py --device cuda
     python benchmarks/bench_lrp.py --model resnet18 --batch 2 --size 64 --repeats 2 --no-compile   # quick check
+
+On a shared or oversubscribed CPU, run with ``OMP_WAIT_POLICY=PASSIVE`` (set before Python starts): OpenMP's
+spin-waiting threads otherwise make every row 10-40× slower, at random.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -41,6 +46,9 @@ def build_model(name: str, hub: str, size: int, seed: int) -> torch.nn.Module:
     if bns:
         generator = torch.Generator().manual_seed(seed + 1)
         for bn in bns:
+            if bn.affine:
+                bn.weight.data.uniform_(0.5, 1.5, generator=generator)
+                bn.bias.data.normal_(0.0, 0.1, generator=generator)
             bn.reset_running_stats()
             bn.momentum = None                      # cumulative average over the calibration pass
         model.train()
@@ -48,9 +56,6 @@ def build_model(name: str, hub: str, size: int, seed: int) -> torch.nn.Module:
             model(torch.randn(4, 3, size, size, generator=generator))
         for bn in bns:
             bn.momentum = 0.1
-            if bn.affine:
-                bn.weight.data.uniform_(0.5, 1.5, generator=generator)
-                bn.bias.data.normal_(0.0, 0.1, generator=generator)
     return model.eval().requires_grad_(False)
 
 
@@ -99,6 +104,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled fxrel row")
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="let torch.compile use its on-disk cache (default: a fresh one, so the compile time "
+                             "reported is a cold compile)")
     parser.add_argument("--no-zennit", action="store_true", help="skip the zennit row")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -151,9 +159,13 @@ def main(argv: list[str] | None = None) -> None:
 
     # 3. fxrel compiled
     if not args.no_compile:
-        compiled = fxrel.Explainer(model, "epsilon_plus_flat", compile=True)
-        setup, median, rel = measure(lambda: compiled(x, target), device, args.warmup, args.repeats)
-        report("fxrel EpsilonPlusFlat compiled", setup - median, median, rel)
+        with tempfile.TemporaryDirectory(prefix="bench_lrp_inductor_") as cache:
+            if not args.warm_cache:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+            compiled = fxrel.Explainer(model, "epsilon_plus_flat", compile=True)
+            setup, median, rel = measure(lambda: compiled(x, target), device, args.warmup, args.repeats)
+        report(f"fxrel EpsilonPlusFlat compiled ({'warm' if args.warm_cache else 'cold'} cache)", setup - median,
+               median, rel)
 
     # 4. zennit (last: its canonizers modify the model while its context is open)
     if not args.no_zennit:

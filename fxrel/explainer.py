@@ -76,9 +76,7 @@ class Explainer:
         """The canonical forward graph for inputs shaped like ``x`` (cached)."""
         key = self._signature(x)
         if key not in self._canonical:
-            check_eval_mode(self.model)
-            example = torch.zeros_like(x) if not torch.isfinite(x).all() else x
-            self._canonical[key] = canonicalize(capture(self.model, example), (example,), self.fold_batchnorm)
+            self._canonical[key] = canonicalize(capture(self.model, x), (x,), self.fold_batchnorm)
         return self._canonical[key]
 
     def rule_plan(self, x: torch.Tensor) -> RulePlan:
@@ -152,7 +150,9 @@ class Explainer:
     def attribute(self, x: torch.Tensor, target: Target = None, *, seed: torch.Tensor | None = None,
                   stops: Sequence[str] | None = None) -> Explanation:
         """Explain a batch. ``target``: one class for all, one per row, ``None``/``"top1"`` (the predicted class)
-        or ``"top-k"`` (the k-th highest class). ``seed`` replaces the one-hot target mask (any start node)."""
+        or ``"top-k"`` (the k-th highest class). ``seed`` replaces the one-hot target mask: a tensor shaped like the
+        start node's output, which the method turns into the initial relevance (gradient methods: ``R = seed``;
+        LRP methods: ``R = y ⊙ seed``). ``stops`` overrides the explainer's stop nodes for this call."""
         self._check_input(x)
         graph, run = self._runner(x, stops)
         with torch.no_grad():

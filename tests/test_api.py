@@ -202,3 +202,20 @@ def test_gradient_x_input_and_pass_rule(net):
     gxi = fxrel.Explainer(net, "gradient_x_input")(x, 0)
     assert rel_error(gxi, autograd_input_gradient(net, x, torch.tensor([0, 0])) * x) < 1e-5
     assert Pass().accepts("activation") and not Pass().accepts("conv")
+
+
+def test_zero_terms_after_a_relu_are_left_out_of_the_graph(net):
+    """z⁺ on a ReLU output: the x⁻·W⁻ term is identically zero, so the builder emits one modified conv, not two."""
+    x = torch.randn(1, 3, 8, 8)
+    graph = fxrel.Explainer(net, "lrp_zplus").relevance_graph(x)
+    conv_nodes = {}
+    for n in graph.module.graph.nodes:
+        if n.meta.get("fxrel_role") == "relevance" and "convolution" in str(n.target):
+            conv_nodes.setdefault(n.meta["fxrel_forward"], []).append(n)
+    canonical = graph.canonical
+    for node in canonical.graph.nodes:
+        if node.meta.get("fxrel_kind") != "conv":
+            continue
+        # one forward + one transposed conv per term: 2 terms on the raw image, 1 after a ReLU
+        expected = 2 if node.args[0].meta["fxrel_nonnegative"] else 4
+        assert len(conv_nodes[node.name]) == expected, node.name

@@ -9,7 +9,8 @@
 from __future__ import annotations
 
 import torch
-from hypothesis import given
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fxrel
 from fxrel.graphs import ops
@@ -124,3 +125,15 @@ def test_lrp_is_linear_in_the_seed(spec):
     combined = explainer(x, seed=2 * a - 3 * b)
     separate = 2 * explainer(x, seed=a) - 3 * explainer(x, seed=b)
     assert rel_error(combined, separate) < 1e-4
+
+
+@settings(max_examples=4)
+@given(spec=cnn_architectures(), method=st.sampled_from(["gradient", "epsilon_plus_flat", "lrp_alpha_beta"]))
+def test_compiled_equals_eager(spec, method):
+    """torch.compile(fullgraph=True) of the relevance graph agrees with eager execution (few examples: each one
+    compiles a new graph)."""
+    model, x = spec.build()
+    targets = random_targets(model, x)
+    eager = fxrel.Explainer(model, method)(x, targets)
+    compiled = fxrel.Explainer(model, method, compile=True)(x, targets)
+    assert rel_error(compiled, eager) < 1e-5

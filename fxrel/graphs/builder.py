@@ -50,6 +50,11 @@ class _Context:
     downstream: dict[str, list]
     builder: "_Builder"
 
+    @property
+    def nonnegative(self) -> bool:
+        """True when every tensor input is ≥ 0 by construction (e.g. ReLU outputs)."""
+        return all(a.meta.get("fxrel_nonnegative", False) for a in ops.tensor_inputs(self.node))
+
     def forward(self, inputs: Sequence[Any], weight: Any = None, bias: Any = None) -> Any:
         return ops.spec_of(self.node).forward(self.node, list(inputs), weight, bias)
 

@@ -282,13 +282,34 @@ def fold_affine(gm: fx.GraphModule) -> int:
     return folded
 
 
+_NONNEGATIVE_ACTIVATIONS = (aten.relu.default, aten.sigmoid.default)
+_SIGN_PRESERVING = (ops.MAXPOOL, ops.AVGPOOL, ops.SHAPE, ops.PAD, ops.CAT, ops.ADD)
+
+
+def mark_nonnegative(gm: fx.GraphModule) -> None:
+    """Set ``node.meta['fxrel_nonnegative']`` where a node's output is ≥ 0 for every input, by construction:
+    ReLU-like activations, and pooling/shape/concat/sum ops whose tensor inputs are all non-negative. Rules use
+    it to skip terms that are identically zero (the ``x⁻`` half of z⁺/αβ/γ after a ReLU)."""
+    for node in gm.graph.nodes:
+        kind = node.meta.get("fxrel_kind")
+        if kind == ops.ACTIVATION:
+            lower = node.args[1] if node.target is aten.hardtanh.default and len(node.args) > 1 else None
+            value = node.target in _NONNEGATIVE_ACTIVATIONS or (lower is not None and lower >= 0)
+        elif kind in _SIGN_PRESERVING:
+            value = all(a.meta.get("fxrel_nonnegative", False) for a in ops.tensor_inputs(node))
+        else:
+            value = False
+        node.meta["fxrel_nonnegative"] = value
+
+
 def canonicalize(captured: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...],
                  fold_batchnorm: bool = True) -> fx.GraphModule:
-    """Map a captured graph onto the canonical op set, fold BatchNorm, and annotate every node's shape."""
+    """Map a captured graph onto the canonical op set, fold BatchNorm, and annotate every node's shape and sign."""
     gm = _Canonicalizer(captured).run()
     gm.graph.eliminate_dead_code()
     gm.recompile()
     if fold_batchnorm:
         fold_affine(gm)
     ShapeProp(gm).propagate(*example_inputs)
+    mark_nonnegative(gm)
     return gm

@@ -24,6 +24,7 @@ class RuleContext(Protocol):
     bias: Any                     #: its bias (None where absent)
     upstream: dict[str, Any]      #: every stream's relevance at this node's output (None where a stream has none)
     downstream: dict[str, list]   #: relevance already sent to the inputs by the streams processed before this one
+    nonnegative: bool             #: every tensor input is ≥ 0 by construction (ReLU outputs …)
 
     def forward(self, inputs: Sequence[Any], weight: Any = None, bias: Any = None) -> Any:
         """The node's op applied to modified inputs / parameters."""

@@ -97,15 +97,17 @@ class GenericRule(Rule):
     def __call__(self, ctx: RuleContext, relevance: Any) -> list[Any]:
         result: list[Any] = [0.0] * len(ctx.inputs)
         for group in self.groups:
-            variants = [([term.input(x, ctx) for x in ctx.inputs], *self._params(ctx, term)) for term in group.terms]
-            if group.terms == (Term(),):
+            # after a ReLU the x⁻ terms are identically zero: leave them out of the graph (same result, less work)
+            terms = tuple(t for t in group.terms if not (t.input is negative and ctx.nonnegative))
+            variants = [([term.input(x, ctx) for x in ctx.inputs], *self._params(ctx, term)) for term in terms]
+            if terms == (Term(),):
                 z = ctx.output  # the unmodified forward pass: reuse the forward node instead of recomputing it
             else:
-                z = sum(term.sign * ctx.forward(xs, w, b) for term, (xs, w, b) in zip(group.terms, variants))
+                z = sum(term.sign * ctx.forward(xs, w, b) for term, (xs, w, b) in zip(terms, variants))
             scaled = divide(relevance, z, self.stabilizer)
             if group.mask is not None:
                 scaled = scaled * group.mask(ctx.output).to(scaled.dtype)
-            for term, (xs, w, _) in zip(group.terms, variants):
+            for term, (xs, w, _) in zip(terms, variants):
                 grads = ctx.vjp(scaled, weight=w)
                 for i, (x, g) in enumerate(zip(xs, grads)):
                     result[i] = result[i] + (group.coefficient * term.sign) * (x * g)

@@ -132,11 +132,11 @@ def _lrp0(stabilizer: float) -> Method:
     return _lrp("lrp_0", rule, affine=rule, stabilizer=stabilizer)
 
 
-@register("lrp_epsilon", "LRP-ε in every conv/linear/affine node", "Bach et al. 2015; Montavon et al. 2019",
+@register("lrp_epsilon", "LRP-ε in every conv/linear/affine node (ε also stabilises sums and pooling)", "Bach et al. 2015; Montavon et al. 2019",
           epsilon=1e-6)
 def _lrp_eps(epsilon: float) -> Method:
     rule = Epsilon(epsilon)
-    return _lrp("lrp_epsilon", rule, affine=rule)
+    return _lrp("lrp_epsilon", rule, affine=rule, stabilizer=epsilon)
 
 
 @register("lrp_gamma", "LRP-γ in every conv/linear layer", "Montavon et al. 2019", gamma=0.25, stabilizer=1e-6)
