@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 
 import fxrel
+from fxrel.random_weights import calibrate_batchnorm
 
 
 def build_model(name: str, hub: str, size: int, seed: int) -> torch.nn.Module:
@@ -42,20 +43,7 @@ def build_model(name: str, hub: str, size: int, seed: int) -> torch.nn.Module:
     else:
         import torchvision
         model = getattr(torchvision.models, name)(weights=None)
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if bns:
-        generator = torch.Generator().manual_seed(seed + 1)
-        for bn in bns:
-            if bn.affine:
-                bn.weight.data.uniform_(0.5, 1.5, generator=generator)
-                bn.bias.data.normal_(0.0, 0.1, generator=generator)
-            bn.reset_running_stats()
-            bn.momentum = None                      # cumulative average over the calibration pass
-        model.train()
-        with torch.no_grad():
-            model(torch.randn(4, 3, size, size, generator=generator))
-        for bn in bns:
-            bn.momentum = 0.1
+    calibrate_batchnorm(model, size, seed + 1)
     return model.eval().requires_grad_(False)
 
 

@@ -13,8 +13,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize("source,name", [(s, n) for s, n, _ in MODELS], ids=[f"{s}-{n}" for s, n, _ in MODELS])
 def test_full_size_gradient_and_lrp0(source, name):
-    model = build(source, name)
     size = 299 if "inception" in name else 224
+    model = build(source, name, size)
     x = torch.randn(2, 3, size, size)
     targets = torch.tensor([0, 9])
     reference = autograd_input_gradient(model, x, targets)
@@ -23,7 +23,7 @@ def test_full_size_gradient_and_lrp0(source, name):
 
 
 def test_timm_resnet50_compiles_without_graph_breaks():
-    model = build("timm", "resnet50")
+    model = build("timm", "resnet50", 224)
     x = torch.randn(2, 3, 224, 224)
     eager = fxrel.Explainer(model, "epsilon_plus_flat")
     graph = eager.relevance_graph(x)

@@ -36,6 +36,7 @@ from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat  # noqa: E402
 from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer, ResNetCanonizer  # noqa: E402
 
 import fxrel  # noqa: E402
+from fxrel.random_weights import calibrate_batchnorm  # noqa: E402
 from fxrel.rules import bounds_from_normalization  # noqa: E402
 
 TOLERANCE = 1e-4
@@ -62,26 +63,6 @@ def exact_resnet_canonizer() -> CompositeCanonizer:
     return CompositeCanonizer((ExactMergeBatchNorm(), ResNetBottleneckCanonizer(), ResNetBasicBlockCanonizer()))
 
 
-def _randomize_batchnorm(model: torch.nn.Module, generator: torch.Generator) -> None:
-    """Make every BatchNorm a non-trivial per-channel affine map: random affine parameters, running statistics from
-    one train-mode pass over random inputs (so activations keep a sane scale through 50 layers), then perturbed."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for bn in bns:
-        bn.weight.data.uniform_(0.5, 1.5, generator=generator)
-        bn.bias.data.normal_(0.0, 0.2, generator=generator)
-        bn.reset_running_stats()
-        bn.momentum = None                      # cumulative average over the calibration pass
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(8, 3, SIZE, SIZE, generator=generator))
-    for bn in bns:
-        c = bn.num_features
-        bn.running_mean.add_(0.1 * torch.randn(c, generator=generator) * bn.running_var.sqrt())
-        bn.running_var.mul_(torch.empty(c).uniform_(0.8, 1.25, generator=generator))
-        bn.momentum = 0.1
-    model.eval()
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _threads():
     previous = torch.get_num_threads()
@@ -95,7 +76,7 @@ def models() -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
     built = {"vgg16": torchvision.models.vgg16(weights=None).eval(),
              "resnet50": torchvision.models.resnet50(weights=None)}
-    _randomize_batchnorm(built["resnet50"], torch.Generator().manual_seed(1))
+    calibrate_batchnorm(built["resnet50"], SIZE, seed=1, bias_std=0.2, perturb=0.1)
     for model in built.values():
         model.requires_grad_(False)
     return built
