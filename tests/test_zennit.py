@@ -32,7 +32,8 @@ torchvision = pytest.importorskip("torchvision")
 
 from zennit.attribution import Gradient  # noqa: E402
 from zennit.canonizers import CompositeCanonizer, SequentialMergeBatchNorm  # noqa: E402
-from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat  # noqa: E402
+from zennit.composites import (  # noqa: E402
+    DeconvNet, EpsilonAlpha2Beta1Flat, EpsilonGammaBox, EpsilonPlusFlat, GuidedBackprop)
 from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer, ResNetCanonizer  # noqa: E402
 
 import fxrel  # noqa: E402
@@ -107,6 +108,8 @@ def _composites(composite: str):
     """(fxrel method name, fxrel parameters, factory of zennit composites given a canonizer list)."""
     if composite == "epsilon_plus_flat":
         return "epsilon_plus_flat", {}, lambda canonizers: EpsilonPlusFlat(canonizers=canonizers)
+    if composite == "epsilon_alpha2_beta1_flat":
+        return composite, {}, lambda canonizers: EpsilonAlpha2Beta1Flat(canonizers=canonizers)
     low, high = bounds_from_normalization(MEAN, STD)
     return ("epsilon_gamma_box", {"low": low, "high": high},
             lambda canonizers: EpsilonGammaBox(low=low.view(1, 3, 1, 1), high=high.view(1, 3, 1, 1),
@@ -152,7 +155,7 @@ def test_matches_zennit(models, batch, model_name, composite):
                                     f"{ratio:.3g} × max|R| exceeds {TOLERANCE:g}")
 
 
-@pytest.mark.parametrize("composite", ["epsilon_plus_flat", "epsilon_gamma_box"])
+@pytest.mark.parametrize("composite", ["epsilon_plus_flat", "epsilon_gamma_box", "epsilon_alpha2_beta1_flat"])
 @pytest.mark.parametrize("model_name", ["vgg16", "resnet50"])
 def test_matches_zennit_float64(models64, batch, model_name, composite):
     """In float64 rounding is out of the way: the two must then agree to ~machine precision (measured ≤ 2e-13)."""
@@ -163,4 +166,18 @@ def test_matches_zennit_float64(models64, batch, model_name, composite):
     assert r_ours.dtype == torch.float64
     ratio = (r_ours - r_zennit).abs().max().item() / r_zennit.abs().max().item()
     print(f"\n[float64 {model_name} / {composite}] max|ΔR| / max|R| = {ratio:.3g}")
+    assert ratio <= 1e-9
+
+
+@pytest.mark.parametrize("method,composite", [("guided_backprop", GuidedBackprop), ("deconvnet", DeconvNet)])
+def test_gradient_family_matches_zennit(models64, batch, method, composite):
+    """Guided backprop and DeconvNet (modified ReLU gradients) against zennit's composites, float64, VGG-16."""
+    model, x, target = models64["vgg16"], batch.double(), torch.tensor(TARGETS[0])
+    ours = fxrel.Explainer(model, method)(x, target)
+    onehot = torch.zeros(2, 1000, dtype=x.dtype)
+    onehot[torch.arange(2), target] = 1.0
+    with Gradient(model=model, composite=composite()) as attributor:
+        _, theirs = attributor(x.clone(), onehot)
+    ratio = (ours - theirs).abs().max().item() / theirs.abs().max().item()
+    print(f"\n[float64 vgg16 / {method}] max|ΔR| / max|R| = {ratio:.3g}")
     assert ratio <= 1e-9

@@ -77,7 +77,7 @@ class RelevanceGraph:
     canonical: fx.GraphModule                #: the canonical forward graph
     streams: list[Stream]
     start: str                               #: canonical node where relevance starts
-    stops: list[str]                         #: canonical nodes whose relevance is returned
+    stops: list[str]                         #: where relevance is returned (node or module names, as asked)
     output_keys: list[str] = field(default_factory=list)
 
     @property
@@ -154,10 +154,11 @@ def _resolve(canonical: fx.GraphModule, name: str | None, default: fx.Node) -> f
     nodes = {n.name: n for n in canonical.graph.nodes}
     if name in nodes:
         return nodes[name]
-    by_module = [n for n in canonical.graph.nodes if n.meta.get("fxrel_module") == name
-                 and n.meta.get("fxrel_kind") not in (ops.PARAM,)]
-    if by_module:
-        return by_module[-1]
+    # a module name stands for the module's output: the last node produced inside it
+    inside = [n for n in canonical.graph.nodes if n.op == "call_function"
+              and (n.meta.get("fxrel_module", "") + ".").startswith(name + ".")]
+    if inside:
+        return inside[-1]
     raise RuleError(f"no node or module named '{name}' in the canonical graph")
 
 
@@ -178,10 +179,16 @@ def build_relevance_graph(canonical: fx.GraphModule, streams: Sequence[Stream], 
     stops = None if stops is None else list(stops)
     if stops is None:
         stop_nodes = inputs
+        labels = [n.name for n in inputs]
     elif stops == ["*"]:
         stop_nodes = [n for n in order if n.op != "get_attr"]
+        labels = [n.name for n in stop_nodes]
     else:
         stop_nodes = [_resolve(canonical, s, None) for s in stops]
+        labels = list(stops)
+    label_of: dict[fx.Node, list[str]] = {}
+    for node, label in zip(stop_nodes, labels):
+        label_of.setdefault(node, []).append(label)
 
     for s in streams:
         missing = [n.name for n in order if n.op == "call_function" and n.name not in s.plan]
@@ -216,9 +223,10 @@ def build_relevance_graph(canonical: fx.GraphModule, streams: Sequence[Stream], 
             relevance = upstream[s.name]
             if relevance is None:
                 continue
-            if node in stop_nodes:
+            if node in label_of:
                 value = b.proxy(b.env[node])
-                outputs[f"{s.name}:{node.name}"] = relevance if s.finalize is None else s.finalize(relevance, value)
+                final = relevance if s.finalize is None else s.finalize(relevance, value)
+                outputs.update({f"{s.name}:{label}": final for label in label_of[node]})
             if node.op == "placeholder":
                 continue
             rule = s.plan[node.name]
@@ -238,11 +246,11 @@ def build_relevance_graph(canonical: fx.GraphModule, streams: Sequence[Stream], 
             for arg, r in zip(ops.tensor_inputs(node), sent):
                 pending.setdefault((s.name, arg), []).append(r)
 
-    missing = [f"{s.name}:{n.name}" for s in streams for n in stop_nodes if f"{s.name}:{n.name}" not in outputs]
+    missing = [f"{s.name}:{label}" for s in streams for label in labels if f"{s.name}:{label}" not in outputs]
     if missing and stops != ["*"]:
         raise RuleError(f"no relevance reaches the stop nodes {missing[:5]} from start node '{start_node.name}'")
     keys = list(outputs)
     b.graph.output({k: (v.node if isinstance(v, fx.Proxy) else v) for k, v in outputs.items()})
     b.graph.eliminate_dead_code()
     module = fx.GraphModule(b.root, b.graph, "RelevanceGraph")
-    return RelevanceGraph(module, canonical, list(streams), start_node.name, [n.name for n in stop_nodes], keys)
+    return RelevanceGraph(module, canonical, list(streams), start_node.name, labels, keys)
