@@ -93,3 +93,16 @@ def test_model_returning_a_tuple_is_rejected():
 
     with pytest.raises(fxrel.CaptureError, match="returns 2 outputs"):
         fxrel.Explainer(Two().eval(), "gradient")(torch.randn(1, 3, 4, 4), 0)
+
+
+def test_zbox_bounds_must_match_the_input_channels():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)).eval()
+    with pytest.raises(fxrel.RuleError, match="ZBox bounds have 3 channels but the input of node .* has 1"):
+        fxrel.Explainer(model, "epsilon_gamma_box")(torch.randn(1, 1, 6, 6), 0)  # default: ImageNet's 3 channels
+    relevance = fxrel.Explainer(model, "epsilon_gamma_box", low=-1.0, high=1.0)(torch.randn(1, 1, 6, 6), 0)
+    assert relevance.shape == (1, 1, 6, 6)
+
+
+def test_wrong_channel_count_names_the_mismatch():
+    with pytest.raises(fxrel.CaptureError, match="expected input.*to have 3 channels"):
+        fxrel.Explainer(tiny(), "gradient")(torch.randn(1, 4, 8, 8), 0)

@@ -9,6 +9,8 @@ from typing import Sequence
 
 import torch
 
+from fxrel.errors import RuleError
+from fxrel.sample_images import IMAGENET_MEAN, IMAGENET_STD
 from fxrel.rules.generic import GenericRule, Group, Term, ones, single, split_signs
 
 
@@ -81,6 +83,10 @@ def ZBox(low: float | Sequence[float] | torch.Tensor, high: float | Sequence[flo
 
     def at(bound: torch.Tensor):
         def modifier(x, ctx):
+            channels = ctx.node.args[0].meta["tensor_meta"].shape[1]
+            if bound.numel() > 1 and bound.shape[1] != channels:
+                raise RuleError(f"ZBox bounds have {bound.shape[1]} channels but the input of node "
+                                f"'{ctx.node.name}' has {channels}; give low/high per channel or as scalars")
             return torch.zeros_like(x) + ctx.constant(bound)
         return modifier
 
@@ -103,3 +109,8 @@ def bounds_from_normalization(mean: Sequence[float], std: Sequence[float],
     """Per-channel ``(low, high)`` of normalised pixels: ``((lo − μ_c)/σ_c, (hi − μ_c)/σ_c)`` (LRP spec §2.1 (a))."""
     m, s = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
     return (pixel_range[0] - m) / s, (pixel_range[1] - m) / s
+
+
+#: Per-channel bounds of ImageNet-normalised pixels in [0, 1]: the default box of ZBox-based methods.
+IMAGENET_LOW, IMAGENET_HIGH = (tuple(round(v, 6) for v in b.tolist())
+                               for b in bounds_from_normalization(IMAGENET_MEAN, IMAGENET_STD))

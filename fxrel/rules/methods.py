@@ -13,7 +13,7 @@ from fxrel.graphs.builder import Seed, Stream
 from fxrel.rules.base import Rule
 from fxrel.rules.composite import Composite, Matcher, first, kind
 from fxrel.rules.gradient import DeconvNet, Gradient, GuidedBackprop, Pass
-from fxrel.rules.lrp import AlphaBeta, Epsilon, Flat, Gamma, Norm, WSquare, ZBox, ZPlus
+from fxrel.rules.lrp import IMAGENET_HIGH, IMAGENET_LOW, AlphaBeta, Epsilon, Flat, Gamma, Norm, WSquare, ZBox, ZPlus
 
 
 def seed_gradient(output: Any, mask: Any) -> Any:
@@ -167,7 +167,7 @@ def _lrp_w2(stabilizer: float) -> Method:
 
 
 @register("lrp_zbox", "z^β (box) at the first layer, z⁺ elsewhere", "Montavon et al. 2017",
-          low=-3.0, high=3.0, stabilizer=1e-6)
+          low=IMAGENET_LOW, high=IMAGENET_HIGH, stabilizer=1e-6)
 def _lrp_zbox(low, high, stabilizer: float) -> Method:
     return _lrp("lrp_zbox", ZPlus(stabilizer), first_rule=ZBox(low, high, stabilizer), first_kinds=(ops.CONV,),
                 stabilizer=stabilizer)
@@ -181,7 +181,8 @@ def _epf(epsilon: float, stabilizer: float) -> Method:
 
 
 @register("epsilon_gamma_box", "zennit EpsilonGammaBox: z^β first conv, γ convs, ε linear layers",
-          "zennit; Montavon et al. 2019", low=-3.0, high=3.0, epsilon=1e-6, gamma=0.25, stabilizer=1e-6)
+          "zennit; Montavon et al. 2019", low=IMAGENET_LOW, high=IMAGENET_HIGH, epsilon=1e-6, gamma=0.25,
+          stabilizer=1e-6)
 def _egb(low, high, epsilon: float, gamma: float, stabilizer: float) -> Method:
     return _lrp("epsilon_gamma_box", Gamma(gamma, stabilizer), linear=Epsilon(epsilon),
                 first_rule=ZBox(low, high, stabilizer), first_kinds=(ops.CONV,), stabilizer=stabilizer)
