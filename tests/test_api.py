@@ -219,3 +219,11 @@ def test_zero_terms_after_a_relu_are_left_out_of_the_graph(net):
         # one forward + one transposed conv per term: 2 terms on the raw image, 1 after a ReLU
         expected = 2 if node.args[0].meta["fxrel_nonnegative"] else 4
         assert len(conv_nodes[node.name]) == expected, node.name
+
+
+def test_a_module_pattern_applies_its_rule_where_the_rule_fits(net):
+    """``module("stem*")`` selects the stem's conv and ReLU; a conv rule lands on the conv, the ReLU falls through."""
+    x = torch.randn(1, 3, 8, 8)
+    plan = fxrel.Explainer(net, "epsilon_plus_flat", rules=[(module("stem*"), ZPlus())]).rule_plan(x)
+    by_module = {row[2]: row[3] for row in plan.rows()}
+    assert by_module["stem.0"].startswith("ZPlus") and by_module["stem.2"] == "Pass()"

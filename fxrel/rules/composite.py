@@ -1,7 +1,10 @@
 """Composites: which rule each canonical node gets.
 
 A :class:`Composite` is an ordered list of ``(matcher, rule)`` pairs; the first pair whose matcher accepts a node
-decides its rule (like zennit's layer-map composites). Matchers select nodes by kind (:func:`kind`), by the name of
+and whose rule can handle the node's kind decides its rule (like zennit's layer-map composites). A pattern that
+selects whole modules (:func:`module`, :func:`where`, :func:`node_name`) applies its rule to the nodes of those modules
+that the rule can handle (a conv rule skips the module's ReLU); a rule given for an explicit kind it cannot handle
+(``kind("maxpool")`` with ``ZPlus``) is an error. Matchers select nodes by kind (:func:`kind`), by the name of
 the module they came from (:func:`module`, glob patterns), by an arbitrary predicate (:func:`where`), or by being
 the first/last parametrised layer (:func:`first`, :func:`last`). ``composite.plan(graph)`` returns the
 :class:`RulePlan`, the node → rule table that a relevance graph is built from.
@@ -29,13 +32,19 @@ class MatchInfo:
     last_layer: str | None
 
 
+def _strict(matcher: Matcher) -> Matcher:
+    """Mark a matcher whose pairs must fit every node they match (a mismatching rule is an error)."""
+    matcher.strict = True  # type: ignore[attr-defined]
+    return matcher
+
+
 def kind(*kinds: str) -> Matcher:
     """Match nodes of the given canonical kinds (``"conv"``, ``"linear"``, …; see ``fxrel.graphs.ops.KINDS``)."""
     unknown = set(kinds) - set(ops.KINDS)
     if unknown:
         raise RuleError(f"unknown node kinds {sorted(unknown)}; known kinds: {sorted(ops.KINDS)}")
     wanted = frozenset(kinds)
-    return lambda node, info: node.meta.get("fxrel_kind") in wanted
+    return _strict(lambda node, info: node.meta.get("fxrel_kind") in wanted)
 
 
 def module(*patterns: str) -> Matcher:
@@ -57,13 +66,13 @@ def where(predicate: Callable[[fx.Node], bool]) -> Matcher:
 def first(*kinds: str) -> Matcher:
     """Match the first conv/linear node from the input side (restricted to ``kinds`` if given)."""
     restrict = kind(*kinds) if kinds else (lambda node, info: True)
-    return lambda node, info: node.name == info.first_layer and restrict(node, info)
+    return _strict(lambda node, info: node.name == info.first_layer and restrict(node, info))
 
 
 def last(*kinds: str) -> Matcher:
     """Match the last conv/linear node before the output (restricted to ``kinds`` if given)."""
     restrict = kind(*kinds) if kinds else (lambda node, info: True)
-    return lambda node, info: node.name == info.last_layer and restrict(node, info)
+    return _strict(lambda node, info: node.name == info.last_layer and restrict(node, info))
 
 
 class RulePlan(dict):
@@ -104,15 +113,21 @@ class Composite:
         for node in graph.graph.nodes:
             if node.op != "call_function":
                 continue
-            rule = next((r for m, r in self.mapping if m(node, info)), None)
-            if rule is None:
-                raise RuleError(f"composite '{self.name}' has no rule for node '{node.name}' of kind "
-                                f"'{node.meta.get('fxrel_kind')}' (module '{node.meta.get('fxrel_module', '')}')")
-            if not rule.accepts(node.meta["fxrel_kind"]):
-                raise RuleError(f"rule {rule!r} was assigned to node '{node.name}' of kind "
-                                f"'{node.meta['fxrel_kind']}', which it cannot handle")
-            rules[node.name] = rule
+            rules[node.name] = self._rule_for(node, info)
         return RulePlan(graph, rules)
+
+    def _rule_for(self, node: fx.Node, info: MatchInfo) -> Rule:
+        node_kind = node.meta.get("fxrel_kind", "")
+        for matcher, rule in self.mapping:
+            if not matcher(node, info):
+                continue
+            if rule.accepts(node_kind):
+                return rule
+            if getattr(matcher, "strict", False):
+                raise RuleError(f"rule {rule!r} was assigned to node '{node.name}' of kind '{node_kind}', "
+                                "which it cannot handle")
+        raise RuleError(f"composite '{self.name}' has no rule for node '{node.name}' of kind '{node_kind}' "
+                        f"(module '{node.meta.get('fxrel_module', '')}')")
 
     def __repr__(self) -> str:
         return f"Composite({self.name!r}, {len(self.mapping)} pairs)"

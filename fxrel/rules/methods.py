@@ -33,14 +33,13 @@ def times_input(relevance: Any, value: Any) -> Any:
 
 @dataclass
 class Method:
-    """A named rule set: composite + initial relevance (+ transform at the stop nodes)."""
+    """A named rule set: composite + initial relevance (+ transform at the stop nodes). Custom methods are built
+    the same way: ``Method("mine", Composite([(kind("conv"), ZPlus()), …]), seed_logit)``."""
 
     name: str
     composite: Composite
     seed: Seed
     finalize: Callable[[Any, Any], Any] | None = None
-    description: str = ""
-    signed: bool = True
 
     def streams(self, graph, overrides: Sequence[tuple[Matcher, Rule]] = ()) -> list[Stream]:
         composite = self.composite.with_rules(overrides) if overrides else self.composite
@@ -85,7 +84,7 @@ _STRUCTURAL = [(kind(ops.MAXPOOL, ops.CAT, ops.SHAPE, ops.PAD), _GRAD)]
 
 def _lrp(name: str, layer: Rule, *, linear: Rule | None = None, first_rule: Rule | None = None,
          first_kinds: tuple[str, ...] = (ops.CONV, ops.LINEAR), affine: Rule | None = None,
-         stabilizer: float = 1e-6, description: str = "") -> Method:
+         stabilizer: float = 1e-6) -> Method:
     """An LRP rule set: ``layer`` for convs (and linear layers unless ``linear`` is given), Pass for activations,
     the z-rule (Norm) for sums and average pooling, gradient (winner-take-all / slicing) for max-pooling, concat,
     padding and shape ops; BatchNorm left unfolded gets ``affine`` (default Pass, as zennit)."""
@@ -95,12 +94,12 @@ def _lrp(name: str, layer: Rule, *, linear: Rule | None = None, first_rule: Rule
     pairs += [(kind(ops.CONV), layer), (kind(ops.LINEAR), linear or layer),
               (kind(ops.ACTIVATION), Pass()), (kind(ops.AFFINE), affine or Pass()),
               (kind(ops.ADD, ops.AVGPOOL), Norm(stabilizer)), *_STRUCTURAL]
-    return Method(name, Composite(pairs, name), seed_logit, description=description)
+    return Method(name, Composite(pairs, name), seed_logit)
 
 
-def _gradient_method(name: str, activation: Rule, finalize=None, description: str = "") -> Method:
+def _gradient_method(name: str, activation: Rule, finalize=None) -> Method:
     pairs = [(kind(ops.ACTIVATION), activation), (lambda n, i: True, _GRAD)]
-    return Method(name, Composite(pairs, name), seed_gradient, finalize, description)
+    return Method(name, Composite(pairs, name), seed_gradient, finalize)
 
 
 # --- the registry ----------------------------------------------------------------------------------------------
