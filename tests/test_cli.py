@@ -1,4 +1,4 @@
-"""Tests for the command-line interface (fxrel.cli) and examples/explain_resnet.py.
+"""Tests for the command-line interface (fxrel.cli) and the scripts in examples/.
 
 Small inputs (16–32 px) keep every relevance-graph build around a second on CPU.
 """
@@ -199,10 +199,15 @@ def test_module_entry_point_subprocess(tmp_path):
     assert not (tmp_path / "h.png").exists()
 
 
-def test_example_explain_resnet(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("explain_resnet", ROOT / "examples" / "explain_resnet.py")
+def _load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    return example
+
+
+def test_example_explain_resnet(tmp_path, capsys):
+    example = _load_example("explain_resnet")
     assert example.main(["--out-dir", str(tmp_path / "out"), "--size", "32"]) == 0
     out = capsys.readouterr().out
     grid = tmp_path / "out" / "explain_resnet.png"
@@ -212,3 +217,13 @@ def test_example_explain_resnet(tmp_path, capsys):
     for method in ("gradient", "lrp_0", "epsilon_plus_flat"):
         assert method in out
     assert "relevance sum" in out and "target logit" in out
+
+
+def test_example_inspect_relevance_graph(tmp_path, capsys):
+    example = _load_example("inspect_relevance_graph")
+    assert example.main(["--out-dir", str(tmp_path), "--size", "32"]) == 0
+    assert "acyclic: True" in capsys.readouterr().out
+    plan = (tmp_path / "rule_plan.txt").read_text()
+    assert "layer4.0.conv1" in plan and "Epsilon(epsilon=0.25)" in plan
+    assert (tmp_path / "relevance_graph.dot").read_text().startswith("digraph")
+    assert "def forward" in (tmp_path / "relevance_graph.py").read_text()
