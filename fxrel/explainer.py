@@ -90,7 +90,7 @@ class Explainer:
         if key not in self._graphs:
             canonical = self.canonical_graph(x)
             streams = self.method.streams(canonical, self.rules)
-            self._graphs[key] = build_relevance_graph(canonical, streams, self.start, stops)
+            self._graphs[key] = build_relevance_graph(canonical, streams, self.start, stops, self.method.combine)
         return self._graphs[key]
 
     def _runner(self, x: torch.Tensor, stops: Sequence[str] | None) -> tuple[RelevanceGraph, Any]:
@@ -161,7 +161,9 @@ class Explainer:
             else:
                 mask, idx = seed.to(x), None
             result = run(x, mask)
-        relevance = {k.split(":", 1)[1]: v for k, v in result.items() if k != "output"}
+        # one stream (or a combined result): keyed by stop; several uncombined streams: "stream:stop"
+        single = len(graph.streams) == 1 or self.method.combine is not None
+        relevance = {(k.split(":", 1)[1] if single else k): v for k, v in result.items() if k != "output"}
         return Explanation(relevance, result["output"], idx)
 
     @staticmethod

@@ -163,11 +163,14 @@ def _resolve(canonical: fx.GraphModule, name: str | None, default: fx.Node) -> f
 
 
 def build_relevance_graph(canonical: fx.GraphModule, streams: Sequence[Stream], start: str | None = None,
-                          stops: Sequence[str] | None = None) -> RelevanceGraph:
+                          stops: Sequence[str] | None = None,
+                          combine: Callable[[dict[str, Any]], Any] | None = None) -> RelevanceGraph:
     """Build the explicit relevance program for ``streams`` on a canonical graph.
 
     ``start``: node (or module) name where relevance starts (default: the model output). ``stops``: node or module
     names whose relevance is returned (default: the model inputs); ``"*"`` returns every node's relevance.
+    ``combine``: maps ``{stream name: relevance}`` at each stop to one result, returned as ``"combined:<stop>"``
+    in place of the streams' own outputs (contrastive methods subtract a dual stream this way).
     """
     if not streams:
         raise RuleError("a relevance sweep needs at least one stream")
@@ -249,6 +252,14 @@ def build_relevance_graph(canonical: fx.GraphModule, streams: Sequence[Stream], 
     missing = [f"{s.name}:{label}" for s in streams for label in labels if f"{s.name}:{label}" not in outputs]
     if missing and stops != ["*"]:
         raise RuleError(f"no relevance reaches the stop nodes {missing[:5]} from start node '{start_node.name}'")
+    if combine is not None:
+        for label in labels:
+            parts = {s.name: outputs.pop(f"{s.name}:{label}") for s in streams if f"{s.name}:{label}" in outputs}
+            if parts:
+                marker = b.last()
+                outputs[f"combined:{label}"] = combine(parts)
+                b.tag_since(marker, fxrel_role="relevance", fxrel_forward=label, fxrel_rule="combine",
+                            fxrel_stream="combined")
     keys = list(outputs)
     b.graph.output({k: (v.node if isinstance(v, fx.Proxy) else v) for k, v in outputs.items()})
     b.graph.eliminate_dead_code()

@@ -32,18 +32,34 @@ def times_input(relevance: Any, value: Any) -> Any:
 
 
 @dataclass
-class Method:
-    """A named rule set: composite + initial relevance (+ transform at the stop nodes). Custom methods are built
-    the same way: ``Method("mine", Composite([(kind("conv"), ZPlus()), …]), seed_logit)``."""
+class StreamSpec:
+    """A further relevance stream of a method, run in the same sweep as its main stream (contrastive duals …)."""
 
     name: str
     composite: Composite
     seed: Seed
     finalize: Callable[[Any, Any], Any] | None = None
 
+
+@dataclass
+class Method:
+    """A named rule set: composite + initial relevance (+ transform at the stop nodes). Custom methods are built
+    the same way: ``Method("mine", Composite([(kind("conv"), ZPlus()), …]), seed_logit)``.
+
+    ``extra`` streams run in the same sweep (one relevance graph, batched); ``combine`` then maps the streams'
+    relevance at each stop node, ``{stream name: R}``, to the method's result (recorded into the graph too)."""
+
+    name: str
+    composite: Composite
+    seed: Seed
+    finalize: Callable[[Any, Any], Any] | None = None
+    extra: tuple[StreamSpec, ...] = ()
+    combine: Callable[[dict[str, Any]], Any] | None = None
+
     def streams(self, graph, overrides: Sequence[tuple[Matcher, Rule]] = ()) -> list[Stream]:
-        composite = self.composite.with_rules(overrides) if overrides else self.composite
-        return [Stream(self.name, composite.plan(graph), self.seed, self.finalize)]
+        specs = [StreamSpec(self.name, self.composite, self.seed, self.finalize), *self.extra]
+        return [Stream(s.name, (s.composite.with_rules(overrides) if overrides else s.composite).plan(graph),
+                       s.seed, s.finalize) for s in specs]
 
 
 @dataclass(frozen=True)
