@@ -30,7 +30,7 @@ scaled per image by ``σ``; the result does not depend on the chunk size.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -127,7 +127,8 @@ def _relevance(explainer: Explainer, batch: torch.Tensor, targets: torch.Tensor)
 
 
 def _weighted_row_sum(explainer: Explainer, x: torch.Tensor, targets: torch.Tensor, copies: int,
-                      make_rows: Callable[[torch.Tensor], torch.Tensor], row_weight: Callable[[torch.Tensor], torch.Tensor],
+                      make_rows: Callable[[torch.Tensor], torch.Tensor],
+                      row_weight: Callable[[torch.Tensor], torch.Tensor],
                       chunk: int, transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """``out[i] = Σ_c weight(row) · transform(g(row))`` over the ``copies`` rows ``row = c·N + i`` of image ``i``,
     evaluated in equally shaped chunks of ``chunk`` rows (the last one padded by repeating its last row)."""

@@ -37,9 +37,9 @@ def images(n: int = 2, seed: int = 3) -> torch.Tensor:
 @pytest.mark.parametrize("baseline", ["zeros", "float", "per_image", "shared"])
 def test_ig_of_gradient_matches_captum(rule: str, baseline: str) -> None:
     model, x = relu_net(), images()
-    base = {"zeros": None, "float": 0.25, "per_image": 0.3 * images(seed=7), "shared": 0.3 * images(1, seed=8)[0]}[baseline]
-    captum_base = {"zeros": None, "float": 0.25, "per_image": base, "shared": base if base is None or
-                   isinstance(base, float) else base.expand_as(x)}[baseline]
+    shared = 0.3 * images(1, seed=8)[0]
+    base = {"zeros": None, "float": 0.25, "per_image": 0.3 * images(seed=7), "shared": shared}[baseline]
+    captum_base = shared.expand_as(x) if baseline == "shared" else base
     ours = integrated_gradients(fxrel.Explainer(model, "gradient"), x, TARGETS, baseline=base, steps=16, rule=rule)
     ref = IntegratedGradients(model).attribute(x, baselines=captum_base, target=TARGETS, n_steps=16, method=rule)
     assert ours.shape == x.shape
@@ -56,9 +56,10 @@ def test_integration_parameters_match_captum() -> None:
             assert torch.allclose(torch.tensor(ours_weights), torch.tensor(step_sizes(steps)), atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("rule", ["gausslegendre", "riemann_middle"])
+@pytest.mark.parametrize("rule", ["gausslegendre", "riemann_middle", "riemann_trapezoid"])
 def test_ig_completeness_improves_with_steps(rule: str) -> None:
-    """Σ IG ≈ f_t(x) − f_t(x₀) (Sundararajan et al. 2017, Prop. 1), better with more steps."""
+    """Σ IG ≈ f_t(x) − f_t(x₀) (Sundararajan et al. 2017, Prop. 1), better with more steps (down to float32
+    round-off, ~1e-6). captum's trapezoid weights sum to 1 − 1/steps, hence its error of ≈ 1/steps."""
     model, x = smooth_net(), images()
     x0 = torch.full_like(x, 0.1)
     with torch.no_grad():
@@ -69,7 +70,7 @@ def test_ig_completeness_improves_with_steps(rule: str) -> None:
         ig = integrated_gradients(explainer, x, TARGETS, baseline=x0, steps=steps, rule=rule)
         errors.append(((ig.flatten(1).sum(1) - gap).abs() / gap.abs()).max().item())
     assert errors[2] < 1e-2
-    assert errors[2] <= errors[1] <= errors[0]
+    assert errors[2] <= max(errors[1], 1e-5) and errors[1] <= max(errors[0], 1e-5)
 
 
 def test_ig_chunking_matches_one_batch_and_reuses_one_program() -> None:

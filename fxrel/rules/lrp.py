@@ -33,9 +33,13 @@ def Norm(stabilizer: float = 1e-6) -> GenericRule:
     return single(Term(), stabilizer, f"Norm(stabilizer={stabilizer:g})")
 
 
-def ZPlus(stabilizer: float = 1e-6) -> GenericRule:
-    """z⁺ / α1β0 (Montavon et al. 2017, DTD): ``R_i = Σ_j (x_i⁺w_ij⁺ + x_i⁻w_ij⁻) / Σ_i' (…) · R_j``."""
-    return GenericRule((Group(split_signs(_pos, _neg, "pos")),), stabilizer, f"ZPlus(stabilizer={stabilizer:g})")
+def ZPlus(stabilizer: float = 1e-6, ignore_bias: bool = False) -> GenericRule:
+    """z⁺ / α1β0 (Montavon et al. 2017, DTD): ``R_i = Σ_j (x_i⁺w_ij⁺ + x_i⁻w_ij⁻) / Σ_i' (…) · R_j``; the positive
+    bias ``b⁺`` joins the denominator unless ``ignore_bias`` (the CLRP/RAP/innvestigate variant)."""
+    pos, neg = split_signs(_pos, _neg, "pos")
+    terms = (Term(pos.input, pos.param, pos.tag, zero_bias=True), neg) if ignore_bias else (pos, neg)
+    name = f"ZPlus(stabilizer={stabilizer:g}{', ignore_bias=True' if ignore_bias else ''})"
+    return GenericRule((Group(terms),), stabilizer, name)
 
 
 def AlphaBeta(alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6) -> GenericRule:
@@ -75,15 +79,22 @@ def Flat(stabilizer: float = 1e-6) -> GenericRule:
     return single(Term(ones, torch.ones_like, "ones", zero_bias=True), stabilizer, "Flat()")
 
 
-def ZBox(low: float | Sequence[float] | torch.Tensor, high: float | Sequence[float] | torch.Tensor,
+def ZBox(low: float | str | Sequence[float] | torch.Tensor, high: float | str | Sequence[float] | torch.Tensor,
          stabilizer: float = 1e-6) -> GenericRule:
     """z^β / box rule (Montavon et al. 2017, Eq. in Sec. 4.3) for inputs bounded by ``l ≤ x ≤ h``:
-    ``R_i = Σ_j (x_i w_ij − l_i w_ij⁺ − h_i w_ij⁻) / Σ_i' (…) · R_j``. ``low``/``high`` are scalars or per-channel."""
+    ``R_i = Σ_j (x_i w_ij − l_i w_ij⁺ − h_i w_ij⁻) / Σ_i' (…) · R_j``. ``low``/``high`` are scalars, per-channel
+    sequences, or both ``"image"`` (each image's own min/max over C, H, W)."""
+    if isinstance(low, str) or isinstance(high, str):
+        if (low, high) != ("image", "image"):
+            raise RuleError(f"ZBox bounds: numbers, per-channel sequences, or both 'image' (got {low!r}, {high!r})")
+        terms = (Term(), Term(_image_bound(torch.amin), _pos, "pos", sign=-1.0),
+                 Term(_image_bound(torch.amax), _neg, "neg", sign=-1.0))
+        return GenericRule((Group(terms),), stabilizer, "ZBox(low=image min, high=image max)")
     lo, hi = _bound(low), _bound(high)
 
     def at(bound: torch.Tensor):
         def modifier(x, ctx):
-            channels = ctx.node.args[0].meta["tensor_meta"].shape[1]
+            channels = _input_shape(ctx)[1]
             if bound.numel() > 1 and bound.shape[1] != channels:
                 raise RuleError(f"ZBox bounds have {bound.shape[1]} channels but the input of node "
                                 f"'{ctx.node.name}' has {channels}; give low/high per channel or as scalars")
@@ -93,6 +104,18 @@ def ZBox(low: float | Sequence[float] | torch.Tensor, high: float | Sequence[flo
     terms = (Term(), Term(at(lo), _pos, "pos", sign=-1.0), Term(at(hi), _neg, "neg", sign=-1.0))
     rule = GenericRule((Group(terms),), stabilizer, f"ZBox(low={_show(lo)}, high={_show(hi)})")
     return rule
+
+
+def _image_bound(reduce):
+    """Input modifier: the per-image minimum or maximum of the input over C, H, W (the RAP/RSP/AGF baselines'
+    bounds, LRP spec §2.1 (c))."""
+    def modifier(x, ctx):
+        return torch.zeros_like(x) + reduce(x.flatten(1), 1).view(-1, *([1] * (len(_input_shape(ctx)) - 1)))
+    return modifier
+
+
+def _input_shape(ctx) -> torch.Size:
+    return ctx.node.args[0].meta["tensor_meta"].shape
 
 
 def _bound(value: float | Sequence[float] | torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,203 @@
+"""Contrastive LRP methods: CLRP1/CLRP2 (Gu et al. 2018) and SGLRP (Iwana et al. 2019), and the LRP presets the
+papers' code ran them with.
+
+Each method is one relevance sweep with two streams — the target and its dual concept — batched in one graph;
+a ``combine`` step recorded into the same graph turns the pair into the result (see ``specs/clrp.md``,
+``specs/sglrp.md``):
+
+* CLRP target seed ``R = y_t e_t``. CLRP1's dual: ``y_t/(C−1)`` on every other class. CLRP2's dual: ``y_t e_t``
+  through a last layer whose weights are negated.
+* SGLRP seeds from the softmax Jacobian row: target ``(p_t(1−p_t) + 10⁻⁸) e_t``, dual ``p_t p_n`` for ``n ≠ t``.
+* combine ``paper``: ``max(0, R − R_dual)``; ``difference``: ``R − R_dual``; ``official``: ``R/ΣR − R_dual/ΣR_dual``;
+  ``agf`` (and SGLRP's scaling): ``R − R_dual · ΣR/ΣR_dual`` (sums over all but the batch axis; a vanishing dual sum
+  returns ``R``).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from fxrel.errors import RuleError
+from fxrel.graphs import ops
+from fxrel.rules.base import Rule, RuleContext
+from fxrel.rules.composite import Composite, first, kind, last, where
+from fxrel.rules.gradient import Gradient, Pass
+from fxrel.rules.lrp import ZBox, ZPlus, Norm, WSquare
+from fxrel.rules.methods import Method, StreamSpec, register, seed_logit
+
+#: The scalar box of CLRP's official code: the extremes of ImageNet-normalised pixels.
+CLRP_LOW, CLRP_HIGH = -2.1179, 2.64
+
+
+# --- LRP presets -------------------------------------------------------------------------------------------------
+def _has_relu_user(node) -> bool:
+    return any(u.meta.get("fxrel_kind") == ops.ACTIVATION for u in node.users)
+
+
+def lrp_preset(preset: str, low: Any = CLRP_LOW, high: Any = CLRP_HIGH) -> Composite:
+    """The LRP composites the contrastive papers ran (LRP spec §4):
+
+    * ``zplus_box`` (CLRP paper/code): z⁺ without bias in every conv and linear layer, z^β with ``low``/``high`` at
+      the first conv, max-pool winner-take-all, average pooling uniform, BatchNorm passed through;
+    * ``rap`` (the RAP repo's ``relprop(alpha=1)``, AGF/UCAG's LRP baseline): α1β0 without bias, z^β with each
+      image's min/max at the first conv, pooling and sums by the z-rule, BatchNorm passed through;
+    * ``deep_taylor`` (innvestigate's BoundedDeepTaylor, official SGLRP): α1β0 without bias for layers followed by
+      an activation, w² for the others (the final classifier), z^β with ``low``/``high`` at the first layer.
+    """
+    stabilizer = 1e-9
+    zplus = ZPlus(stabilizer, ignore_bias=True)
+    common = [(kind(ops.ACTIVATION), Pass()), (kind(ops.AFFINE), Pass()),
+              (kind(ops.MAXPOOL, ops.CAT, ops.SHAPE, ops.PAD), Gradient())]
+    if preset == "zplus_box":
+        pairs = [(first(ops.CONV), ZBox(low, high, stabilizer)), (kind(ops.CONV, ops.LINEAR), zplus),
+                 (kind(ops.ADD), Norm(stabilizer)), (kind(ops.AVGPOOL), Gradient())]
+    elif preset == "rap":
+        pairs = [(first(ops.CONV), ZBox("image", "image", stabilizer)), (kind(ops.CONV, ops.LINEAR), zplus),
+                 (kind(ops.ADD, ops.AVGPOOL), Norm(stabilizer))]
+    elif preset == "deep_taylor":
+        pairs = [(first(), ZBox(low, high, stabilizer)),
+                 (where(lambda n: n.meta.get("fxrel_kind") in (ops.CONV, ops.LINEAR) and _has_relu_user(n)), zplus),
+                 (kind(ops.CONV, ops.LINEAR), WSquare(stabilizer)), (kind(ops.ADD, ops.AVGPOOL), Gradient())]
+    else:
+        raise RuleError(f"unknown LRP preset '{preset}'; use zplus_box, rap or deep_taylor")
+    return Composite(pairs + common, f"lrp[{preset}]")
+
+
+for _preset, _what in (("zplus_box", "CLRP paper's LRP: z⁺ without bias, z^β first conv, WTA max-pool"),
+                       ("rap", "RAP repo relprop(alpha=1): α1β0, z^β with per-image bounds (AGF/UCAG baseline)"),
+                       ("deep_taylor", "innvestigate BoundedDeepTaylor: α1β0, w² classifier, z^β first layer")):
+    register(f"lrp_{_preset}", _what, "LRP spec §4", low=CLRP_LOW, high=CLRP_HIGH)(
+        lambda low, high, _p=_preset: Method(f"lrp_{_p}", lrp_preset(_p, low, high), seed_logit))
+
+
+# --- CLRP2's negated last layer ----------------------------------------------------------------------------------
+class _NegatedLayer:
+    """A rule context whose layer computes ``−z``: weight and bias negated (so the output is ``−ctx.output``)."""
+
+    def __init__(self, ctx: RuleContext) -> None:
+        self._ctx = ctx
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ctx, name)
+
+    @property
+    def weight(self) -> Any:
+        return self._ctx.param("weight", "negated", torch.neg)
+
+    @property
+    def bias(self) -> Any:
+        return None if self._ctx.bias is None else self._ctx.param("bias", "negated", torch.neg)
+
+    @property
+    def output(self) -> Any:
+        return -self._ctx.output
+
+    def param(self, which: str, tag: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+        return self._ctx.param(which, f"negated-{tag}", lambda p: fn(-p))
+
+    def vjp(self, grad: Any, weight: Any = None) -> list[Any]:
+        return self._ctx.vjp(grad, self.weight if weight is None else weight)
+
+
+class Negated(Rule):
+    """``rule`` applied to the layer with its weights negated (CLRP2's dual concept ``W̄ = −W`` in the last layer)."""
+
+    kinds = frozenset({ops.CONV, ops.LINEAR})
+
+    def __init__(self, rule: Rule) -> None:
+        self.rule = rule
+
+    def __call__(self, ctx: RuleContext, relevance: Any) -> list[Any]:
+        return self.rule(_NegatedLayer(ctx), relevance)
+
+    def __repr__(self) -> str:
+        return f"Negated({self.rule!r})"
+
+
+# --- seeds -------------------------------------------------------------------------------------------------------
+def _target_logit(output: Any, mask: Any) -> Any:
+    return (output * mask).sum(-1, keepdim=True)
+
+
+def seed_clrp1_dual(output: Any, mask: Any) -> Any:
+    """CLRP1's dual concept: the target score spread uniformly over the other classes, ``y_t/(C−1)``."""
+    others = 1 - mask
+    return _target_logit(output, mask) / others.sum(-1, keepdim=True) * others
+
+
+def seed_sglrp_target(output: Any, mask: Any) -> Any:
+    """SGLRP's target seed ``(p_t(1 − p_t) + 10⁻⁸) e_t`` (∂p_t/∂y_t, kept away from 0)."""
+    p = torch.softmax(output, -1)
+    return (p * (1 - p) + 1e-8) * mask
+
+
+def seed_sglrp_dual(output: Any, mask: Any) -> Any:
+    """SGLRP's dual seed ``p_t p_n`` for ``n ≠ t`` (the magnitude of ∂p_t/∂y_n)."""
+    p = torch.softmax(output, -1)
+    return p * (p * mask).sum(-1, keepdim=True) * (1 - mask)
+
+
+# --- combining the two streams -----------------------------------------------------------------------------------
+def _sums(r: Any) -> Any:
+    return r.flatten(1).sum(1, keepdim=True)
+
+
+def _scaled_difference(target: Any, dual: Any) -> Any:
+    """``R − R_dual · ΣR/ΣR_dual``; where ``ΣR_dual = 0`` the dual is dropped."""
+    t, d = target.flatten(1), dual.flatten(1)
+    sd = _sums(dual)
+    ratio = torch.where(sd == 0, 0.0, _sums(target) / torch.where(sd == 0, 1.0, sd))
+    return (t - d * ratio).view_as(target)
+
+
+def _normalised_difference(target: Any, dual: Any) -> Any:
+    t, d = target.flatten(1), dual.flatten(1)
+    st, sd = _sums(target), _sums(dual)
+    safe = (lambda s: torch.where(s == 0, 1.0, s))
+    return (t / safe(st) - d / safe(sd)).view_as(target)
+
+
+COMBINE: dict[str, Callable[[Any, Any], Any]] = {
+    "paper": lambda t, d: torch.relu(t - d),
+    "difference": lambda t, d: t - d,
+    "official": _normalised_difference,
+    "agf": _scaled_difference,
+}
+
+
+def _combiner(name: str, target: str, dual: str, relu: bool = False) -> Callable[[dict[str, Any]], Any]:
+    if name not in COMBINE:
+        raise RuleError(f"unknown combine '{name}'; use one of {', '.join(COMBINE)}")
+    fn = COMBINE[name]
+
+    def combine(parts: dict[str, Any]) -> Any:
+        out = fn(parts[target], parts[dual])
+        return torch.relu(out) if relu else out
+    return combine
+
+
+# --- the methods -------------------------------------------------------------------------------------------------
+@register("clrp", "contrastive LRP: target minus dual concept (variant 1: other classes; 2: negated last layer)",
+          "Gu et al. 2018 (CLRP)", variant=1, combine="paper", preset="zplus_box", low=CLRP_LOW, high=CLRP_HIGH)
+def _clrp(variant: int, combine: str, preset: str, low: Any, high: Any) -> Method:
+    composite = lrp_preset(preset, low, high)
+    if variant == 1:
+        dual = StreamSpec("clrp_dual", composite, seed_clrp1_dual)
+    elif variant == 2:
+        negated = Negated(ZPlus(1e-9, ignore_bias=True) if preset != "deep_taylor" else WSquare(1e-9))
+        dual = StreamSpec("clrp_dual", composite.with_rules([(last(ops.LINEAR), negated)]), seed_logit)
+    else:
+        raise RuleError(f"CLRP variant must be 1 or 2, got {variant!r}")
+    merge = None if combine == "none" else _combiner(combine, "clrp", "clrp_dual")
+    return Method("clrp", composite, seed_logit, extra=(dual,), combine=merge)
+
+
+@register("sglrp", "softmax-gradient LRP: target and softmax-weighted rest, scaled and subtracted",
+          "Iwana et al. 2019 (SGLRP)", preset="deep_taylor", scaling=True, relu=False, low=CLRP_LOW,
+          high=CLRP_HIGH)
+def _sglrp(preset: str, scaling: bool, relu: bool, low: Any, high: Any) -> Method:
+    composite = lrp_preset(preset, low, high)
+    dual = StreamSpec("sglrp_dual", composite, seed_sglrp_dual)
+    merge = _combiner("agf" if scaling else "difference", "sglrp", "sglrp_dual", relu)
+    return Method("sglrp", composite, seed_sglrp_target, extra=(dual,), combine=merge)

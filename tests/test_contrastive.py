@@ -1,0 +1,129 @@
+"""CLRP (Gu et al. 2018) and SGLRP (Iwana et al. 2019): the invariants of specs/clrp.md §6 and specs/sglrp.md §5,
+and the discriminativeness CLRP was made for, measured on a constructed two-object case."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fxrel
+from fxrel.rules.contrastive import lrp_preset, seed_sglrp_dual, seed_sglrp_target
+from fxrel.rules.methods import Method, seed_logit
+from tests.helpers import rel_error
+
+
+class SmallVGG(nn.Module):
+    def __init__(self, classes: int = 5) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    return SmallVGG().eval()
+
+
+def _x(n=2):
+    return torch.rand(n, 3, 12, 12, generator=torch.Generator().manual_seed(3)) * 4 - 2
+
+
+def test_agf_and_sglrp_combinations_sum_to_zero(net):
+    x = _x()
+    for method, params in (("clrp", {"combine": "agf"}), ("clrp", {"combine": "official"}), ("sglrp", {})):
+        r = fxrel.Explainer(net, method, **params)(x, [1, 3]).flatten(1)
+        assert (r.sum(1).abs() <= 1e-5 * r.abs().sum(1)).all(), (method, params)
+
+
+def test_paper_combination_is_the_positive_part_of_the_difference(net):
+    x = _x()
+    streams = fxrel.Explainer(net, "clrp", combine="none").attribute(x, [1, 3]).relevance
+    paper = fxrel.Explainer(net, "clrp")(x, [1, 3])
+    assert torch.allclose(paper, torch.relu(streams["clrp:x"] - streams["clrp_dual:x"]), atol=1e-7)
+    assert paper.min() >= 0
+
+
+def test_clrp2_dual_is_lrp_of_the_model_with_its_last_layer_negated(net):
+    x = _x()
+    dual = fxrel.Explainer(net, "clrp", variant=2, combine="none").attribute(x, [1, 3]).relevance["clrp_dual:x"]
+    negated = copy.deepcopy(net)
+    negated.classifier[3].weight.data.neg_()
+    negated.classifier[3].bias.data.neg_()
+    method = Method("preset", lrp_preset("zplus_box"), seed_logit)
+    mask = torch.zeros(2, 5)
+    mask[0, 1] = mask[1, 3] = -1.0  # LRP starts from y'·seed with y' = −y: this seeds the dual with +y_t
+    reference = fxrel.Explainer(negated, method)(x, seed=mask)
+    assert rel_error(dual, reference) < 1e-5
+
+
+def test_clrp1_dual_is_the_uniform_mixture_of_the_other_classes(net):
+    """Linearity (spec §6.4): the dual equals Σ_{k≠t} y_t/(C−1) · LRP(e_k), built class by class."""
+    x = _x(1)
+    dual = fxrel.Explainer(net, "clrp", combine="none").attribute(x, 2).relevance["clrp_dual:x"]
+    y = net(x).detach()
+    lrp = fxrel.Explainer(net, "lrp_zplus_box")
+    reference = torch.zeros_like(x)
+    for k in range(5):
+        if k == 2:
+            continue
+        seed = torch.zeros(1, 5)
+        seed[0, k] = y[0, 2] / 4 / y[0, k]  # seed_logit multiplies by y_k
+        reference += lrp(x, seed=seed)
+    assert rel_error(dual, reference) < 1e-5
+
+
+def test_sglrp_seeds_carry_the_same_mass(net):
+    """Spec §5.2: Σ_{n≠t} p_t p_n = p_t(1 − p_t); on a conserving preset both maps carry that mass."""
+    x = _x()
+    p = torch.softmax(net(x).detach(), 1)
+    t = torch.tensor([1, 3])
+    pt = p[torch.arange(2), t]
+    mask = torch.nn.functional.one_hot(t, 5).float()
+    assert torch.allclose(seed_sglrp_dual(net(x).detach(), mask).sum(1), pt * (1 - pt), atol=1e-7)
+    assert torch.allclose(seed_sglrp_target(net(x).detach(), mask).sum(1), pt * (1 - pt) + 1e-8, atol=1e-7)
+    streams = fxrel.Explainer(net, "sglrp", preset="zplus_box", scaling=False)
+    both = fxrel.Explainer(net, "lrp_zplus_box")
+    target = both(x, seed=mask * (pt * (1 - pt) + 1e-8).unsqueeze(1) / net(x).detach())
+    dual = both(x, seed=seed_sglrp_dual(net(x).detach(), mask) / net(x).detach())
+    assert rel_error(streams(x, t), target - dual) < 1e-5  # scaling=False: A^T − A^D, each its own LRP pass
+
+
+def two_objects_model() -> nn.Module:
+    """Feature a averages the left half of an 8×16 image, feature b the right half; both classes use both features:
+    y_A = 1.0·a + 0.7·b, y_B = 0.7·a + 1.0·b. LRP for A therefore spreads over both objects; CLRP, which subtracts
+    what A shares with B, should not."""
+    features = nn.Linear(128, 2, bias=False)
+    classifier = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        halves = torch.zeros(2, 8, 16)
+        halves[0, :, :8] = 1 / 16
+        halves[1, :, 8:] = 1 / 16
+        features.weight.copy_(halves.flatten(1))
+        classifier.weight.copy_(torch.tensor([[1.0, 0.7], [0.7, 1.0]]))
+    return nn.Sequential(nn.Flatten(), features, nn.ReLU(), classifier).eval()
+
+
+def _mass_on_left(r):
+    positive = r.clamp(min=0).view(-1, 8, 16)
+    return (positive[..., :8].sum() / positive.sum()).item()
+
+
+def test_clrp_concentrates_on_the_target_object_where_lrp_does_not():
+    x = torch.zeros(1, 8, 16)
+    x[:, 2:6, 2:6] = 1.0     # object A (left)
+    x[:, 2:6, 10:14] = 1.0   # object B (right)
+    model = two_objects_model()
+    lrp = fxrel.Explainer(model, "lrp_zplus_box", low=0.0, high=1.0)(x, 0)
+    clrp = fxrel.Explainer(model, "clrp", low=0.0, high=1.0)(x, 0)
+    sglrp = fxrel.Explainer(model, "sglrp", preset="zplus_box", low=0.0, high=1.0)(x, 0)
+    lrp_left, clrp_left, sglrp_left = _mass_on_left(lrp), _mass_on_left(clrp), _mass_on_left(sglrp)
+    print(f"\npositive mass on object A: LRP {lrp_left:.3f}, CLRP {clrp_left:.3f}, SGLRP {sglrp_left:.3f}")
+    assert abs(lrp_left - 1 / 1.7) < 1e-4          # LRP: 1.0 : 0.7 between the objects
+    assert clrp_left > 0.999 and sglrp_left > 0.999  # the contrastive maps: all positive mass on A
