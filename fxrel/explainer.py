@@ -32,6 +32,7 @@ class Explanation:
     relevance: dict[str, torch.Tensor]   #: stop node → relevance (batch first)
     output: torch.Tensor                  #: the start node's output (the logits by default)
     targets: torch.Tensor | None          #: the explained class per row (None when a seed was given)
+    values: dict[str, torch.Tensor]       #: stop node → its forward value (activations for CAM-style methods)
 
 
 def _parse_topk(target: str) -> int:
@@ -163,8 +164,10 @@ class Explainer:
             result = run(x, mask)
         # one stream (or a combined result): keyed by stop; several uncombined streams: "stream:stop"
         single = len(graph.streams) == 1 or self.method.combine is not None
-        relevance = {(k.split(":", 1)[1] if single else k): v for k, v in result.items() if k != "output"}
-        return Explanation(relevance, result["output"], idx)
+        values = {k.split(":", 1)[1]: v for k, v in result.items() if k.startswith("value:")}
+        relevance = {(k.split(":", 1)[1] if single else k): v for k, v in result.items()
+                     if k != "output" and not k.startswith("value:")}
+        return Explanation(relevance, result["output"], idx, values)
 
     @staticmethod
     def _start_output(graph: RelevanceGraph, x: torch.Tensor) -> torch.Tensor:

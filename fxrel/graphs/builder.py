@@ -3,8 +3,8 @@
 The emitted ``GraphModule`` takes the model's inputs and a ``seed_mask`` (shaped like the start node's output),
 recomputes the forward pass, forms each stream's initial relevance from (start output, mask), and then, for every
 canonical node from the start node down to the inputs and for every stream, runs that node's rule template on fx
-proxies. It returns a dict ``{"output": start output, "<stream>:<node>": relevance, …}`` for every requested stop
-node. There are no autograd calls in it; it runs eagerly or under ``torch.compile(fullgraph=True)``.
+proxies. It returns a dict ``{"output": start output, "<stream>:<stop>": relevance, "value:<stop>": the stop
+node's forward value, …}`` for every requested stop. There are no autograd calls in it; it runs eagerly or under ``torch.compile(fullgraph=True)``.
 
 Fan-out is summation: a node used by several others receives the sum of what each sends back.
 Every emitted node records ``fxrel_role`` (``forward``/``seed``/``relevance``), ``fxrel_forward`` (the forward node it
@@ -230,6 +230,7 @@ def build_relevance_graph(canonical: fx.GraphModule, streams: Sequence[Stream], 
                 value = b.proxy(b.env[node])
                 final = relevance if s.finalize is None else s.finalize(relevance, value)
                 outputs.update({f"{s.name}:{label}": final for label in label_of[node]})
+                outputs.update({f"value:{label}": value for label in label_of[node]})
             if node.op == "placeholder":
                 continue
             rule = s.plan[node.name]
