@@ -127,3 +127,30 @@ def test_clrp_concentrates_on_the_target_object_where_lrp_does_not():
     print(f"\npositive mass on object A: LRP {lrp_left:.3f}, CLRP {clrp_left:.3f}, SGLRP {sglrp_left:.3f}")
     assert abs(lrp_left - 1 / 1.7) < 1e-4          # LRP: 1.0 : 0.7 between the objects
     assert clrp_left > 0.999 and sglrp_left > 0.999  # the contrastive maps: all positive mass on A
+
+
+def test_excitation_backprop_is_a_probability_at_every_layer():
+    """MWP (Zhang et al. 2016): from a one-hot seed, the winning probabilities at any layer are ≥ 0 above the input
+    and sum to 1 (each step renormalises over the positive contributions; no bias)."""
+    torch.manual_seed(0)
+    model = SmallVGG().eval()
+    x = _x()
+    stops = ["features.1", "features.4", "classifier.2"]
+    relevance = fxrel.Explainer(model, "excitation_backprop", stops=stops)(x, [0, 4])
+    for stop in stops:
+        p = relevance[stop].flatten(1)
+        assert p.min() >= 0, stop
+        assert torch.allclose(p.sum(1), torch.ones(2), atol=1e-5), stop
+
+
+def test_contrastive_excitation_is_the_difference_with_the_negated_classifier():
+    torch.manual_seed(0)
+    model = SmallVGG().eval()
+    x = _x()
+    c = fxrel.Explainer(model, "contrastive_excitation_backprop", stops=["features.4"])(x, [0, 4])
+    target = fxrel.Explainer(model, "excitation_backprop", stops=["features.4"])(x, [0, 4])
+    negated = copy.deepcopy(model)
+    negated.classifier[3].weight.data.neg_()
+    dual = fxrel.Explainer(negated, "excitation_backprop", stops=["features.4"])(x, [0, 4])
+    assert rel_error(c, target - dual) < 1e-5
+    assert c.flatten(1).sum(1).abs().max() < 1e-5  # both are probability distributions

@@ -56,8 +56,9 @@ def test_capture_canonicalize_and_explain(source, name, size):
     assert rel_error(gradient, reference) < 1e-10
     lrp0 = fxrel.Explainer(model, "lrp_0")(x, targets)
     assert rel_error(lrp0, reference * x) < 1e-8
-    # the contrastive methods run on every family; their scaled target − dual differences sum to zero
-    for method, params in (("clrp", {"combine": "agf"}), ("clrp", {"variant": 2, "combine": "agf"}), ("sglrp", {})):
+    # the contrastive methods run on every family; their (scaled) target − dual differences sum to zero
+    for method, params in (("clrp", {"combine": "agf"}), ("clrp", {"variant": 2, "combine": "agf"}), ("sglrp", {}),
+                           ("contrastive_excitation_backprop", {})):
         r = fxrel.Explainer(model, method, **params)(x, targets).flatten(1)
         scale = model(x).detach().abs().max()  # the maps being subtracted carry about the logits' mass
         assert torch.isfinite(r).all() and (r.sum(1).abs() <= 1e-9 * scale).all(), method

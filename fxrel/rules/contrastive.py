@@ -1,5 +1,5 @@
-"""Contrastive LRP methods: CLRP1/CLRP2 (Gu et al. 2018) and SGLRP (Iwana et al. 2019), and the LRP presets the
-papers' code ran them with.
+"""Contrastive methods: CLRP1/CLRP2 (Gu et al. 2018), SGLRP (Iwana et al. 2019), excitation backprop and its
+contrastive form c-MWP (Zhang et al. 2016), and the LRP presets the papers' code ran them with.
 
 Each method is one relevance sweep with two streams — the target and its dual concept — batched in one graph;
 a ``combine`` step recorded into the same graph turns the pair into the result (see ``specs/clrp.md``,
@@ -24,7 +24,7 @@ from fxrel.rules.base import Rule, RuleContext
 from fxrel.rules.composite import Composite, first, kind, last, where
 from fxrel.rules.gradient import Gradient, Pass
 from fxrel.rules.lrp import ZBox, ZPlus, Norm, WSquare
-from fxrel.rules.methods import Method, StreamSpec, register, seed_logit
+from fxrel.rules.methods import Method, StreamSpec, register, seed_gradient, seed_logit
 
 #: The scalar box of CLRP's official code: the extremes of ImageNet-normalised pixels.
 CLRP_LOW, CLRP_HIGH = -2.1179, 2.64
@@ -201,3 +201,32 @@ def _sglrp(preset: str, scaling: bool, relu: bool, low: Any, high: Any) -> Metho
     dual = StreamSpec("sglrp_dual", composite, seed_sglrp_dual)
     merge = _combiner("agf" if scaling else "difference", "sglrp", "sglrp_dual", relu)
     return Method("sglrp", composite, seed_sglrp_target, extra=(dual,), combine=merge)
+
+
+# --- excitation backprop -----------------------------------------------------------------------------------------
+def excitation_composite() -> Composite:
+    """Excitation backprop's rules (Zhang et al. 2016, Eq. 6; TorchRay's implementation, specs/rsp.md): the marginal
+    winning probability ``p_in = x ⊙ f*(W⁺; p_out / (f(x; W⁺) + 10⁻²⁰))`` in conv/linear layers (bias dropped), the
+    same with positive unit weights in average pooling and sums, the plain gradient through ReLU and max-pooling,
+    BatchNorm as the identity."""
+    eps = 1e-20
+    return Composite([(kind(ops.CONV, ops.LINEAR), ZPlus(eps, ignore_bias=True)),
+                      (kind(ops.AVGPOOL, ops.ADD), Norm(eps)), (kind(ops.AFFINE), Pass()),
+                      (kind(ops.ACTIVATION, ops.MAXPOOL, ops.CAT, ops.SHAPE, ops.PAD), Gradient())],
+                     "excitation_backprop")
+
+
+@register("excitation_backprop", "excitation backprop: marginal winning probabilities (read at any layer via stops)",
+          "Zhang et al. 2016 (EB)")
+def _excitation_backprop() -> Method:
+    return Method("excitation_backprop", excitation_composite(), seed_gradient)
+
+
+@register("contrastive_excitation_backprop", "contrastive MWP: target minus the dual with negated classifier weights",
+          "Zhang et al. 2016 (c-MWP)", combine="difference")
+def _contrastive_excitation_backprop(combine: str) -> Method:
+    composite = excitation_composite()
+    dual = StreamSpec("excitation_dual", composite.with_rules(
+        [(last(ops.LINEAR), Negated(ZPlus(1e-20, ignore_bias=True)))]), seed_gradient)
+    merge = None if combine == "none" else _combiner(combine, "excitation", "excitation_dual")
+    return Method("excitation", composite, seed_gradient, extra=(dual,), combine=merge)
