@@ -13,6 +13,13 @@ __all__ = ["explain", "Explainer", "Explanation", "Method", "make_method", "meth
 __version__ = "0.1.0"
 
 
-def methods() -> dict[str, str]:
-    """Registered method names with a one-line description and reference."""
-    return {name: f"{info.description} [{info.reference}]" for name, info in sorted(REGISTRY.items())}
+def methods(detail: bool = False) -> dict[str, str] | dict[str, dict]:
+    """Every method by name with a one-line description and its paper; ``detail=True`` adds the default
+    parameters and the output convention (signed or not, shape, what the values sum to)."""
+    from fxrel.posthoc import POST_HOC
+
+    entries = {**REGISTRY, **POST_HOC}
+    if detail:
+        return {name: {"description": e.description, "reference": e.reference, "output": e.output,
+                       "defaults": dict(e.defaults)} for name, e in sorted(entries.items())}
+    return {name: f"{e.description} [{e.reference}]" for name, e in sorted(entries.items())}

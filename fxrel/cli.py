@@ -240,10 +240,15 @@ def _target_label(target: int | str) -> str:
 def cmd_methods(args: argparse.Namespace) -> int:
     import fxrel
 
-    table = fxrel.methods()
+    from fxrel.posthoc import POST_HOC
+
+    table = fxrel.methods(detail=True)
     width = max(map(len, table))
-    for name, description in table.items():
-        print(f"{name.ljust(width)}  {description}")
+    for name, info in table.items():
+        print(f"{name.ljust(width)}  {info['description']} [{info['reference']}]")
+        print(f"{''.ljust(width)}  output: {info['output']}")
+        if name in POST_HOC:
+            print(f"{''.ljust(width)}  post-hoc: use fxrel.explain(..., method='{name}') from Python")
     return EXIT_OK
 
 

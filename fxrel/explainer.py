@@ -20,7 +20,7 @@ from fxrel.graphs.canonical import canonicalize
 from fxrel.graphs.capture import capture, check_eval_mode
 from fxrel.rules.base import Rule
 from fxrel.rules.composite import Matcher, RulePlan
-from fxrel.rules.methods import Method, make_method
+from fxrel.rules.methods import REGISTRY, Method, make_method
 
 Target = int | str | Sequence[int] | torch.Tensor | None
 
@@ -209,8 +209,13 @@ class Explainer:
 def explain(model: nn.Module, x: torch.Tensor, target: Target = None, method: str | Method = "epsilon_plus_flat",
             **kwargs: Any) -> torch.Tensor | dict[str, torch.Tensor]:
     """Explain ``model`` on the batch ``x`` for ``target`` with ``method`` (keyword arguments: rule parameters and
-    :class:`Explainer` options). Explainers are cached per (model, method, parameters), relevance programs per
+    :class:`Explainer` options; for the CAMs and wrappers of ``fxrel.posthoc``, their parameters). Explainers are cached per (model, method, parameters), relevance programs per
     input signature, so repeated calls do not rebuild or recompile."""
+    if isinstance(method, str) and method not in REGISTRY:
+        from fxrel.posthoc import POST_HOC  # CAMs and wrappers (imported lazily: they build on this module)
+
+        if method in POST_HOC:
+            return POST_HOC[method].run(model, x, target, **kwargs)
     key = (method if isinstance(method, str) else id(method), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
     per_model = _CACHE.setdefault(model, {})
     if key not in per_model:

@@ -6,12 +6,15 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 import fxrel
 from fxrel.rules.contrastive import lrp_preset, seed_sglrp_dual, seed_sglrp_target
 from fxrel.rules.methods import Method, seed_logit
-from tests.helpers import rel_error
+from tests.helpers import random_targets, rel_error
+from tests.strategies import cnn_architectures
 
 
 class SmallVGG(nn.Module):
@@ -154,3 +157,39 @@ def test_contrastive_excitation_is_the_difference_with_the_negated_classifier():
     dual = fxrel.Explainer(negated, "excitation_backprop", stops=["features.4"])(x, [0, 4])
     assert rel_error(c, target - dual) < 1e-5
     assert c.flatten(1).sum(1).abs().max() < 1e-5  # both are probability distributions
+
+
+@given(spec=cnn_architectures(), method=st.sampled_from(["clrp", "sglrp"]))
+def test_scaled_contrasts_sum_to_zero_on_random_architectures(spec, method):
+    """The scaled difference R − R_dual·ΣR/ΣR_dual sums to zero per image on any architecture (spec §6.1 / §5.1);
+    the paper's max(0, R − R_dual) does not conserve — that is its documented absence."""
+    model, x = spec.build()
+    targets = random_targets(model, x)
+    params = {"combine": "agf"} if method == "clrp" else {}
+    r = fxrel.Explainer(model, method, low=-4.0, high=4.0, **params)(x, targets).flatten(1)
+    assert torch.isfinite(r).all()
+    parts = fxrel.Explainer(model, "lrp_zplus_box", low=-4.0, high=4.0)(x, targets).flatten(1).abs().sum(1)
+    assert (r.sum(1).abs() <= 1e-5 * parts.clamp(min=1e-12) + 1e-12).all()
+
+
+@pytest.mark.parametrize("method,params", [("clrp", {"variant": 2}), ("sglrp", {}),
+                                           ("contrastive_excitation_backprop", {})])
+def test_contrastive_methods_compile_to_one_graph(net, method, params):
+    x = _x()
+    eager = fxrel.Explainer(net, method, **params)(x, [1, 3])
+    compiled = fxrel.Explainer(net, method, compile=True, **params)(x, [1, 3])
+    assert rel_error(compiled, eager) < 1e-5
+
+
+def test_registry_lists_every_method_with_its_output_convention(net):
+    catalogue = fxrel.methods(detail=True)
+    for name in ("clrp", "sglrp", "excitation_backprop", "contrastive_excitation_backprop", "grad_cam",
+                 "grad_cam_pp", "layer_cam", "integrated_gradients", "smoothgrad", "lrp_zplus_box", "lrp_rap"):
+        entry = catalogue[name]
+        assert entry["description"] and entry["reference"] and entry["output"], name
+    x = _x()
+    from fxrel.cam import cam
+    assert torch.equal(fxrel.explain(net, x, [1, 3], method="grad_cam", layer="features.4"),
+                       cam(net, x, [1, 3], layer="features.4"))
+    with pytest.raises(fxrel.RuleError, match="post-hoc method"):
+        fxrel.Explainer(net, "grad_cam")

@@ -24,7 +24,7 @@ from fxrel.rules.base import Rule, RuleContext
 from fxrel.rules.composite import Composite, first, kind, last, where
 from fxrel.rules.gradient import Gradient, Pass
 from fxrel.rules.lrp import ZBox, ZPlus, Norm, WSquare
-from fxrel.rules.methods import Method, StreamSpec, register, seed_gradient, seed_logit
+from fxrel.rules.methods import CONSERVING, Method, StreamSpec, register, seed_gradient, seed_logit
 
 #: The scalar box of CLRP's official code: the extremes of ImageNet-normalised pixels.
 CLRP_LOW, CLRP_HIGH = -2.1179, 2.64
@@ -67,8 +67,9 @@ def lrp_preset(preset: str, low: Any = CLRP_LOW, high: Any = CLRP_HIGH) -> Compo
 for _preset, _what in (("zplus_box", "CLRP paper's LRP: z⁺ without bias, z^β first conv, WTA max-pool"),
                        ("rap", "RAP repo relprop(alpha=1): α1β0, z^β with per-image bounds (AGF/UCAG baseline)"),
                        ("deep_taylor", "innvestigate BoundedDeepTaylor: α1β0, w² classifier, z^β first layer")):
-    register(f"lrp_{_preset}", _what, "LRP spec §4", low=CLRP_LOW, high=CLRP_HIGH)(
-        lambda low, high, _p=_preset: Method(f"lrp_{_p}", lrp_preset(_p, low, high), seed_logit))
+    bounds = {} if _preset == "rap" else {"low": CLRP_LOW, "high": CLRP_HIGH}  # rap takes each image's min/max
+    register(f"lrp_{_preset}", _what, "LRP spec §4", CONSERVING, **bounds)(
+        lambda _p=_preset, **b: Method(f"lrp_{_p}", lrp_preset(_p, **b), seed_logit))
 
 
 # --- CLRP2's negated last layer ----------------------------------------------------------------------------------
@@ -179,7 +180,8 @@ def _combiner(name: str, target: str, dual: str, relu: bool = False) -> Callable
 
 # --- the methods -------------------------------------------------------------------------------------------------
 @register("clrp", "contrastive LRP: target minus dual concept (variant 1: other classes; 2: negated last layer)",
-          "Gu et al. 2018 (CLRP)", variant=1, combine="paper", preset="zplus_box", low=CLRP_LOW, high=CLRP_HIGH)
+          "Gu et al. 2018 (CLRP)", "combine='paper': max(0, R − R_dual) ≥ 0; 'difference' signed; 'official' "
+          "R/ΣR − R_dual/ΣR_dual and 'agf' R − R_dual·ΣR/ΣR_dual sum to 0", variant=1, combine="paper", preset="zplus_box", low=CLRP_LOW, high=CLRP_HIGH)
 def _clrp(variant: int, combine: str, preset: str, low: Any, high: Any) -> Method:
     composite = lrp_preset(preset, low, high)
     if variant == 1:
@@ -194,7 +196,8 @@ def _clrp(variant: int, combine: str, preset: str, low: Any, high: Any) -> Metho
 
 
 @register("sglrp", "softmax-gradient LRP: target and softmax-weighted rest, scaled and subtracted",
-          "Iwana et al. 2019 (SGLRP)", preset="deep_taylor", scaling=True, relu=False, low=CLRP_LOW,
+          "Iwana et al. 2019 (SGLRP)", "signed A^T − A^D·ΣA^T/ΣA^D (Σ = 0; relu=True keeps the positive part)",
+          preset="deep_taylor", scaling=True, relu=False, low=CLRP_LOW,
           high=CLRP_HIGH)
 def _sglrp(preset: str, scaling: bool, relu: bool, low: Any, high: Any) -> Method:
     composite = lrp_preset(preset, low, high)
@@ -217,13 +220,14 @@ def excitation_composite() -> Composite:
 
 
 @register("excitation_backprop", "excitation backprop: marginal winning probabilities (read at any layer via stops)",
-          "Zhang et al. 2016 (EB)")
+          "Zhang et al. 2016 (EB)", "probabilities ≥ 0 summing to 1 at every layer")
 def _excitation_backprop() -> Method:
     return Method("excitation_backprop", excitation_composite(), seed_gradient)
 
 
 @register("contrastive_excitation_backprop", "contrastive MWP: target minus the dual with negated classifier weights",
-          "Zhang et al. 2016 (c-MWP)", combine="difference")
+          "Zhang et al. 2016 (c-MWP)", "signed difference of two probability maps (Σ = 0); combine='paper' clamps",
+          combine="difference")
 def _contrastive_excitation_backprop(combine: str) -> Method:
     composite = excitation_composite()
     dual = StreamSpec("excitation_dual", composite.with_rules(

@@ -62,21 +62,28 @@ class Method:
                        s.seed, s.finalize) for s in specs]
 
 
+#: Output conventions, referenced by the registry entries.
+SIGNED = "signed, shaped like the input (sum over channels for a heatmap)"
+CONSERVING = "signed, shaped like the input; Σ R = target logit where every rule conserves (no biases/leaks)"
+
+
 @dataclass(frozen=True)
 class MethodInfo:
     name: str
     factory: Callable[..., Method]
     description: str
     reference: str
+    output: str
     defaults: dict = field(default_factory=dict)
 
 
 REGISTRY: dict[str, MethodInfo] = {}
 
 
-def register(name: str, description: str, reference: str, **defaults: Any):
+def register(name: str, description: str, reference: str, output: str = SIGNED, **defaults: Any):
+    """Register a method factory under ``name`` with its default parameters and output convention."""
     def deco(factory: Callable[..., Method]) -> Callable[..., Method]:
-        REGISTRY[name] = MethodInfo(name, factory, description, reference, defaults)
+        REGISTRY[name] = MethodInfo(name, factory, description, reference, output, defaults)
         return factory
     return deco
 
@@ -84,7 +91,13 @@ def register(name: str, description: str, reference: str, **defaults: Any):
 def make_method(name: str, **params: Any) -> Method:
     """Instantiate a registered method with parameters (unknown parameters are an error naming them)."""
     if name not in REGISTRY:
-        raise RuleError(f"unknown method '{name}'; available: {', '.join(sorted(REGISTRY))}")
+        from fxrel.posthoc import POST_HOC
+
+        if name in POST_HOC:
+            raise RuleError(f"'{name}' is not a relevance rule set but a post-hoc method (a CAM or a wrapper): call "
+                            f"fxrel.explain(model, x, target, method='{name}') instead of building an Explainer")
+        raise RuleError(f"unknown method '{name}'; rule sets: {', '.join(sorted(REGISTRY))}; post-hoc: "
+                        f"{', '.join(sorted(POST_HOC))}")
     info = REGISTRY[name]
     unknown = set(params) - set(info.defaults)
     if unknown:
@@ -141,47 +154,47 @@ def _deconvnet() -> Method:
 
 
 @register("lrp_0", "LRP-0: z-rule with biases in every linear node (= gradient × input on ReLU nets)",
-          "Bach et al. 2015", stabilizer=0.0)
+          "Bach et al. 2015", output=CONSERVING, stabilizer=0.0)
 def _lrp0(stabilizer: float) -> Method:
     rule = Epsilon(stabilizer)
     return _lrp("lrp_0", rule, affine=rule, stabilizer=stabilizer)
 
 
-@register("lrp_epsilon", "LRP-ε in every conv/linear/affine node (ε also stabilises sums and pooling)", "Bach et al. 2015; Montavon et al. 2019",
+@register("lrp_epsilon", "LRP-ε in every conv/linear/affine node (ε also stabilises sums and pooling)", "Bach et al. 2015; Montavon et al. 2019", output=CONSERVING,
           epsilon=1e-6)
 def _lrp_eps(epsilon: float) -> Method:
     rule = Epsilon(epsilon)
     return _lrp("lrp_epsilon", rule, affine=rule, stabilizer=epsilon)
 
 
-@register("lrp_gamma", "LRP-γ in every conv/linear layer", "Montavon et al. 2019", gamma=0.25, stabilizer=1e-6)
+@register("lrp_gamma", "LRP-γ in every conv/linear layer", "Montavon et al. 2019", output=CONSERVING, gamma=0.25, stabilizer=1e-6)
 def _lrp_gamma(gamma: float, stabilizer: float) -> Method:
     return _lrp("lrp_gamma", Gamma(gamma, stabilizer), stabilizer=stabilizer)
 
 
-@register("lrp_zplus", "LRP-z⁺ (α1β0) in every conv/linear layer", "Montavon et al. 2017", stabilizer=1e-6)
+@register("lrp_zplus", "LRP-z⁺ (α1β0) in every conv/linear layer", "Montavon et al. 2017", output=CONSERVING, stabilizer=1e-6)
 def _lrp_zplus(stabilizer: float) -> Method:
     return _lrp("lrp_zplus", ZPlus(stabilizer), stabilizer=stabilizer)
 
 
-@register("lrp_alpha_beta", "LRP-αβ in every conv/linear layer", "Bach et al. 2015", alpha=2.0, beta=1.0,
+@register("lrp_alpha_beta", "LRP-αβ in every conv/linear layer", "Bach et al. 2015", output=CONSERVING, alpha=2.0, beta=1.0,
           stabilizer=1e-6)
 def _lrp_ab(alpha: float, beta: float, stabilizer: float) -> Method:
     return _lrp("lrp_alpha_beta", AlphaBeta(alpha, beta, stabilizer), stabilizer=stabilizer)
 
 
 @register("lrp_flat", "flat rule in every conv/linear layer (uniform over receptive fields)",
-          "Lapuschkin et al. 2019", stabilizer=1e-6)
+          "Lapuschkin et al. 2019", output=CONSERVING, stabilizer=1e-6)
 def _lrp_flat(stabilizer: float) -> Method:
     return _lrp("lrp_flat", Flat(stabilizer), stabilizer=stabilizer)
 
 
-@register("lrp_wsquare", "w² rule in every conv/linear layer", "Montavon et al. 2017", stabilizer=1e-6)
+@register("lrp_wsquare", "w² rule in every conv/linear layer", "Montavon et al. 2017", output=CONSERVING, stabilizer=1e-6)
 def _lrp_w2(stabilizer: float) -> Method:
     return _lrp("lrp_wsquare", WSquare(stabilizer), stabilizer=stabilizer)
 
 
-@register("lrp_zbox", "z^β (box) at the first layer, z⁺ elsewhere", "Montavon et al. 2017",
+@register("lrp_zbox", "z^β (box) at the first layer, z⁺ elsewhere", "Montavon et al. 2017", output=CONSERVING,
           low=IMAGENET_LOW, high=IMAGENET_HIGH, stabilizer=1e-6)
 def _lrp_zbox(low, high, stabilizer: float) -> Method:
     return _lrp("lrp_zbox", ZPlus(stabilizer), first_rule=ZBox(low, high, stabilizer), first_kinds=(ops.CONV,),
@@ -189,14 +202,14 @@ def _lrp_zbox(low, high, stabilizer: float) -> Method:
 
 
 @register("epsilon_plus_flat", "zennit EpsilonPlusFlat: flat first layer, z⁺ convs, ε linear layers",
-          "zennit; Kohlbrenner et al. 2020", epsilon=1e-6, stabilizer=1e-6)
+          "zennit; Kohlbrenner et al. 2020", output=CONSERVING, epsilon=1e-6, stabilizer=1e-6)
 def _epf(epsilon: float, stabilizer: float) -> Method:
     return _lrp("epsilon_plus_flat", ZPlus(stabilizer), linear=Epsilon(epsilon), first_rule=Flat(stabilizer),
                 stabilizer=stabilizer)
 
 
 @register("epsilon_gamma_box", "zennit EpsilonGammaBox: z^β first conv, γ convs, ε linear layers",
-          "zennit; Montavon et al. 2019", low=IMAGENET_LOW, high=IMAGENET_HIGH, epsilon=1e-6, gamma=0.25,
+          "zennit; Montavon et al. 2019", output=CONSERVING, low=IMAGENET_LOW, high=IMAGENET_HIGH, epsilon=1e-6, gamma=0.25,
           stabilizer=1e-6)
 def _egb(low, high, epsilon: float, gamma: float, stabilizer: float) -> Method:
     return _lrp("epsilon_gamma_box", Gamma(gamma, stabilizer), linear=Epsilon(epsilon),
@@ -204,7 +217,7 @@ def _egb(low, high, epsilon: float, gamma: float, stabilizer: float) -> Method:
 
 
 @register("epsilon_alpha2_beta1_flat", "zennit EpsilonAlpha2Beta1Flat: flat first layer, α2β1 convs, ε linear",
-          "zennit; Bach et al. 2015", epsilon=1e-6, stabilizer=1e-6)
+          "zennit; Bach et al. 2015", output=CONSERVING, epsilon=1e-6, stabilizer=1e-6)
 def _eabf(epsilon: float, stabilizer: float) -> Method:
     return _lrp("epsilon_alpha2_beta1_flat", AlphaBeta(2.0, 1.0, stabilizer), linear=Epsilon(epsilon),
                 first_rule=Flat(stabilizer), stabilizer=stabilizer)

@@ -1,0 +1,58 @@
+"""Methods that are not a single relevance sweep to the input: class activation maps at a layer and the
+path/noise wrappers (Integrated Gradients, SmoothGrad) over any rule-set method. They are listed by
+``fxrel.methods()`` next to the rule sets and reachable through ``fxrel.explain(..., method=NAME)``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from fxrel import cam, wrappers
+from fxrel.explainer import Explainer, Target
+
+CAM_OUTPUT = "non-negative [N, H, W] map at the layer (upsample='input' for the input's size)"
+
+
+@dataclass(frozen=True)
+class PostHocInfo:
+    name: str
+    run: Callable[..., torch.Tensor]
+    description: str
+    reference: str
+    output: str
+    defaults: dict = field(default_factory=dict)
+
+
+def _cam(kind: str) -> Callable[..., torch.Tensor]:
+    def run(model: nn.Module, x: torch.Tensor, target: Target, **params: Any) -> torch.Tensor:
+        return cam.cam(model, x, target, kind=kind, **params)
+    return run
+
+
+def _wrapped(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def run(model: nn.Module, x: torch.Tensor, target: Target, base: str = "gradient", **params: Any
+            ) -> torch.Tensor:
+        base_params = params.pop("base_params", {})
+        return fn(Explainer(model, base, **base_params), x, target, **params)
+    return run
+
+
+POST_HOC: dict[str, PostHocInfo] = {
+    "grad_cam": PostHocInfo("grad_cam", _cam("gradcam"), "Grad-CAM at any layer from the gradient stream",
+                            "Selvaraju et al. 2017", CAM_OUTPUT, {"layer": None, "upsample": None}),
+    "grad_cam_pp": PostHocInfo("grad_cam_pp", _cam("gradcam++"), "Grad-CAM++ at any layer",
+                               "Chattopadhay et al. 2018", CAM_OUTPUT, {"layer": None, "upsample": None}),
+    "layer_cam": PostHocInfo("layer_cam", _cam("layercam"), "LayerCAM at any layer", "Jiang et al. 2021",
+                             CAM_OUTPUT, {"layer": None, "upsample": None}),
+    "integrated_gradients": PostHocInfo(
+        "integrated_gradients", _wrapped(wrappers.integrated_gradients),
+        "Integrated Gradients of any method (base=NAME): path points batched and chunked", "Sundararajan et al. 2017",
+        "signed, shaped like the input; Σ ≈ f(x) − f(x₀) for base='gradient'",
+        {"base": "gradient", "steps": 32, "baseline": None}),
+    "smoothgrad": PostHocInfo(
+        "smoothgrad", _wrapped(wrappers.smoothgrad), "SmoothGrad of any method (base=NAME): noisy copies batched",
+        "Smilkov et al. 2017", "as the base method (squared=True: non-negative)",
+        {"base": "gradient", "samples": 16, "noise": 0.15}),
+}
