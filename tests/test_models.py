@@ -62,6 +62,12 @@ def test_capture_canonicalize_and_explain(source, name, size):
         r = fxrel.Explainer(model, method, **params)(x, targets).flatten(1)
         scale = model(x).detach().abs().max()  # the maps being subtracted carry about the logits' mass
         assert torch.isfinite(r).all() and (r.sum(1).abs() <= 1e-9 * scale).all(), method
+    # the CAM family finds the last feature map by itself; the wrappers run over a rule set
+    cam = fxrel.explain(model, x, targets, method="grad_cam", upsample="input")
+    assert cam.shape == (2, size, size) and torch.isfinite(cam).all() and cam.min() >= 0
+    for wrapper, params in (("integrated_gradients", {"steps": 2}), ("smoothgrad", {"samples": 2})):
+        r = fxrel.explain(model, x, targets, method=wrapper, base="epsilon_plus_flat", **params)
+        assert r.shape == x.shape and torch.isfinite(r).all(), wrapper
 
 
 def test_densenet_keeps_preactivation_batchnorm_as_affine():
