@@ -122,30 +122,46 @@ class Explainer:
         if param is not None and param.device != x.device:
             raise InputError(f"x is on {x.device} but the model is on {param.device}; move one of them")
 
-    def _seed_mask(self, graph: RelevanceGraph, x: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
-        """The one-hot mask on the start node's output for ``target`` (runs the forward pass only for top-k)."""
-        start = next(n for n in graph.canonical.graph.nodes if n.name == graph.start)
-        shape = start.meta["tensor_meta"].shape
-        n, classes = shape[0], shape[-1]
+    def resolve_targets(self, x: torch.Tensor, target: Target, graph: RelevanceGraph | None = None
+                        ) -> torch.Tensor:
+        """One class index per row of ``x``: ``target`` as an int, a list/tensor per row, ``None``/``"top1"`` or
+        ``"top-k"`` (the forward pass runs only for the top-k forms). Without ``graph`` nothing is built when the
+        start node is the model output (wrappers resolve targets once for many batch shapes); indices are then
+        range-checked when the explainer runs."""
+        if graph is None and self.start is not None:
+            graph = self.relevance_graph(x)
         if target is None or isinstance(target, str):
-            if len(shape) != 2:
+            with torch.no_grad():
+                scores = self.model(x) if graph is None else self._start_output(graph, x)
+            if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
                 raise InputError("'top-k' targets need a start node with output [batch, classes]; give a seed")
             k = 1 if target is None else _parse_topk(target)
-            if k > classes:
-                raise InputError(f"top-{k} requested but the model has only {classes} classes")
-            idx = self._start_output(graph, x).topk(k, dim=1).indices[:, k - 1]
-        else:
-            idx = torch.as_tensor(target, device=x.device).long().flatten()
-            if idx.numel() == 1:
-                idx = idx.expand(n)
-            if idx.numel() != n:
-                raise InputError(f"got {idx.numel()} targets for a batch of {n}")
+            if k > scores.shape[1]:
+                raise InputError(f"top-{k} requested but the model has only {scores.shape[1]} classes")
+            return scores.topk(k, dim=1).indices[:, k - 1]
+        idx = torch.as_tensor(target, device=x.device).long().flatten()
+        if idx.numel() == 1:
+            idx = idx.expand(len(x))
+        if idx.numel() != len(x):
+            raise InputError(f"got {idx.numel()} targets for a batch of {len(x)}")
+        if graph is not None:
+            classes = self._start_shape(graph)[-1]
             bad = idx[(idx < 0) | (idx >= classes)]
             if bad.numel():
                 raise InputError(f"class index {bad[0].item()} out of range: the model has {classes} classes "
                                  f"(valid 0…{classes - 1})")
+        return idx
+
+    @staticmethod
+    def _start_shape(graph: RelevanceGraph) -> torch.Size:
+        return next(n for n in graph.canonical.graph.nodes if n.name == graph.start).meta["tensor_meta"].shape
+
+    def _seed_mask(self, graph: RelevanceGraph, x: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one-hot mask on the start node's output for ``target``."""
+        idx = self.resolve_targets(x, target, graph)
+        shape = self._start_shape(graph)
         mask = torch.zeros(shape, dtype=x.dtype, device=x.device)
-        mask[torch.arange(n, device=x.device), ..., idx] = 1
+        mask[torch.arange(shape[0], device=x.device), ..., idx] = 1
         return mask, idx
 
     def attribute(self, x: torch.Tensor, target: Target = None, *, seed: torch.Tensor | None = None,

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from fxrel.errors import InputError
-from fxrel.explainer import Explainer, Target, _parse_topk
+from fxrel.explainer import Explainer, Target
 
 INTEGRATION_RULES = ("riemann_trapezoid", "riemann_right", "riemann_left", "riemann_middle", "gausslegendre")
 DEFAULT_MAX_BATCH = 64
@@ -78,30 +78,6 @@ def integration_parameters(rule: str, steps: int) -> tuple[list[float], list[flo
 def _check_count(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise InputError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _resolve_targets(explainer: Explainer, x: torch.Tensor, target: Target) -> torch.Tensor:
-    """One class index per image, resolved once on the unmodified input (``None``/``"top-k"`` included)."""
-    n = len(x)
-    if target is None or isinstance(target, str):
-        k = 1 if target is None else _parse_topk(target)
-        if explainer.start is not None:  # the start node is not the model output: let the explainer resolve it
-            targets = explainer.attribute(x, target).targets
-            assert targets is not None
-            return targets
-        with torch.no_grad():
-            logits = explainer.model(x)
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            raise InputError("'top-k' targets need a model output shaped [batch, classes]; give class indices")
-        if k > logits.shape[1]:
-            raise InputError(f"top-{k} requested but the model has only {logits.shape[1]} classes")
-        return logits.topk(k, dim=1).indices[:, k - 1]
-    idx = torch.as_tensor(target, device=x.device).long().flatten()
-    if idx.numel() == 1:
-        idx = idx.expand(n)
-    if idx.numel() != n:
-        raise InputError(f"got {idx.numel()} targets for a batch of {n}")
-    return idx  # range checks happen in the explainer
 
 
 def _chunk_rows(total: int, chunk_size: int | None, max_batch: int) -> int:
@@ -193,7 +169,7 @@ def integrated_gradients(explainer: Explainer, x: torch.Tensor, target: Target =
     explainer._check_input(x)
     alphas, weights = integration_parameters(rule, steps)
     x0 = _baseline(x, baseline)
-    targets = _resolve_targets(explainer, x, target)
+    targets = explainer.resolve_targets(x, target)
     n = len(x)
     alpha_t = torch.tensor(alphas, dtype=x.dtype, device=x.device)
     weight_t = torch.tensor(weights, dtype=x.dtype, device=x.device)
@@ -250,7 +226,7 @@ def smoothgrad(explainer: Explainer, x: torch.Tensor, target: Target = None, *, 
     _check_count("samples", samples)
     if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise < 0:
         raise InputError(f"noise must be a finite number ≥ 0 (std as a fraction of the image's range), got {noise!r}")
-    targets = _resolve_targets(explainer, x, target)
+    targets = explainer.resolve_targets(x, target)
     n = len(x)
     flat = x.flatten(1)
     sigma = (noise * (flat.max(1).values - flat.min(1).values)).view((-1,) + (1,) * (x.dim() - 1))
