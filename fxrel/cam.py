@@ -42,6 +42,7 @@ from torch import fx, nn
 from fxrel.errors import InputError, RuleError
 from fxrel.explainer import Explainer, Target
 from fxrel.graphs import ops
+from fxrel.graphs.builder import find_node
 
 __all__ = [
     "CAM_KINDS",
@@ -220,12 +221,6 @@ def _candidates(names: list[str], limit: int = 12) -> str:
     return ", ".join(names) if names else "none"
 
 
-def _layer_exists(graph: fx.GraphModule, layer: str) -> bool:
-    return any(n.name == layer or (n.op == "call_function"
-                                   and (n.meta.get("fxrel_module", "") + ".").startswith(layer + "."))
-               for n in graph.graph.nodes)
-
-
 # -- the driver -------------------------------------------------------------------------------------------------------
 def _upsample(maps: torch.Tensor, x: torch.Tensor, upsample: Upsample, mode: str) -> torch.Tensor:
     if upsample is None:
@@ -264,13 +259,11 @@ def cam(model: nn.Module | Explainer, x: torch.Tensor, target: Target = None, la
     elif not isinstance(layer, str):
         raise InputError(f"layer must be a node or module name (str), got {type(layer).__name__}")
     try:
-        explanation = explainer.attribute(x, target, stops=[layer])
+        find_node(explainer.canonical_graph(x), layer)
     except RuleError as err:
-        graph = explainer.canonical_graph(x)
-        if _layer_exists(graph, layer):
-            raise
         raise RuleError(f"no node or module named '{layer}' in {type(explainer.model).__name__}; layers with "
                         f"4-D outputs: {_candidates(cam_layers(explainer, x))}") from err
+    explanation = explainer.attribute(x, target, stops=[layer])
     activation, gradient = explanation.values[layer], explanation.relevance[layer]
     if activation.dim() != 4:
         raise InputError(f"layer '{layer}' outputs shape {tuple(activation.shape)}; CAMs need a 4-D feature map "

@@ -148,13 +148,12 @@ class _Builder:
         return self.graph._root.prev
 
 
-def _resolve(canonical: fx.GraphModule, name: str | None, default: fx.Node) -> fx.Node:
-    if name is None:
-        return default
+def find_node(canonical: fx.GraphModule, name: str) -> fx.Node:
+    """The canonical node called ``name``, or, for a module name, the module's output (the last node produced
+    inside it); ``RuleError`` when there is neither."""
     nodes = {n.name: n for n in canonical.graph.nodes}
     if name in nodes:
         return nodes[name]
-    # a module name stands for the module's output: the last node produced inside it
     inside = [n for n in canonical.graph.nodes if n.op == "call_function"
               and (n.meta.get("fxrel_module", "") + ".").startswith(name + ".")]
     if inside:
@@ -177,7 +176,7 @@ def build_relevance_graph(canonical: fx.GraphModule, streams: Sequence[Stream], 
     b = _Builder(canonical)
     order = [n for n in canonical.graph.nodes if n.op != "output"]
     output_node = next(n for n in canonical.graph.nodes if n.op == "output")
-    start_node = _resolve(canonical, start, output_node.args[0])
+    start_node = output_node.args[0] if start is None else find_node(canonical, start)
     inputs = [n for n in order if n.op == "placeholder"]
     stops = None if stops is None else list(stops)
     if stops is None:
@@ -187,7 +186,7 @@ def build_relevance_graph(canonical: fx.GraphModule, streams: Sequence[Stream], 
         stop_nodes = [n for n in order if n.op != "get_attr"]
         labels = [n.name for n in stop_nodes]
     else:
-        stop_nodes = [_resolve(canonical, s, None) for s in stops]
+        stop_nodes = [find_node(canonical, s) for s in stops]
         labels = list(stops)
     label_of: dict[fx.Node, list[str]] = {}
     for node, label in zip(stop_nodes, labels):
