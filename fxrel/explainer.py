@@ -21,6 +21,7 @@ from fxrel.graphs.capture import capture, check_eval_mode
 from fxrel.rules.base import Rule
 from fxrel.rules.composite import Matcher, RulePlan
 from fxrel.rules.methods import REGISTRY, Method, make_method
+from fxrel.text import format_table
 
 Target = int | str | Sequence[int] | torch.Tensor | None
 
@@ -216,10 +217,7 @@ class Explainer:
             sums = r.flatten(1).sum(1).tolist()
             rows.append((node.name, node.meta.get("fxrel_kind", ""), node.meta.get("fxrel_module", ""),
                          "  ".join(f"{v:+.6g}" for v in sums)))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        return format_table(rows[0], rows[1:])
 
 
 def explain(model: nn.Module, x: torch.Tensor, target: Target = None, method: str | Method = "epsilon_plus_flat",

@@ -20,6 +20,7 @@ from torch import fx
 from fxrel.errors import RuleError
 from fxrel.graphs import ops
 from fxrel.rules.base import Rule
+from fxrel.text import format_table
 
 Matcher = Callable[[fx.Node, "MatchInfo"], bool]
 
@@ -88,11 +89,7 @@ class RulePlan(dict):
                 for n in self.graph.graph.nodes if n.name in self]
 
     def __str__(self) -> str:
-        rows = [("node", "kind", "module", "rule")] + self.rows()
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        return format_table(("node", "kind", "module", "rule"), self.rows())
 
 
 class Composite:
