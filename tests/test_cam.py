@@ -191,3 +191,11 @@ def test_bad_kind_and_bad_arguments(vgg):
         fcam.cam(model, x, targets, "features.6", upsample="output")
     with pytest.raises(fxrel.InputError, match="method .lrp_epsilon."):
         fcam.cam(fxrel.Explainer(model, "lrp_epsilon"), x, targets, "features.6")
+
+
+def test_cam_with_a_compiled_gradient_explainer(vgg):
+    """A compiled gradient explainer serves the CAMs too (one graph, no hooks) and agrees with the eager one."""
+    model, x, targets = vgg
+    compiled = fxrel.Explainer(model, "gradient", compile=True)
+    for kind in fcam.CAM_KINDS:
+        assert_rel(fcam.cam(compiled, x, targets, kind=kind), fcam.cam(model, x, targets, kind=kind))
