@@ -223,8 +223,9 @@ class Explainer:
 def explain(model: nn.Module, x: torch.Tensor, target: Target = None, method: str | Method = "epsilon_plus_flat",
             **kwargs: Any) -> torch.Tensor | dict[str, torch.Tensor]:
     """Explain ``model`` on the batch ``x`` for ``target`` with ``method`` (keyword arguments: rule parameters and
-    :class:`Explainer` options; for the CAMs and wrappers of ``fxrel.posthoc``, their parameters). Explainers are cached per (model, method, parameters), relevance programs per
-    input signature, so repeated calls do not rebuild or recompile."""
+    :class:`Explainer` options; for the CAMs and wrappers of ``fxrel.posthoc``, their parameters). Explainers are
+    cached per (model, method, parameters), relevance programs per input signature, so repeated calls do not
+    rebuild or recompile."""
     if isinstance(method, str) and method not in REGISTRY:
         from fxrel.posthoc import POST_HOC  # CAMs and wrappers (imported lazily: they build on this module)
 

@@ -163,8 +163,8 @@ def test_contrastive_excitation_is_the_difference_with_the_negated_classifier():
 def test_scaled_contrasts_sum_to_zero_on_random_architectures(spec, variant, combine):
     """The scaled differences R − R_dual·ΣR/ΣR_dual and R/ΣR − R_dual/ΣR_dual sum to zero per image on any
     architecture (spec §6.1) — except where one map's relevance vanishes entirely (every output's positive
-    contributions zero: z⁺ drops it), where the zero-sum guard leaves the other map's term alone. The paper's max(0, R − R_dual)
-    does not conserve: that is its documented absence."""
+    contributions zero: z⁺ drops it), where the zero-sum guard leaves the other map's term alone. The paper's
+    max(0, R − R_dual) does not conserve: that is its documented absence."""
     model, x = spec.build()
     targets = random_targets(model, x)
     params = dict(variant=variant, low=-4.0, high=4.0)

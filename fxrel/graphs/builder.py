@@ -4,7 +4,8 @@ The emitted ``GraphModule`` takes the model's inputs and a ``seed_mask`` (shaped
 recomputes the forward pass, forms each stream's initial relevance from (start output, mask), and then, for every
 canonical node from the start node down to the inputs and for every stream, runs that node's rule template on fx
 proxies. It returns a dict ``{"output": start output, "<stream>:<stop>": relevance, "value:<stop>": the stop
-node's forward value, …}`` for every requested stop. There are no autograd calls in it; it runs eagerly or under ``torch.compile(fullgraph=True)``.
+node's forward value, …}`` for every requested stop. There are no autograd calls in it; it runs eagerly or under
+``torch.compile(fullgraph=True)``.
 
 Fan-out is summation: a node used by several others receives the sum of what each sends back.
 Every emitted node records ``fxrel_role`` (``forward``/``seed``/``relevance``), ``fxrel_forward`` (the forward node it

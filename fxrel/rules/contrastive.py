@@ -22,6 +22,7 @@ from fxrel.errors import RuleError
 from fxrel.graphs import ops
 from fxrel.rules.base import Rule, RuleContext
 from fxrel.rules.composite import Composite, first, kind, last, where
+from fxrel.rules.generic import divide
 from fxrel.rules.gradient import Gradient, Pass
 from fxrel.rules.lrp import ZBox, ZPlus, Norm, WSquare
 from fxrel.rules.methods import CONSERVING, Method, StreamSpec, register, seed_gradient, seed_logit
@@ -146,10 +147,8 @@ def _sums(r: Any) -> Any:
 
 def _scaled_difference(target: Any, dual: Any) -> Any:
     """``R − R_dual · ΣR/ΣR_dual``; where ``ΣR_dual = 0`` the dual is dropped."""
-    t, d = target.flatten(1), dual.flatten(1)
-    sd = _sums(dual)
-    ratio = torch.where(sd == 0, 0.0, _sums(target) / torch.where(sd == 0, 1.0, sd))
-    return (t - d * ratio).view_as(target)
+    ratio = divide(_sums(target), _sums(dual), 0.0)  # the generic rule's zero-safe division
+    return (target.flatten(1) - dual.flatten(1) * ratio).view_as(target)
 
 
 def _normalised_difference(target: Any, dual: Any) -> Any:
@@ -181,7 +180,8 @@ def _combiner(name: str, target: str, dual: str, relu: bool = False) -> Callable
 # --- the methods -------------------------------------------------------------------------------------------------
 @register("clrp", "contrastive LRP: target minus dual concept (variant 1: other classes; 2: negated last layer)",
           "Gu et al. 2018 (CLRP)", "combine='paper': max(0, R − R_dual) ≥ 0; 'difference' signed; 'official' "
-          "R/ΣR − R_dual/ΣR_dual and 'agf' R − R_dual·ΣR/ΣR_dual sum to 0", variant=1, combine="paper", preset="zplus_box", low=CLRP_LOW, high=CLRP_HIGH)
+          "R/ΣR − R_dual/ΣR_dual and 'agf' R − R_dual·ΣR/ΣR_dual sum to 0",
+          variant=1, combine="paper", preset="zplus_box", low=CLRP_LOW, high=CLRP_HIGH)
 def _clrp(variant: int, combine: str, preset: str, low: Any, high: Any) -> Method:
     composite = lrp_preset(preset, low, high)
     if variant == 1:

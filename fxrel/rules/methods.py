@@ -160,24 +160,27 @@ def _lrp0(stabilizer: float) -> Method:
     return _lrp("lrp_0", rule, affine=rule, stabilizer=stabilizer)
 
 
-@register("lrp_epsilon", "LRP-ε in every conv/linear/affine node (ε also stabilises sums and pooling)", "Bach et al. 2015; Montavon et al. 2019", output=CONSERVING,
-          epsilon=1e-6)
+@register("lrp_epsilon", "LRP-ε in every conv/linear/affine node (ε also stabilises sums and pooling)",
+          "Bach et al. 2015; Montavon et al. 2019", output=CONSERVING, epsilon=1e-6)
 def _lrp_eps(epsilon: float) -> Method:
     rule = Epsilon(epsilon)
     return _lrp("lrp_epsilon", rule, affine=rule, stabilizer=epsilon)
 
 
-@register("lrp_gamma", "LRP-γ in every conv/linear layer", "Montavon et al. 2019", output=CONSERVING, gamma=0.25, stabilizer=1e-6)
+@register("lrp_gamma", "LRP-γ in every conv/linear layer", "Montavon et al. 2019", output=CONSERVING, gamma=0.25,
+          stabilizer=1e-6)
 def _lrp_gamma(gamma: float, stabilizer: float) -> Method:
     return _lrp("lrp_gamma", Gamma(gamma, stabilizer), stabilizer=stabilizer)
 
 
-@register("lrp_zplus", "LRP-z⁺ (α1β0) in every conv/linear layer", "Montavon et al. 2017", output=CONSERVING, stabilizer=1e-6)
+@register("lrp_zplus", "LRP-z⁺ (α1β0) in every conv/linear layer", "Montavon et al. 2017", output=CONSERVING,
+          stabilizer=1e-6)
 def _lrp_zplus(stabilizer: float) -> Method:
     return _lrp("lrp_zplus", ZPlus(stabilizer), stabilizer=stabilizer)
 
 
-@register("lrp_alpha_beta", "LRP-αβ in every conv/linear layer", "Bach et al. 2015", output=CONSERVING, alpha=2.0, beta=1.0,
+@register("lrp_alpha_beta", "LRP-αβ in every conv/linear layer", "Bach et al. 2015", output=CONSERVING,
+          alpha=2.0, beta=1.0,
           stabilizer=1e-6)
 def _lrp_ab(alpha: float, beta: float, stabilizer: float) -> Method:
     return _lrp("lrp_alpha_beta", AlphaBeta(alpha, beta, stabilizer), stabilizer=stabilizer)
@@ -189,7 +192,8 @@ def _lrp_flat(stabilizer: float) -> Method:
     return _lrp("lrp_flat", Flat(stabilizer), stabilizer=stabilizer)
 
 
-@register("lrp_wsquare", "w² rule in every conv/linear layer", "Montavon et al. 2017", output=CONSERVING, stabilizer=1e-6)
+@register("lrp_wsquare", "w² rule in every conv/linear layer", "Montavon et al. 2017", output=CONSERVING,
+          stabilizer=1e-6)
 def _lrp_w2(stabilizer: float) -> Method:
     return _lrp("lrp_wsquare", WSquare(stabilizer), stabilizer=stabilizer)
 
@@ -209,7 +213,8 @@ def _epf(epsilon: float, stabilizer: float) -> Method:
 
 
 @register("epsilon_gamma_box", "zennit EpsilonGammaBox: z^β first conv, γ convs, ε linear layers",
-          "zennit; Montavon et al. 2019", output=CONSERVING, low=IMAGENET_LOW, high=IMAGENET_HIGH, epsilon=1e-6, gamma=0.25,
+          "zennit; Montavon et al. 2019", output=CONSERVING,
+          low=IMAGENET_LOW, high=IMAGENET_HIGH, epsilon=1e-6, gamma=0.25,
           stabilizer=1e-6)
 def _egb(low, high, epsilon: float, gamma: float, stabilizer: float) -> Method:
     return _lrp("epsilon_gamma_box", Gamma(gamma, stabilizer), linear=Epsilon(epsilon),
