@@ -26,6 +26,39 @@ from fxrel.text import format_table
 Target = int | str | Sequence[int] | torch.Tensor | None
 
 
+def _explicit_targets(target: Target, rows: int, device: torch.device, classes: int | None) -> torch.Tensor:
+    idx = torch.as_tensor(target, device=device).long().flatten()
+    if idx.numel() == 1:
+        idx = idx.expand(rows)
+    if idx.numel() != rows:
+        raise InputError(f"got {idx.numel()} targets for a batch of {rows}")
+    if classes is not None:
+        bad = idx[(idx < 0) | (idx >= classes)]
+        if bad.numel():
+            raise InputError(f"class index {bad[0].item()} out of range: the model has {classes} classes "
+                             f"(valid 0…{classes - 1})")
+    return idx
+
+
+def targets_from_scores(scores: torch.Tensor, target: Target) -> torch.Tensor:
+    """One class index per row of the scores ``[N, K]``: ``target`` as an int, a list/tensor per row (range-checked),
+    ``None``/``"top1"`` (the arg-max) or ``"top-k"`` (the k-th highest class)."""
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
+        raise InputError("'top-k' targets need a start node with output [batch, classes]; give a seed")
+    if target is None or isinstance(target, str):
+        k = 1 if target is None else _parse_topk(target)
+        if k > scores.shape[1]:
+            raise InputError(f"top-{k} requested but the model has only {scores.shape[1]} classes")
+        return scores.topk(k, dim=1).indices[:, k - 1]
+    return _explicit_targets(target, len(scores), scores.device, scores.shape[1])
+
+
+def resolve_targets(model: nn.Module, x: torch.Tensor, target: Target) -> torch.Tensor:
+    """:func:`targets_from_scores` on ``model(x)`` (one forward pass without gradients)."""
+    with torch.no_grad():
+        return targets_from_scores(model(x), target)
+
+
 @dataclass
 class Explanation:
     """Result of one explainer call."""
@@ -134,24 +167,9 @@ class Explainer:
         if target is None or isinstance(target, str):
             with torch.no_grad():
                 scores = self.model(x) if graph is None else self._start_output(graph, x)
-            if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
-                raise InputError("'top-k' targets need a start node with output [batch, classes]; give a seed")
-            k = 1 if target is None else _parse_topk(target)
-            if k > scores.shape[1]:
-                raise InputError(f"top-{k} requested but the model has only {scores.shape[1]} classes")
-            return scores.topk(k, dim=1).indices[:, k - 1]
-        idx = torch.as_tensor(target, device=x.device).long().flatten()
-        if idx.numel() == 1:
-            idx = idx.expand(len(x))
-        if idx.numel() != len(x):
-            raise InputError(f"got {idx.numel()} targets for a batch of {len(x)}")
-        if graph is not None:
-            classes = self._start_shape(graph)[-1]
-            bad = idx[(idx < 0) | (idx >= classes)]
-            if bad.numel():
-                raise InputError(f"class index {bad[0].item()} out of range: the model has {classes} classes "
-                                 f"(valid 0…{classes - 1})")
-        return idx
+            return targets_from_scores(scores, target)
+        classes = None if graph is None else self._start_shape(graph)[-1]
+        return _explicit_targets(target, len(x), x.device, classes)
 
     @staticmethod
     def _start_shape(graph: RelevanceGraph) -> torch.Size:

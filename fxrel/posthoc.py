@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from fxrel import cam, wrappers
+from fxrel import cam, ucag, wrappers
 from fxrel.explainer import Explainer, Target
 
 CAM_OUTPUT = "non-negative [N, H, W] map at the layer (upsample='input' for the input's size)"
@@ -39,6 +39,11 @@ def _wrapped(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     return run
 
 
+def _unfolded(model: nn.Module, x: torch.Tensor, target: Target, base: str = "grad_cam", **params: Any
+              ) -> torch.Tensor:
+    return ucag.ucag(model, x, target, method=base, method_params=params.pop("base_params", None), **params)
+
+
 POST_HOC: dict[str, PostHocInfo] = {
     "grad_cam": PostHocInfo("grad_cam", _cam("gradcam"), "Grad-CAM at any layer from the gradient stream",
                             "Selvaraju et al. 2017", CAM_OUTPUT, {"layer": None, "upsample": None}),
@@ -55,4 +60,9 @@ POST_HOC: dict[str, PostHocInfo] = {
         "smoothgrad", _wrapped(wrappers.smoothgrad), "SmoothGrad of any method (base=NAME): noisy copies batched",
         "Smilkov et al. 2017", "as the base method (squared=True: non-negative)",
         {"base": "gradient", "samples": 16, "noise": 0.15}),
+    "ucag": PostHocInfo(
+        "ucag", _unfolded, "UCAG of any method (base=NAME): n² up-scaled crops explained as one batch, "
+        "confidence-weighted and folded back", "Hong et al. 2023",
+        "[N, H, W] at the input's size; CAM bases: in [0, 1] (ReLU, min–max, blur), others: signed",
+        {"base": "grad_cam", "n": 6, "rho": 0.555, "alpha": 2.6, "weighting": "exp_softmax", "average": "coverage"}),
 }

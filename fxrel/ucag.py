@@ -1,0 +1,227 @@
+"""UCAG — Unfold and Conquer Attribution Guidance (Hong, Nam, Jeon, Lee, AAAI 2023), a wrapper over any method.
+
+The image ``I`` (``H×W``) is unfolded into ``n²`` overlapping crops of ``h_c×w_c = ⌊ρH⌋×⌊ρW⌋`` pixels (Eq. 1–2),
+each up-scaled by ``α`` (bicubic) to ``⌊α h_c⌋×⌊α w_c⌋``. Every crop ``P_j`` is explained for the *full image's*
+class ``k`` (Eq. 3), ``M_j = E(P_j, k)``; all crops of a batch are explained as one batch, in equally shaped chunks
+of ``chunk_size`` crops (the last one padded), so the base method builds a single relevance program. Each partial
+map is weighted by the model's confidence on its crop (Eq. 4)::
+
+    Y_j = exp(p_j),   p_j = softmax(f(P_j))_k                        (weighting="exp_softmax", the paper)
+
+resized back to the crop (bilinear) and folded onto the canvas; the sum is divided by the duplication count
+``Γ`` (Eq. 5–6)::
+
+    UCAG(I) = (Σ_j  Y_j · pad_j(resize(M_j)))  ⊘  Γ,    Γ = Σ_j pad_j(1)
+
+Crop offsets: ``round(linspace(0, H − h_c, n))``, so the last crop ends exactly at the border. With the defaults and
+``H = 224`` this is the official code's stride of 20 (offsets 0, 20, …, 100); for ``H = 299`` the official
+``(H − h_c + 2) // (n − 1) = 27`` stride runs one pixel past the image, which this layout avoids.
+
+Options reproducing the official code (``KU-HJH/UCAG``): ``average="coverage_plus_one"`` divides by ``Γ + 1`` (its
+count starts at one); ``weighting="exp_softmax_max"`` divides the weights by their maximum over the crops
+(``--score``), ``weighting="none"`` is the code's default of no weighting; ``center=True`` subtracts each partial
+map's mean (its LRP wrappers). Post-processing follows the family of the base method: CAM maps are
+computed without their final ReLU (``wonorm``), and the aggregate is ReLU-ed, min–max normalised per image and
+blurred (Gaussian 5×5, σ = 3); propagation methods return the raw signed aggregate.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxrel.errors import InputError
+from fxrel.explainer import resolve_targets
+from fxrel.imageops import gaussian_blur, minmax_normalise
+
+__all__ = ["UnfoldGeometry", "unfold_geometry", "unfold", "fold", "confidence_weights", "ucag", "CAM_METHODS"]
+
+#: base methods of the CAM family: computed signed (no final ReLU) and post-processed as in the official code
+CAM_METHODS = {"grad_cam": "gradcam", "grad_cam_pp": "gradcam++", "layer_cam": "layercam"}
+
+PartialExplainer = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+Weighting = Literal["exp_softmax", "exp_softmax_max", "softmax", "sigmoid", "none"]
+Average = Literal["coverage", "coverage_plus_one"]
+WEIGHTINGS = ("exp_softmax", "exp_softmax_max", "softmax", "sigmoid", "none")
+
+
+@dataclass(frozen=True)
+class UnfoldGeometry:
+    """Where the ``n²`` crops lie (row-major, crop ``j = a·n + b``) and the size they are explained at."""
+
+    height: int
+    width: int
+    crop: tuple[int, int]              #: (h_c, w_c)
+    scaled: tuple[int, int]            #: (⌊α h_c⌋, ⌊α w_c⌋), the size each crop is explained at
+    rows: tuple[int, ...]              #: top offsets, one per crop row
+    cols: tuple[int, ...]              #: left offsets, one per crop column
+
+    @property
+    def windows(self) -> list[tuple[int, int]]:
+        """Top-left corners of the crops in row-major order."""
+        return [(r, c) for r in self.rows for c in self.cols]
+
+    def coverage(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """``Γ``: how many crops cover each pixel, ``[H, W]``."""
+        count = torch.zeros(self.height, self.width, device=device)
+        h, w = self.crop
+        for r, c in self.windows:
+            count[r:r + h, c:c + w] += 1
+        return count
+
+
+def unfold_geometry(height: int, width: int, n: int = 6, rho: float = 0.555, alpha: float = 2.6) -> UnfoldGeometry:
+    """The crop layout for an ``height×width`` image: ``n`` crops per side of ``⌊ρ·side⌋`` pixels, scaled by ``α``."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise InputError(f"n (crops per side) must be a positive integer, got {n!r}")
+    if not 0 < rho <= 1:
+        raise InputError(f"rho (crop side / image side) must lie in (0, 1], got {rho!r}")
+    if not alpha > 0:
+        raise InputError(f"alpha (crop up-scaling) must be positive, got {alpha!r}")
+    crop = (int(rho * height), int(rho * width))
+    if min(crop) < 1:
+        raise InputError(f"rho={rho} gives empty crops on a {height}×{width} image")
+    scaled = (int(crop[0] * alpha), int(crop[1] * alpha))
+    if min(scaled) < 1:
+        raise InputError(f"alpha={alpha} scales the {crop[0]}×{crop[1]} crops to nothing")
+
+    def offsets(side: int, size: int) -> tuple[int, ...]:
+        return tuple(torch.linspace(0, side - size, n).round().long().tolist()) if n > 1 else ((side - size) // 2,)
+
+    return UnfoldGeometry(height, width, crop, scaled, offsets(height, crop[0]), offsets(width, crop[1]))
+
+
+def unfold(x: torch.Tensor, geometry: UnfoldGeometry) -> torch.Tensor:
+    """The crops of every image, up-scaled (bicubic, ``align_corners=False``): ``[N·n², C, ⌊αh_c⌋, ⌊αw_c⌋]``,
+    image-major (rows ``i·n² … i·n² + n² − 1`` belong to image ``i``)."""
+    h, w = geometry.crop
+    crops = torch.stack([x[:, :, r:r + h, c:c + w] for r, c in geometry.windows], dim=1).flatten(0, 1)
+    return F.interpolate(crops, size=geometry.scaled, mode="bicubic", align_corners=False)
+
+
+def fold(maps: torch.Tensor, weights: torch.Tensor, geometry: UnfoldGeometry,
+         average: Average = "coverage") -> torch.Tensor:
+    """Eq. 5–6: resize each partial map ``[N·n², h, w]`` to its crop (bilinear), weight it, add it at its window and
+    divide by the coverage ``Γ`` (``"coverage"``) or ``Γ + 1`` (``"coverage_plus_one"``, the official code)."""
+    if average not in ("coverage", "coverage_plus_one"):
+        raise InputError(f"average must be 'coverage' or 'coverage_plus_one', got {average!r}")
+    count = len(geometry.windows)
+    resized = F.interpolate(maps.unsqueeze(1), size=geometry.crop, mode="bilinear", align_corners=False)
+    resized = (resized.squeeze(1) * weights.reshape(-1, 1, 1)).view(-1, count, *geometry.crop)
+    canvas = maps.new_zeros(resized.shape[0], geometry.height, geometry.width)
+    h, w = geometry.crop
+    for j, (r, c) in enumerate(geometry.windows):
+        canvas[:, r:r + h, c:c + w] += resized[:, j]
+    divisor = geometry.coverage(maps.device).to(maps.dtype)
+    return canvas / (divisor + 1 if average == "coverage_plus_one" else divisor)
+
+
+def confidence_weights(logits: torch.Tensor, targets: torch.Tensor, crops_per_image: int,
+                       weighting: Weighting = "exp_softmax") -> torch.Tensor:
+    """Eq. 4: the weight ``Y_j`` of every crop from its logits ``[N·n², K]`` and its image's target.
+
+    ``exp_softmax``: ``exp(p_j)`` (paper); ``exp_softmax_max``: ``exp(p_j) / max_j' exp(p_j')`` per image (official
+    ``--score``); ``softmax``: ``p_j``; ``sigmoid``: ``σ(f_k(P_j))`` (multi-label models); ``none``: 1."""
+    rows = torch.arange(len(logits), device=logits.device)
+    if weighting == "none":
+        return logits.new_ones(len(logits))
+    if weighting == "sigmoid":
+        return torch.sigmoid(logits[rows, targets])
+    p = logits.softmax(dim=1)[rows, targets]
+    if weighting == "softmax":
+        return p
+    y = p.exp()
+    if weighting == "exp_softmax":
+        return y
+    if weighting == "exp_softmax_max":
+        per_image = y.view(-1, crops_per_image)
+        return (per_image / per_image.max(dim=1, keepdim=True).values).flatten()
+    raise InputError(f"unknown weighting {weighting!r}; use exp_softmax, exp_softmax_max, softmax, sigmoid or none")
+
+
+def _partial_explainer(method: str | PartialExplainer, params: dict) -> tuple[PartialExplainer, bool]:
+    """A function (model, crops, targets) → maps ``[P, h, w]`` for the base method, and whether it is a CAM."""
+    if callable(method):
+        return method, False
+    if not isinstance(method, str):
+        raise InputError(f"method must be a method name or a callable (model, crops, targets) -> maps, "
+                         f"got {type(method).__name__}")
+    if method == "ucag":
+        raise InputError("UCAG cannot wrap itself")
+    if method in CAM_METHODS:
+        from fxrel.cam import cam
+
+        def run_cam(model: nn.Module, crops: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return cam(model, crops, targets, kind=CAM_METHODS[method], relu=False, **params)
+        return run_cam, True
+    import fxrel
+
+    if method not in fxrel.methods():
+        raise InputError(f"unknown base method {method!r}; see fxrel.methods()")
+
+    def run(model: nn.Module, crops: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return fxrel.explain(model, crops, target=targets, method=method, **params)
+    return run, False
+
+
+def _as_maps(relevance: torch.Tensor, rows: int) -> torch.Tensor:
+    if relevance.dim() == 4:
+        relevance = relevance.sum(dim=1)
+    if relevance.dim() != 3 or len(relevance) != rows:
+        raise InputError(f"the base method returned shape {tuple(relevance.shape)} for {rows} crops; UCAG needs a "
+                         "map per crop, [crops, H, W] or [crops, C, H, W]")
+    return relevance
+
+
+def ucag(model: nn.Module, x: torch.Tensor, target: object = None, method: str | PartialExplainer = "grad_cam", *,
+         n: int = 6, rho: float = 0.555, alpha: float = 2.6, weighting: Weighting = "exp_softmax",
+         average: Average = "coverage", postprocess: Literal["auto", "cam", "none"] = "auto", center: bool = False,
+         chunk_size: int = 16, method_params: dict | None = None) -> torch.Tensor:
+    """UCAG map ``[N, H, W]`` of ``method`` for the batch ``x`` (see the module docstring for the equations).
+
+    ``target``: as in :meth:`fxrel.Explainer.attribute`, resolved once on the full images (``None``: predicted
+    class); every crop of image ``i`` is explained for image ``i``'s class. ``method``: any name in
+    ``fxrel.methods()`` (its parameters in ``method_params``) or a callable ``(model, crops, targets) → maps``.
+    ``chunk_size``: crops per explanation call (the memory bound). ``postprocess``: ``"auto"`` (CAM family:
+    ReLU, min–max, blur; otherwise none), ``"cam"`` or ``"none"``.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise InputError(f"x must be a batch of images [N, C, H, W], got {getattr(x, 'shape', type(x).__name__)}")
+    if not torch.isfinite(x).all():
+        raise InputError("x contains NaN or infinite values")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise InputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if postprocess not in ("auto", "cam", "none"):
+        raise InputError(f"postprocess must be 'auto', 'cam' or 'none', got {postprocess!r}")
+    if weighting not in WEIGHTINGS:
+        raise InputError(f"unknown weighting {weighting!r}; use one of {list(WEIGHTINGS)}")
+    if average not in ("coverage", "coverage_plus_one"):
+        raise InputError(f"average must be 'coverage' or 'coverage_plus_one', got {average!r}")
+    explain_crops, is_cam = _partial_explainer(method, dict(method_params or {}))
+    geometry = unfold_geometry(x.shape[-2], x.shape[-1], n=n, rho=rho, alpha=alpha)
+    targets = resolve_targets(model, x, target)
+    crops = unfold(x, geometry)
+    per_image = len(geometry.windows)
+    crop_targets = targets.repeat_interleave(per_image)
+    maps, logits = [], []
+    for start in range(0, len(crops), chunk_size):
+        rows = torch.arange(start, min(start + chunk_size, len(crops)), device=x.device)
+        used = len(rows)
+        if used < chunk_size and len(crops) > chunk_size:  # equal chunk shapes: one relevance program
+            rows = torch.cat([rows, rows[-1:].expand(chunk_size - used)])
+        chunk = crops[rows]
+        maps.append(_as_maps(explain_crops(model, chunk, crop_targets[rows]), len(rows))[:used].detach())
+        with torch.no_grad():
+            logits.append(model(chunk)[:used])
+    partial = torch.cat(maps)
+    if center:
+        partial = partial - partial.mean(dim=(1, 2), keepdim=True)
+    weights = confidence_weights(torch.cat(logits), crop_targets, per_image, weighting).to(partial.dtype)
+    out = fold(partial, weights, geometry, average)
+    if postprocess == "cam" or (postprocess == "auto" and is_cam):
+        out = gaussian_blur(minmax_normalise(out.clamp(min=0)), kernel_size=5, sigma=3.0)
+    return out

@@ -1,0 +1,171 @@
+"""UCAG (fxrel.ucag): the invariants of ../shared/specs/ucag.md §5 — geometry, the averaging divisor, linearity,
+weight bounds, pixel alignment, class passthrough, CAM post-processing — plus chunking and batching."""
+import math
+import re
+
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from torch import nn
+
+import fxrel
+from fxrel.errors import InputError
+from fxrel.imageops import gaussian_blur, minmax_normalise
+from fxrel.ucag import confidence_weights, fold, ucag, unfold, unfold_geometry
+
+
+def small_cnn(classes: int = 5) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, classes)).eval()
+
+
+def echo(model: nn.Module, crops: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The 'pixel echo' explanation E(P) = Σ_channels P."""
+    return crops.sum(dim=1)
+
+
+def test_geometry_matches_official_layout_at_224():
+    g = unfold_geometry(224, 224)
+    assert g.crop == (124, 124) and g.scaled == (322, 322)
+    official_stride = (224 - 124 + 2) // (6 - 1)  # (H + 2p − (h_c − 1)·d + 1) // (n − 1) with p=0, d=1
+    assert g.rows == g.cols == tuple(official_stride * a for a in range(6))
+    assert len(g.windows) == 36 and g.rows[-1] + g.crop[0] == 224
+    cover = g.coverage()
+    assert cover.min() == 1 and cover.max() == 36 and cover[0, 0] == 1 and cover[112, 112] == 36
+
+
+def test_geometry_ends_at_the_border_for_299():
+    g = unfold_geometry(299, 299)
+    assert g.crop == (165, 165) and g.rows[0] == 0 and g.rows[-1] + 165 == 299
+    assert g.coverage().min() >= 1
+
+
+@pytest.mark.parametrize("average, expected", [("coverage", lambda c, gamma: c * torch.ones_like(gamma)),
+                                               ("coverage_plus_one", lambda c, gamma: c * gamma / (gamma + 1))])
+def test_constant_explanation_is_averaged_by_the_coverage(average, expected):
+    c = 2.5
+    x = torch.rand(2, 3, 48, 40)
+    out = ucag(small_cnn(), x, 1, method=lambda m, p, t: torch.full((len(p), 7, 9), c), weighting="none",
+               average=average)
+    gamma = unfold_geometry(48, 40).coverage()
+    torch.testing.assert_close(out, expected(c, gamma).expand_as(out), rtol=1e-6, atol=1e-6)
+
+
+def test_linear_in_the_base_explanation():
+    model, x = small_cnn(), torch.rand(2, 3, 40, 40)
+    proj = torch.randn(3)
+
+    def e1(m, p, t):
+        return p.sum(1)
+
+    def e2(m, p, t):
+        return torch.einsum("nchw,c->nhw", p, proj)
+
+    kw = dict(weighting="exp_softmax", postprocess="none")
+    both = ucag(model, x, 0, method=lambda m, p, t: e1(m, p, t) + e2(m, p, t), **kw)
+    torch.testing.assert_close(both, ucag(model, x, 0, method=e1, **kw) + ucag(model, x, 0, method=e2, **kw))
+
+
+def test_linear_in_real_methods():
+    """gradient + gradient×input as one base equals the sum of the two UCAG maps (same crops, same weights)."""
+    model, x = small_cnn(), torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    model = model.double()
+
+    def summed(m, p, t):
+        return fxrel.explain(m, p, t, method="gradient") + fxrel.explain(m, p, t, method="gradient_x_input")
+
+    a = ucag(model, x, 2, method=summed, n=3)
+    b = ucag(model, x, 2, method="gradient", n=3) + ucag(model, x, 2, method="gradient_x_input", n=3)
+    torch.testing.assert_close(a, b)
+
+
+def test_weights_with_score_lie_in_the_paper_bounds():
+    logits = torch.randn(4 * 36, 10) * 5
+    targets = torch.randint(10, (4,)).repeat_interleave(36)
+    w = confidence_weights(logits, targets, 36, "exp_softmax_max").view(4, 36)
+    assert (w > math.exp(-1)).all() and (w <= 1).all() and (w.max(1).values == 1).all()
+    assert (w.max(1).values / w.min(1).values <= math.e).all()
+    paper = confidence_weights(logits, targets, 36, "exp_softmax")
+    torch.testing.assert_close(paper, logits.softmax(1)[torch.arange(len(logits)), targets].exp())
+
+
+def test_pixel_echo_realigns_with_the_image():
+    """E(P) = Σ_c P folds back onto Σ_c I (only resampling error); a transposed fold would not."""
+    y, x_ = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 64), indexing="ij")
+    image = torch.stack([torch.sin(3 * x_) * y, x_ ** 2, torch.cos(2 * y + x_)]).unsqueeze(0)
+    out = ucag(small_cnn(), image, 0, method=echo, weighting="none")[0]
+    expected = image[0].sum(0)
+    err = (out - expected).norm() / expected.norm()
+    assert err < 0.02
+    assert (out - expected.T).norm() / expected.norm() > 10 * err
+
+
+def test_every_crop_is_explained_for_the_full_images_class():
+    model, x = small_cnn(), torch.rand(3, 3, 40, 40)
+    seen = []
+
+    def record(m, p, t):
+        seen.append(t.clone())
+        return p.sum(1)
+
+    ucag(model, x, None, method=record, n=4, chunk_size=7)
+    expected = model(x).argmax(1).repeat_interleave(16)
+    got = torch.cat(seen)[: len(expected)]
+    assert torch.equal(got, expected)
+    seen.clear()
+    ucag(model, x, [4, 0, 2], method=record, n=4, chunk_size=48)
+    assert torch.equal(torch.cat(seen), torch.tensor([4, 0, 2]).repeat_interleave(16))
+
+
+def test_chunking_and_batching_do_not_change_the_map():
+    model, x = small_cnn(), torch.rand(3, 3, 40, 40)
+    whole = ucag(model, x, 1, method="gradient_x_input", n=3, chunk_size=27)
+    chunked = ucag(model, x, 1, method="gradient_x_input", n=3, chunk_size=4)
+    torch.testing.assert_close(whole, chunked, rtol=1e-5, atol=1e-6)
+    single = torch.cat([ucag(model, x[i:i + 1], 1, method="gradient_x_input", n=3) for i in range(3)])
+    torch.testing.assert_close(whole, single, rtol=1e-5, atol=1e-6)
+
+
+def test_cam_base_is_relu_minmax_blur_of_the_signed_aggregate():
+    model, x = small_cnn(), torch.rand(2, 3, 48, 48)
+    raw = ucag(model, x, 3, method="grad_cam", postprocess="none")
+    assert (raw < 0).any(), "CAM partial maps are aggregated signed (wonorm), before the ReLU"
+    pre_blur = minmax_normalise(raw.clamp(min=0))
+    assert torch.allclose(pre_blur.flatten(1).amin(1), torch.zeros(2))
+    assert torch.allclose(pre_blur.flatten(1).amax(1), torch.ones(2))
+    out = fxrel.explain(model, x, 3, method="ucag", base="grad_cam")
+    torch.testing.assert_close(out, gaussian_blur(pre_blur, 5, 3.0))
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_gaussian_blur_matches_torchvision():
+    img = torch.rand(2, 3, 20, 17)
+    torch.testing.assert_close(gaussian_blur(img, 5, 3.0), TF.gaussian_blur(img, [5, 5], [3.0, 3.0]))
+
+
+def test_fold_of_unfolded_constant_image_is_identity():
+    g = unfold_geometry(30, 30, n=4, alpha=1.0)
+    x = torch.full((1, 1, 30, 30), 0.7)
+    crops = unfold(x, g)
+    out = fold(crops.sum(1), torch.ones(len(crops)), g)
+    torch.testing.assert_close(out, x[:, 0])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n=0), "n (crops per side)"), (dict(rho=1.5), "rho"), (dict(alpha=0.0), "alpha"),
+    (dict(method="no_such_method"), "unknown base method"), (dict(method="ucag"), "cannot wrap itself"),
+    (dict(average="mean"), "average"), (dict(weighting="bogus"), "weighting"), (dict(chunk_size=0), "chunk_size"),
+])
+def test_bad_options_are_named(kwargs, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        ucag(small_cnn(), torch.rand(1, 3, 32, 32), 0, **{"method": "gradient", **kwargs})
+
+
+def test_bad_input_is_named():
+    x = torch.rand(1, 3, 32, 32)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(InputError, match="NaN"):
+        ucag(small_cnn(), x, 0)
+    with pytest.raises(InputError, match="out of range"):
+        ucag(small_cnn(), torch.rand(1, 3, 32, 32), 9)
