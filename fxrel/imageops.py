@@ -37,9 +37,10 @@ def gaussian_blur(images: torch.Tensor, kernel_size: int, sigma: float, border: 
     return x.squeeze(1) if squeeze else x
 
 
-def minmax_normalise(maps: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``(m − min) / (max − min)`` over all but the batch axis; a constant map becomes all zeros."""
+def minmax_normalise(maps: torch.Tensor, constant: float = 0.0) -> torch.Tensor:
+    """Per-sample ``(m − min) / (max − min)`` over all but the batch axis; a constant map becomes ``constant``."""
     flat = maps.flatten(1)
     low = flat.min(dim=1).values.view(-1, *[1] * (maps.dim() - 1))
     span = (flat.max(dim=1).values.view_as(low) - low)
-    return torch.where(span > 0, (maps - low) / span.clamp(min=torch.finfo(maps.dtype).tiny), torch.zeros_like(maps))
+    return torch.where(span > 0, (maps - low) / span.clamp(min=torch.finfo(maps.dtype).tiny),
+                       torch.full_like(maps, constant))
