@@ -1,4 +1,4 @@
-"""Command-line interface: ``fxrel explain``, ``fxrel methods`` and ``fxrel graph``.
+"""Command-line interface: ``fxrel demo``, ``fxrel explain``, ``fxrel eval``, ``fxrel graph`` and ``fxrel methods``.
 
 Every error a user can cause (a bad argument, an unknown method or model, a missing image or weight file, a class
 index out of range, any :class:`fxrel.FxrelError`) is reported as one ``fxrel: error: <message>`` line on stderr with
@@ -20,7 +20,7 @@ __all__ = ["main"]
 EXIT_OK = 0
 EXIT_IO = 1
 EXIT_USAGE = 2
-_FORMATS = ("code", "dot", "plan", "layers")
+_FORMATS = ("code", "dot", "svg", "json", "plan", "layers")
 
 
 class CLIError(Exception):
@@ -107,8 +107,21 @@ def _model_label(spec: str) -> str:
     return spec.split(":", 1)[1] if ":" in spec else spec
 
 
+def is_demo(spec: str) -> bool:
+    return spec.startswith("demo-")
+
+
 def build_model(spec: str, num_classes: int | None = None):
-    """``tv:NAME`` → torchvision (``weights=None``); ``timm:NAME`` or ``NAME`` → timm (``pretrained=False``)."""
+    """``demo-NAME`` → a trained demo model shipped with fxrel (``fxrel.demo``); ``tv:NAME`` → torchvision
+    (``weights=None``); ``timm:NAME`` or ``NAME`` → timm (``pretrained=False``)."""
+    if is_demo(spec):
+        from fxrel.demo import DEMO_MODELS, demo_model
+
+        if spec not in DEMO_MODELS:
+            raise CLIError(f"unknown demo model '{spec}'; the demo models are {', '.join(DEMO_MODELS)}")
+        if num_classes not in (None, 10):
+            raise CLIError("the demo models have 10 classes; --num-classes cannot change that")
+        return demo_model(spec)
     source, sep, name = spec.partition(":")
     if not sep:
         source, name = "timm", spec
@@ -203,15 +216,46 @@ def _prepare_model(args: argparse.Namespace):
     return model.eval().to(_device(args.device))
 
 
-def _input_image(image: str | None, size: int):
+def _input_image(image: str | None, size: int, seed: int = 0, demo: bool = False):
+    """The image to explain as ``[3, size, size]`` in [0, 1]: the file, else a demo scene (demo models) or the
+    synthetic test image."""
     from fxrel import sample_images
 
     try:
-        return sample_images.synthetic_image(size) if image is None else sample_images.load_image(image, size)
+        if image is not None:
+            return sample_images.load_image(image, size)
+        if demo:
+            from fxrel.demo import make_scenes
+
+            return make_scenes(1, seed=seed, split="test", size=size).images[0]
+        return sample_images.synthetic_image(size)
     except FileNotFoundError as exc:
         raise CLIError(str(exc)) from None
     except ValueError as exc:  # undecodable image, size too small
         raise CLIError(str(exc)) from None
+
+
+def _model_input(args: argparse.Namespace, image):
+    """The model's input batch for an image in [0, 1]: demo models take it as is, ImageNet models normalised."""
+    from fxrel import sample_images
+
+    x = image if is_demo(args.model) else sample_images.imagenet_normalize(image)
+    return x.unsqueeze(0).to(_device(args.device))
+
+
+def _size(args: argparse.Namespace) -> int:
+    return args.size if args.size is not None else (64 if is_demo(args.model) else 224)
+
+
+def _check_method(name: str, params: dict) -> bool:
+    """Fail fast on an unknown method or parameter; returns whether it is post-hoc (no single relevance graph)."""
+    import fxrel
+    from fxrel.posthoc import POST_HOC
+
+    if name in POST_HOC:
+        return True
+    fxrel.make_method(name, **params)
+    return False
 
 
 # --- output ---------------------------------------------------------------------------------------------------------
@@ -252,92 +296,121 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _explain_posthoc(model, x, target, method: str, params: dict):
+    """A post-hoc method's map for one target, as ``[1, H, W]`` at the input's size, and the model's logits."""
+    import torch
+    import torch.nn.functional as F
+
+    import fxrel
+    from fxrel.explainer import resolve_targets
+
+    cls = resolve_targets(model, x, target)
+    relevance = fxrel.explain(model, x, target=cls, method=method, **params).detach()
+    if relevance.dim() == 4:
+        relevance = relevance.sum(dim=1)
+    if relevance.shape[-2:] != x.shape[-2:]:
+        relevance = F.interpolate(relevance.unsqueeze(1), size=x.shape[-2:], mode="bilinear",
+                                  align_corners=False).squeeze(1)
+    with torch.no_grad():
+        logits = model(x)
+    return relevance.cpu(), logits, cls
+
+
+def _default_input_label(args: argparse.Namespace, size: int) -> str:
+    return f"demo scene (test split, seed {args.seed})" if is_demo(args.model) else f"synthetic image {size}x{size}"
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     import torch
 
     import fxrel
-    from fxrel import sample_images, visualize
+    from fxrel import visualize
 
     params = parse_params(args.param)
     targets = parse_targets(args.target)
-    fxrel.make_method(args.method, **params)         # fails fast on an unknown method or parameter
-    size = args.size
-    image = _input_image(args.image, size)           # fails fast on a missing/bad image
+    posthoc = _check_method(args.method, params)       # fails fast on an unknown method or parameter
+    size = _size(args)
+    image = _input_image(args.image, size, args.seed, is_demo(args.model))   # fails fast on a missing/bad image
 
     model_label = _model_label(args.model)
     out = Path(args.out) if args.out else Path(f"{re.sub(r'[^A-Za-z0-9_.-]', '_', model_label)}_{args.method}.png")
-    plan_path = Path(args.plan) if args.plan else out.with_name(f"{out.stem}.plan.txt")
+    plan_path = None if posthoc else (Path(args.plan) if args.plan else out.with_name(f"{out.stem}.plan.txt"))
     outs = [out] if len(targets) == 1 else [out.with_name(f"{out.stem}.{_target_label(t)}{out.suffix}")
                                             for t in targets]
 
     with _progress(3 + len(targets), "fxrel explain", args.quiet) as bar:
         bar.set_description("loading model")
         model = _prepare_model(args)
-        explainer = fxrel.Explainer(model, args.method, compile=args.compile, **params)
-        device = _device(args.device)
-        x = sample_images.imagenet_normalize(image).unsqueeze(0).to(device)
+        x = _model_input(args, image)
+        explainer = None if posthoc else fxrel.Explainer(model, args.method, compile=args.compile, **params)
         bar.update()
 
         bar.set_description("building relevance graph")
-        plan_text = str(explainer.rule_plan(x))
-        explainer.relevance_graph(x)
+        plan_text = None
+        if explainer is not None:
+            plan_text = str(explainer.rule_plan(x))
+            explainer.relevance_graph(x)
         bar.update()
 
-        results = []
+        results = []   # (target, class, relevance [C,H,W] or [H,W], logits)
         for target in targets:
             bar.set_description(f"explaining {target}")
-            explanation = explainer.attribute(x, target)
-            relevance = next(iter(explanation.relevance.values())).detach().cpu()
-            results.append((target, explanation, relevance))
+            if explainer is None:
+                relevance, logits, cls = _explain_posthoc(model, x, target, args.method, params)
+            else:
+                explanation = explainer.attribute(x, target)
+                relevance = next(iter(explanation.relevance.values())).detach().cpu()
+                logits, cls = explanation.output, explanation.targets
+            results.append((target, int(cls[0]), relevance[0], logits.detach().float().cpu()[0]))
             bar.update()
 
         bar.set_description("writing")
-        written = [visualize.save_heatmap(path, relevance[0], image=image)
-                   for path, (_, _, relevance) in zip(outs, results)]
-        write_text(plan_path, plan_text)
+        written = [visualize.save_heatmap(path, relevance, image=image)
+                   for path, (_, _, relevance, _) in zip(outs, results)]
+        if plan_path is not None:
+            write_text(plan_path, plan_text)
         bar.update()
 
-    logits = results[0][1].output.detach().float().cpu()[0]
+    logits = results[0][3]
     probs = torch.softmax(logits, dim=0)
     predicted = int(logits.argmax())
-    lines = [f"model:      {args.model}" + (f" (weights {args.weights})" if args.weights else " (random weights)"),
+    source = " (trained demo weights)" if is_demo(args.model) else " (random weights)"
+    lines = [f"model:      {args.model}" + (f" (weights {args.weights})" if args.weights else source),
              f"method:     {args.method}" + (f" {params}" if params else ""),
-             f"input:      {args.image or f'synthetic image {size}x{size}'}",
+             f"input:      {args.image or _default_input_label(args, size)}",
              f"prediction: class {predicted} (logit {logits[predicted]:+.6g}, p={probs[predicted]:.4f})"]
-    for (target, explanation, relevance), path in zip(results, written):
-        cls = int(explanation.targets[0]) if explanation.targets is not None else target
-        total, logit = float(relevance[0].sum()), float(logits[cls])
-        ratio = f", ratio {total / logit:.4f}" if logit != 0 else ""
+    for (target, cls, relevance, _), path in zip(results, written):
+        total, logit = float(relevance.sum()), float(logits[cls])
+        ratio = f", ratio {total / logit:.4f}" if logit != 0 and not posthoc else ""
         shown = f"{cls} ({target})" if isinstance(target, str) else f"{cls}"
         lines += [f"target:     class {shown}: relevance sum {total:+.6g} vs target logit {logit:+.6g}{ratio}",
                   f"heatmap:    {path}"]
-    lines.append(f"rule plan:  {plan_path}")
+    if plan_path is not None:
+        lines.append(f"rule plan:  {plan_path}")
     print("\n".join(lines))
     return EXIT_OK
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
-    import fxrel
-    from fxrel import sample_images
+    import json
+
+    from fxrel.graphs import export
 
     params = parse_params(args.param)
     targets = parse_targets(args.target)
-    fxrel.make_method(args.method, **params)
+    if _check_method(args.method, params):
+        raise CLIError(f"'{args.method}' is post-hoc (several sweeps or a wrapper), it has no single relevance "
+                       "graph; inspect its base method instead")
     if args.format == "layers" and len(targets) != 1:
         raise CLIError("graph --format layers takes a single --target")
-    if args.format == "dot":
-        try:
-            from fxrel.graphs.export import to_dot
-        except ModuleNotFoundError as exc:
-            if exc.name != "fxrel.graphs.export":
-                raise
-            raise CLIError("--format dot needs fxrel.graphs.export, which is not available in this install") from None
+
+    import fxrel
 
     with _progress(2, "fxrel graph", args.quiet) as bar:
         bar.set_description("loading model")
         model = _prepare_model(args)
         explainer = fxrel.Explainer(model, args.method, compile=False, **params)
-        x = sample_images.imagenet_normalize(_input_image(None, args.size)).unsqueeze(0).to(_device(args.device))
+        x = _model_input(args, _input_image(None, _size(args), args.seed, is_demo(args.model)))
         bar.update()
         bar.set_description(f"building {args.format}")
         if args.format == "plan":
@@ -345,7 +418,11 @@ def cmd_graph(args: argparse.Namespace) -> int:
         elif args.format == "layers":
             text = explainer.layer_table(x, targets[0])
         elif args.format == "dot":
-            text = to_dot(explainer.relevance_graph(x))
+            text = export.to_dot(explainer.relevance_graph(x))
+        elif args.format == "svg":
+            text = export.to_svg(explainer.relevance_graph(x))
+        elif args.format == "json":
+            text = json.dumps(export.to_json(explainer.relevance_graph(x)), indent=1)
         else:
             text = explainer.relevance_graph(x).code
         bar.update()
@@ -357,13 +434,121 @@ def cmd_graph(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _csv(text: str | None, default: Sequence[str], known: Sequence[str] | None, what: str) -> list[str]:
+    items = list(default) if text is None else [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise CLIError(f"--{what} is empty")
+    if known is not None:
+        bad = [t for t in items if t not in known]
+        if bad:
+            raise CLIError(f"unknown {what} {', '.join(bad)}; choose from {', '.join(known)}")
+    return items
+
+
+def _demo_methods(text: str | None, default: Sequence[str]) -> list[str]:
+    from fxrel.evaluation import method_fn
+
+    methods = _csv(text, default, None, "methods")
+    for spec in methods:
+        try:
+            method_fn(spec)
+        except Exception as exc:  # unknown method: the message names it
+            raise CLIError(str(exc)) from None
+    return methods
+
+
+DEMO_GRID_METHODS = ("gradient_x_input", "epsilon_plus_flat", "lrp_rap", "clrp", "sglrp",
+                     "contrastive_excitation_backprop", "grad_cam", "ucag:grad_cam", "integrated_gradients")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from fxrel import visualize
+    from fxrel.demo import CLASS_NAMES, DEMO_MODELS, demo_model, make_scenes
+    from fxrel.evaluation import method_fn
+
+    (model_name,) = _csv(args.model, (), DEMO_MODELS, "model")
+    methods = _demo_methods(args.methods, DEMO_GRID_METHODS)
+    out = Path(args.out)
+    scenes = make_scenes(args.images, seed=args.seed, split="test", size=args.size)
+    model = demo_model(model_name, device=_device(args.device))
+    pairs = [(i, int(c)) for i in range(len(scenes)) for c in scenes.labels[i].nonzero().flatten().tolist()]
+    x = scenes.images[[i for i, _ in pairs]].to(_device(args.device))
+    targets = torch.tensor([c for _, c in pairs], device=x.device)
+    columns = []
+    with _progress(len(methods), "fxrel demo", args.quiet) as bar:
+        for spec in methods:
+            bar.set_description(spec)
+            columns.append(method_fn(spec)(model, x, targets).detach().cpu())
+            bar.update()
+    with torch.no_grad():
+        logits = model(x).cpu()
+    rows = [f"image {i}: {CLASS_NAMES[c]} ({logits[k, c]:+.1f})" for k, (i, c) in enumerate(pairs)]
+    maps = [[columns[j][k] for j in range(len(methods))] for k in range(len(pairs))]
+    images = [scenes.images[i] for i, _ in pairs]
+    path = visualize.save_grid(out, rows, methods, maps, images=images, overlay_alpha=0.6)
+    print(f"model:   {model_name} (trained demo weights, {len(scenes)} test scenes, seed {args.seed})")
+    print(f"rows:    image, explained class (its logit); {len(pairs)} rows")
+    print(f"methods: {', '.join(methods)}")
+    print(f"grid:    {path}")
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from fxrel import evaluation
+    from fxrel.demo import DEMO_MODELS, demo_model, make_scenes
+
+    model_names = _csv(args.models, DEMO_MODELS, DEMO_MODELS, "models")
+    methods = _demo_methods(args.methods, evaluation.DEFAULT_METHODS)
+    metric_names = _csv(args.metrics, evaluation.DEFAULT_METRICS, list(evaluation.METRICS), "metrics")
+    rank, world = evaluation.distributed_world()
+    device = _device(args.device)
+    if world > 1 and device.type == "cuda":
+        import torch
+
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    scenes = make_scenes(args.images, seed=args.seed, split="test", size=args.size)
+    models = {name: demo_model(name, device=device) for name in model_names}
+    total = int(scenes.labels.sum())   # (image, class) pairs
+    chunks = -(-total // (world * args.batch_size)) + (world > 1)   # per process (shards differ by a pair or so)
+    with _progress(chunks * len(methods) * len(models), "fxrel eval", args.quiet or rank != 0) as bar:
+        def step(description: str) -> None:
+            bar.set_description(description)
+            bar.update()
+
+        kwargs = dict(batch_size=args.batch_size, device=device, progress=step)
+        if world > 1:
+            result = evaluation.evaluate_distributed(models, scenes, methods, metric_names, **kwargs)
+        else:
+            result = evaluation.evaluate(models, scenes, methods, metric_names, **kwargs)
+    if result is None:   # a non-zero rank: rank 0 reports
+        return EXIT_OK
+    header = (f"{len(scenes)} test scenes (seed {args.seed}, {args.size} px), {total} (image, class) pairs, "
+              f"{world} process{'es' if world > 1 else ''}; ↑/↓: higher/lower is better; (L) all labels, "
+              "(P) correctly predicted labels; s: seconds")
+    table = result.table()
+    print(header)
+    print(table)
+    if args.markdown:
+        markdown = header + "\n\n" + result.table(markdown=True)
+        print(f"wrote {write_text(args.markdown, markdown)}")
+    if args.json:
+        print(f"wrote {write_text(args.json, json.dumps(result.to_json(), indent=1))}")
+    return EXIT_OK
+
+
 # --- parser ---------------------------------------------------------------------------------------------------------
 def _add_model_options(p: argparse.ArgumentParser, *, positional_model: bool) -> None:
     if positional_model:
-        p.add_argument("model", metavar="MODEL", help="tv:NAME (torchvision), timm:NAME or NAME (timm)")
+        p.add_argument("model", metavar="MODEL",
+                       help="demo-NAME (trained demo model), tv:NAME (torchvision), timm:NAME or NAME (timm)")
     else:
         p.add_argument("--model", required=True, metavar="NAME",
-                       help="tv:NAME (torchvision, weights=None), timm:NAME or NAME (timm, pretrained=False)")
+                       help="demo-NAME (trained demo model: demo-vgg, demo-resnet, demo-densenet, demo-inception), "
+                            "tv:NAME (torchvision, weights=None), timm:NAME or NAME (timm, pretrained=False)")
     p.add_argument("--weights", metavar="PATH", help="state dict to load (torch.save file or .safetensors)")
     p.add_argument("--no-strict", dest="strict", action="store_false",
                    help="load --weights even with missing/unexpected keys (reported as warnings)")
@@ -373,7 +558,8 @@ def _add_model_options(p: argparse.ArgumentParser, *, positional_model: bool) ->
     p.add_argument("--method", required=True, metavar="NAME", help="explanation method (see `fxrel methods`)")
     p.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="method parameter, e.g. epsilon=1e-3 (repeatable; int/float/bool/str)")
-    p.add_argument("--size", type=_positive_int, default=224, metavar="N", help="input side length (default 224)")
+    p.add_argument("--size", type=_positive_int, default=None, metavar="N",
+                   help="input side length (default 224; 64 for the demo models)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
     p.add_argument("--target", default="top1", metavar="T",
                    help="class index, 'top1' (default) or 'top-k'; several separated by commas")
@@ -383,6 +569,7 @@ def _add_model_options(p: argparse.ArgumentParser, *, positional_model: bool) ->
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fxrel", description="Explain CNN image classifiers with relevance graphs.")
     from fxrel import __version__
+    from fxrel.evaluation import DEFAULT_METHODS
 
     parser.add_argument("--version", action="version", version=f"fxrel {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -407,6 +594,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=_FORMATS, default="code", help="default code")
     p.add_argument("--out", metavar="FILE", help="write to FILE instead of stdout")
     p.set_defaults(func=cmd_graph)
+
+    p = sub.add_parser("demo", help="methods × classes grid on a trained demo model (offline)",
+                       description="Explain every digit class present in a few generated test scenes with several "
+                                   "methods on a trained demo model and write one grid PNG (rows: image and class, "
+                                   "columns: methods; red positive, blue negative, over the image).")
+    p.add_argument("--model", default="demo-resnet", metavar="NAME",
+                   help="demo-vgg, demo-resnet (default), demo-densenet or demo-inception")
+    p.add_argument("--methods", metavar="A,B,…", help="comma-separated method names or ucag:BASE (default: "
+                                                       + ", ".join(DEMO_GRID_METHODS) + ")")
+    p.add_argument("--images", type=_positive_int, default=3, metavar="N", help="scenes (default 3)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="scene seed (default 0)")
+    p.add_argument("--size", type=_positive_int, default=64, metavar="N", help="scene side length (default 64)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
+    p.add_argument("--out", default="out/demo.png", metavar="FILE.png", help="default out/demo.png")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("eval", help="methods × metrics table on the demo models (torchrun for several processes)",
+                       description="Evaluate explanation methods with localisation, faithfulness, complexity, "
+                                   "robustness and randomisation metrics on generated test scenes with ground "
+                                   "truth, for the trained demo models. Under torchrun each process takes a "
+                                   "DistributedSampler shard and rank 0 prints the gathered table.")
+    p.add_argument("--models", metavar="A,B,…", help="demo models (default: all four)")
+    p.add_argument("--methods", metavar="A,B,…", help="methods or ucag:BASE (default: "
+                                                       + ", ".join(DEFAULT_METHODS) + ")")
+    p.add_argument("--metrics", metavar="A,B,…", help="metrics (default: all; see fxrel.evaluation.METRICS)")
+    p.add_argument("--images", type=_positive_int, default=32, metavar="N", help="test scenes (default 32)")
+    p.add_argument("--seed", type=int, default=1, metavar="N", help="scene seed (default 1)")
+    p.add_argument("--size", type=_positive_int, default=64, metavar="N", help="scene side length (default 64)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="pairs per batch (16)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
+    p.add_argument("--markdown", metavar="FILE.md", help="also write the table as markdown")
+    p.add_argument("--json", metavar="FILE.json", help="also write the means as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

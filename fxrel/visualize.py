@@ -200,12 +200,14 @@ def save_grid(
     cols: Sequence[str],
     maps: Sequence[Sequence[torch.Tensor]],
     images: Sequence[ImageLike] | None = None,
+    overlay_alpha: float | None = None,
 ) -> Path:
     """Write a labelled ``len(rows) x len(cols)`` grid of heatmaps; returns the path.
 
     ``maps[i][j]`` is the relevance for row ``i``, column ``j`` (any shape
     :func:`relevance_to_map` accepts, one sample); each cell is normalised on
-    its own. ``images`` (one per row) adds a leading "input" column.
+    its own. ``images`` (one per row) adds a leading "input" column; with
+    ``overlay_alpha`` each heatmap is also blended over its row's image.
     """
     if not rows or not cols:
         raise ValueError("rows and cols must be non-empty")
@@ -216,6 +218,8 @@ def save_grid(
 
     cells = [[heatmap_rgb(_single_map(m)) for m in row] for row in maps]
     titles = list(cols)
+    if images is not None and overlay_alpha is not None:
+        cells = [[overlay(img, heat, overlay_alpha) for heat in row] for img, row in zip(images, cells)]
     if images is not None:
         cells = [[_image_to_uint8(img), *row] for img, row in zip(images, cells)]
         titles = ["input", *titles]

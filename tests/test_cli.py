@@ -4,6 +4,7 @@ Small inputs (16–32 px) keep every relevance-graph build around a second on CP
 """
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -172,6 +173,75 @@ def test_graph_dot(capsys):
     pytest.importorskip("fxrel.graphs.export")
     assert main(["graph", "tv:resnet18", "--method", "gradient", "--size", "16", "--format", "dot", "-q"]) == 0
     assert "digraph" in capsys.readouterr().out
+
+
+def test_graph_svg_and_json(tmp_path, capsys):
+    svg, js = tmp_path / "g.svg", tmp_path / "g.json"
+    assert main(["graph", "tv:resnet18", "--method", "epsilon_plus_flat", "--size", "16", "--format", "svg",
+                 "--out", str(svg), "-q"]) == 0
+    assert main(["graph", "tv:resnet18", "--method", "epsilon_plus_flat", "--size", "16", "--format", "json",
+                 "--out", str(js), "-q"]) == 0
+    text = svg.read_text()
+    assert text.lstrip().startswith("<?xml") and "<svg" in text and "ZPlus" in text   # rule labels are drawn
+    data = json.loads(js.read_text())
+    roles = {n["role"] for n in data["nodes"]}
+    assert {"forward", "relevance"} <= roles and data["edges"] and data["stops"] == ["x"]
+    names = {n["name"] for n in data["nodes"]}
+    assert all(e["source"] in names and e["target"] in names for e in data["edges"])
+
+
+def test_graph_of_posthoc_method_is_refused(capsys):
+    assert main(["graph", "tv:resnet18", "--method", "grad_cam", "--size", "16", "-q"]) == 2
+    assert "post-hoc" in capsys.readouterr().err
+
+
+# --- demo models, demo grid, eval -----------------------------------------------------------------------------------
+def test_explain_demo_model_with_posthoc_and_rule_methods(tmp_path, capsys):
+    out = tmp_path / "cam.png"
+    assert main(["explain", "--model", "demo-resnet", "--method", "ucag", "--target", "top2", "--out", str(out),
+                 "-q"]) == 0
+    captured = capsys.readouterr().out
+    assert "trained demo weights" in captured and "demo scene" in captured and "(top2)" in captured
+    with Image.open(out) as im:
+        assert im.size == (128, 64)   # image | overlay at the demo's 64 px
+    assert not (tmp_path / "cam.plan.txt").exists()   # post-hoc: no rule plan
+    out = tmp_path / "lrp.png"
+    assert main(["explain", "--model", "demo-vgg", "--method", "lrp_epsilon", "--out", str(out), "-q"]) == 0
+    assert (tmp_path / "lrp.plan.txt").is_file() and "ratio" in capsys.readouterr().out
+
+
+def test_unknown_demo_model_is_named(capsys):
+    assert main(["explain", "--model", "demo-nope", "--method", "gradient", "-q"]) == 2
+    assert "demo-vgg" in capsys.readouterr().err
+
+
+def test_demo_grid(tmp_path, capsys):
+    out = tmp_path / "demo.png"
+    assert main(["demo", "--images", "2", "--methods", "gradient_x_input,grad_cam,ucag:grad_cam", "--out", str(out),
+                 "-q"]) == 0
+    text = capsys.readouterr().out
+    rows = int(text.split("; ")[1].split(" rows")[0])
+    from fxrel.demo import make_scenes
+
+    assert rows == int(make_scenes(2, seed=0, split="test").labels.sum())
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size[0] > im.size[1] / rows * 3   # 4 columns (input + 3 methods)
+    assert main(["demo", "--methods", "gradient,nope", "--out", str(out), "-q"]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_eval_prints_and_writes_the_table(tmp_path, capsys):
+    md, js = tmp_path / "t.md", tmp_path / "t.json"
+    assert main(["eval", "--models", "demo-vgg", "--methods", "gradient,grad_cam", "--metrics",
+                 "pointing_game,sparseness", "--images", "3", "--markdown", str(md), "--json", str(js), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "PG(L)↑" in out and "Gini↑" in out and "demo-vgg" in out
+    assert md.read_text().count("| demo-vgg |") == 2
+    rows = json.loads(js.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["gradient", "grad_cam"]
+    assert all(0 <= r["pointing_game"] <= 1 and 0 <= r["sparseness"] <= 1 for r in rows)
+    assert main(["eval", "--metrics", "bogus", "-q"]) == 2
+    assert "bogus" in capsys.readouterr().err
 
 
 # --- parsing helpers ------------------------------------------------------------------------------------------------

@@ -84,9 +84,63 @@ def to_dot(graph: RelevanceGraph, include_params: bool = False) -> str:
 
 
 def _node_line(name: str, d: dict) -> str:
-    shape = d.get("shape") or ()
-    shape = ", ".join("×".join(map(str, s)) for s in shape) if shape and isinstance(shape[0], tuple) else \
-        "×".join(map(str, shape))
+    shape = _shape_text(d.get("shape"))
     label = f"{name}\\n{d['target']}" + (f"\\n[{shape}]" if shape else "")
     colour = _ROLE_COLOURS.get(d["role"], "#ffffff")
     return f"{_quote(name)} [label={_quote(label)}, fillcolor={_quote(colour)}];"
+
+
+def _shape_text(shape: Any) -> str:
+    if not shape:
+        return ""
+    if isinstance(shape[0], tuple):
+        return ", ".join("×".join(map(str, s)) for s in shape)
+    return "×".join(map(str, shape))
+
+
+def to_json(graph: RelevanceGraph) -> dict:
+    """The relevance program as JSON-ready node-link data: ``{"start", "stops", "nodes": [...], "edges": [...]}``
+    with each node's ``name``, ``op``, ``target``, ``role``, ``forward_node``, ``rule``, ``stream`` and ``shape``."""
+    g = to_networkx(graph)
+    nodes = [{"name": n, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}}
+             for n, d in g.nodes(data=True)]
+    for node in nodes:
+        if node["shape"] and isinstance(node["shape"][0], tuple):
+            node["shape"] = [list(s) for s in node["shape"]]
+    return {"start": graph.start, "stops": list(graph.stops), "nodes": nodes,
+            "edges": [{"source": a, "target": b} for a, b in g.edges()]}
+
+
+def to_svg(graph: RelevanceGraph, include_params: bool = False) -> str:
+    """An SVG drawing of the relevance program, drawn with matplotlib (no Graphviz needed): one row per
+    topological generation, top to bottom; forward nodes grey, seed orange, relevance blue, each labelled with its
+    name, target, shape and (relevance nodes) the rule and forward node it belongs to."""
+    import io
+
+    from matplotlib.figure import Figure
+
+    g = to_networkx(graph)
+    g = g.subgraph([n for n, d in g.nodes(data=True) if include_params or d["op"] != "get_attr"]).copy()
+    layers = list(nx.topological_generations(g))
+    width = max(len(layer) for layer in layers)
+    pos = {name: (i - (len(layer) - 1) / 2, -depth) for depth, layer in enumerate(layers)
+           for i, name in enumerate(layer)}
+    fig = Figure(figsize=(max(6.0, 2.2 * width), max(3.0, 0.75 * len(layers))))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_axis_off()
+    for a, b in g.edges():
+        ax.annotate("", xy=pos[b], xytext=pos[a], arrowprops={"arrowstyle": "->", "lw": 0.5, "color": "#555555",
+                                                               "shrinkA": 9, "shrinkB": 9})
+    for name, d in g.nodes(data=True):
+        label = f"{name}\n{d['target']}"
+        if d.get("shape"):
+            label += f" [{_shape_text(d['shape'])}]"
+        if d["role"] == "relevance" and d.get("rule"):
+            label += f"\n{d['forward_node']} · {d['rule']}"
+        ax.text(*pos[name], label, ha="center", va="center", fontsize=5, family="monospace",
+                bbox={"boxstyle": "round,pad=0.3", "fc": _ROLE_COLOURS.get(d["role"], "#ffffff"), "lw": 0.4})
+    ax.set_xlim(-width / 2 - 0.5, width / 2 + 0.5)
+    ax.set_ylim(-len(layers) + 0.5, 0.5)
+    buffer = io.StringIO()
+    fig.savefig(buffer, format="svg")
+    return buffer.getvalue()

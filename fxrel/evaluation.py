@@ -1,0 +1,297 @@
+"""Methods × metrics evaluation on scenes with ground truth (the papers' tables), single-process or distributed.
+
+Every (image, present class) pair is one evaluation sample: the method explains the image for that class, the
+map (channel sum at the input's size; CAMs up-sampled bilinearly) is scored against that class's box (pointing
+games, IoU) and mask (attribution localisation), and by the model (perturbation metrics). A pair is *predicted*
+when the model's logit for the class is positive (the demo models are multi-label): the ``(P)`` columns average
+over the correctly predicted pairs only, the ``(L)`` columns over all labels (RSP, Table 1).
+
+Distributed: under ``torchrun`` (``WORLD_SIZE > 1``) each process evaluates the images of its
+``DistributedSampler`` shard and the per-sample records are gathered on rank 0, which reduces them exactly like a
+single process would (records are keyed by image index, so the sampler's padding is dropped).
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxrel import metrics
+from fxrel.errors import InputError
+from fxrel.text import format_markdown, format_table
+
+__all__ = ["MetricSpec", "METRICS", "DEFAULT_METRICS", "DEFAULT_METHODS", "method_fn", "evaluate", "EvalResult"]
+
+MapFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# -- methods --------------------------------------------------------------------------------------------------------
+DEFAULT_METHODS = (
+    "gradient", "gradient_x_input", "guided_backprop", "integrated_gradients", "smoothgrad",
+    "lrp_epsilon", "epsilon_plus_flat", "epsilon_gamma_box", "lrp_alpha_beta", "lrp_rap",
+    "clrp", "sglrp", "contrastive_excitation_backprop",
+    "grad_cam", "grad_cam_pp", "layer_cam", "ucag:grad_cam", "ucag:lrp_epsilon",
+)
+
+
+def _input_params(name: str, low: float, high: float) -> dict:
+    """Parameters that depend on the input domain: the z^B bounds of the methods that have them."""
+    import fxrel
+
+    defaults = fxrel.methods(detail=True)[name]["defaults"]
+    return {"low": low, "high": high} if "low" in defaults else {}
+
+
+def method_fn(spec: str, low: float = 0.0, high: float = 1.0) -> MapFn:
+    """The map function ``(model, x, targets) → [N, H, W]`` of a method spec: a name from ``fxrel.methods()`` or
+    ``ucag:BASE`` (UCAG over BASE). ``low``/``high``: the input domain (z^B bounds of the box rules)."""
+    import fxrel
+    from fxrel.ucag import CAM_METHODS, ucag
+
+    base, _, wrapped = spec.partition(":")
+    known = fxrel.methods()
+    if base == "ucag" and wrapped:
+        if wrapped not in known:
+            raise InputError(f"unknown method '{wrapped}' in '{spec}'; see `fxrel methods`")
+        params = _input_params(wrapped, low, high)
+
+        def run_ucag(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return ucag(model, x, targets, method=wrapped, method_params=params, weighting="exp_softmax")
+        return run_ucag
+    if spec not in known or spec == "ucag":
+        raise InputError(f"unknown method '{spec}'; use a name from `fxrel methods` or ucag:BASE")
+    params = _input_params(spec, low, high)
+    if spec in CAM_METHODS:
+        params["upsample"] = "input"
+
+    def run(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return metrics.as_maps(fxrel.explain(model, x, target=targets, method=spec, **params))
+    return run
+
+
+# -- metrics --------------------------------------------------------------------------------------------------------
+@dataclass
+class Samples:
+    """One chunk of evaluation samples (image, class) with everything a metric may need."""
+
+    model: nn.Module
+    x: torch.Tensor             #: [P, C, H, W]
+    targets: torch.Tensor       #: [P]
+    masks: torch.Tensor         #: [P, H, W] bool, the class's pixels
+    boxes: torch.Tensor         #: [P, H, W] bool, the class's box
+    maps: torch.Tensor          #: [P, H, W]
+    explain: MapFn
+    shared: dict = field(default_factory=dict)   #: results that several metrics read (insertion and deletion …)
+
+    def once(self, key: str, compute: Callable[[], dict]) -> dict:
+        if key not in self.shared:
+            self.shared[key] = compute()
+        return self.shared[key]
+
+
+def _insdel(s: Samples) -> dict:
+    return s.once("insdel", lambda: metrics.insertion_deletion(s.model, s.x, s.maps, s.targets, score="sigmoid"))
+
+
+def _density(s: Samples) -> dict:
+    return s.once("density", lambda: metrics.map_density(s.model, s.x, s.maps, s.targets, score="sigmoid"))
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    label: str
+    higher_is_better: bool
+    compute: Callable[[Samples], torch.Tensor]
+    reference: str
+
+
+def _tolerance(s: Samples) -> int:
+    return max(1, round(15 * s.x.shape[-1] / 224))  # Zhang et al.'s 15 px at 224 px, scaled to the input
+
+
+METRICS: dict[str, MetricSpec] = {
+    "pointing_game": MetricSpec("PG", True, lambda s: metrics.pointing_game(s.maps, s.boxes, _tolerance(s)),
+                                "Zhang et al. 2018 (box, 15 px at 224 px)"),
+    "energy_pointing_game": MetricSpec("EPG", True, lambda s: metrics.energy_pointing_game(s.maps, s.boxes),
+                                       "Wang et al. 2020"),
+    "attribution_localisation": MetricSpec(
+        "AttLoc", True, lambda s: metrics.attribution_localisation(s.maps, s.masks), "Kohlbrenner et al. 2020"),
+    "iou": MetricSpec("IoU", True, lambda s: metrics.box_iou(s.maps, s.boxes, threshold="zero"),
+                      "RSP Table 1 (box vs positive map)"),
+    "iou_mean": MetricSpec("IoU-m", True, lambda s: metrics.box_iou(s.maps, s.boxes, threshold="mean"),
+                           "RSP Table 1 (mean threshold)"),
+    "sparseness": MetricSpec("Gini", True, lambda s: metrics.sparseness(s.maps), "Chalasani et al. 2020"),
+    "faithfulness": MetricSpec(
+        "Fid", True, lambda s: metrics.faithfulness_correlation(s.model, s.x, s.maps, s.targets),
+        "Bhatt et al. 2020"),
+    "insertion": MetricSpec("Ins", True, lambda s: _insdel(s)["insertion"], "Petsiuk et al. 2018"),
+    "deletion": MetricSpec("Del", False, lambda s: _insdel(s)["deletion"], "Petsiuk et al. 2018"),
+    "negative_perturbation": MetricSpec(
+        "NegP", True, lambda s: metrics.negative_perturbation(s.model, s.x, s.maps, s.targets, score="sigmoid")[
+            "auc"], "Gur et al. 2021 (AGF)"),
+    "density_positive": MetricSpec("D+", True, lambda s: _density(s)["positive"],
+                                   "Jalwana et al. 2021 (UCAG Table 5)"),
+    "density_negative": MetricSpec("D-", False, lambda s: _density(s)["negative"],
+                                   "Jalwana et al. 2021 (UCAG Table 5)"),
+    "stability": MetricSpec(
+        "Stab", False, lambda s: metrics.max_sensitivity(s.explain, s.model, s.x, s.targets, radius=0.05, samples=3),
+        "Yeh et al. 2019 (max sensitivity, 3 samples, r=0.05)"),
+    "randomisation": MetricSpec(
+        "MPRT", False, lambda s: _randomised_similarity(s), "Adebayo et al. 2018 (cascading, mean Spearman)"),
+}
+DEFAULT_METRICS = tuple(METRICS)
+
+
+def _randomised_similarity(s: Samples) -> torch.Tensor:
+    """Mean Spearman similarity to the original map over the cascade (lower: more sensitive to the weights)."""
+    steps = metrics.cascading_randomisation(s.model, s.explain, s.x, s.targets, similarity="spearman")
+    return torch.stack(list(steps.values())).nanmean(dim=0)
+
+
+# -- running --------------------------------------------------------------------------------------------------------
+@dataclass
+class EvalResult:
+    """Per-sample records ``(model, method, metric) → {(image, class): (value, predicted)}`` and their table."""
+
+    records: dict[tuple[str, str, str], dict[tuple[int, int], tuple[float, bool]]] = field(default_factory=dict)
+    metrics: tuple[str, ...] = ()
+    seconds: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    def merge(self, other: "EvalResult") -> None:
+        for key, rows in other.records.items():
+            self.records.setdefault(key, {}).update(rows)
+        for key, sec in other.seconds.items():
+            self.seconds[key] = max(self.seconds.get(key, 0.0), sec)
+
+    def mean(self, model: str, method: str, metric: str, predicted_only: bool = False) -> float:
+        rows = self.records.get((model, method, metric), {})
+        values = [v for _, (v, pred) in sorted(rows.items()) if (pred or not predicted_only) and math.isfinite(v)]
+        return sum(values) / len(values) if values else float("nan")
+
+    def rows(self) -> list[tuple[str, str]]:
+        seen: dict[tuple[str, str], None] = {}
+        for model, method, _ in self.records:
+            seen[(model, method)] = None
+        return list(seen)
+
+    def table(self, markdown: bool = False) -> str:
+        """The methods × metrics table (means; ``(P)``: correctly predicted pairs only), as aligned text or
+        ``markdown``."""
+        header = ["model", "method"]
+        columns: list[tuple[str, bool]] = []
+        for name in self.metrics:
+            spec = METRICS[name]
+            arrow = "↑" if spec.higher_is_better else "↓"
+            if name == "pointing_game":
+                header += [f"PG(L){arrow}", f"PG(P){arrow}"]
+                columns += [(name, False), (name, True)]
+            else:
+                header.append(f"{spec.label}{arrow}")
+                columns.append((name, False))
+        header.append("s")
+        body = [[model, method, *[f"{self.mean(model, method, m, p):.3f}" for m, p in columns],
+                 f"{self.seconds.get((model, method), float('nan')):.1f}"] for model, method in self.rows()]
+        return (format_markdown if markdown else format_table)(header, body)
+
+    def to_json(self) -> dict:
+        return {"metrics": list(self.metrics),
+                "rows": [{"model": model, "method": method, "seconds": self.seconds.get((model, method)),
+                          **{m: self.mean(model, method, m) for m in self.metrics},
+                          **({"pointing_game_predicted": self.mean(model, method, "pointing_game", True)}
+                             if "pointing_game" in self.metrics else {})}
+                         for model, method in self.rows()]}
+
+
+def _pairs(labels: torch.Tensor, indices: Sequence[int]) -> list[tuple[int, int]]:
+    return [(i, int(c)) for i in indices for c in labels[i].nonzero().flatten().tolist()]
+
+
+def evaluate(models: dict[str, nn.Module], scenes, methods: Sequence[str] = DEFAULT_METHODS,
+             metric_names: Sequence[str] = DEFAULT_METRICS, *, indices: Iterable[int] | None = None,
+             batch_size: int = 16, device: torch.device | str = "cpu",
+             progress: Callable[[str], None] | None = None) -> EvalResult:
+    """Evaluate ``methods`` on ``models`` over the (image, present class) pairs of ``scenes`` (a
+    :class:`fxrel.demo.SceneBatch`, or anything with ``images``, ``labels``, ``masks``, ``boxes``); ``indices``
+    restricts the images (a distributed shard). ``progress(description)`` is called after every chunk."""
+    import time
+
+    unknown = [m for m in metric_names if m not in METRICS]
+    if unknown:
+        raise InputError(f"unknown metrics {unknown}; available: {list(METRICS)}")
+    fns = {spec: method_fn(spec) for spec in methods}   # fails fast on an unknown method
+    indices = list(range(len(scenes.labels))) if indices is None else list(indices)
+    pairs = _pairs(scenes.labels, indices)
+    result = EvalResult(metrics=tuple(metric_names))
+    for model_name, model in models.items():
+        model = model.eval().to(device)
+        for spec, fn in fns.items():
+            start = time.perf_counter()
+            for chunk_start in range(0, len(pairs), batch_size):
+                chunk = pairs[chunk_start:chunk_start + batch_size]
+                samples, predicted = _samples(model, scenes, chunk, fn, device)
+                for name in metric_names:
+                    values = METRICS[name].compute(samples).detach().double().cpu().tolist()
+                    rows = result.records.setdefault((model_name, spec, name), {})
+                    rows.update({pair: (v, p) for pair, v, p in zip(chunk, values, predicted)})
+                if progress is not None:
+                    progress(f"{model_name} {spec}")
+            result.seconds[(model_name, spec)] = time.perf_counter() - start
+    return result
+
+
+def _samples(model: nn.Module, scenes, chunk: list[tuple[int, int]], fn: MapFn, device) -> tuple[Samples, list]:
+    img = torch.tensor([i for i, _ in chunk])
+    cls = torch.tensor([c for _, c in chunk])
+    x = scenes.images[img].to(device)
+    targets = cls.to(device)
+    height, width = x.shape[-2:]
+    box = scenes.boxes[img, cls]
+    boxes = metrics.box_masks(box, height, width).to(device)
+    masks = scenes.masks[img, cls].to(device)
+    maps = fn(model, x, targets).detach()
+    if maps.shape[-2:] != (height, width):
+        maps = F.interpolate(maps.unsqueeze(1), size=(height, width), mode="bilinear",
+                             align_corners=False).squeeze(1)
+    with torch.no_grad():
+        predicted = (model(x).gather(1, targets[:, None])[:, 0] > 0).cpu().tolist()
+    return Samples(model, x, targets, masks, boxes, maps, fn), predicted
+
+
+# -- distributed ----------------------------------------------------------------------------------------------------
+def distributed_world() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) outside it."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def evaluate_distributed(models: dict[str, nn.Module], scenes, methods: Sequence[str], metric_names: Sequence[str],
+                         **kwargs) -> EvalResult | None:
+    """:func:`evaluate` on this process's ``DistributedSampler`` shard; the records are gathered to rank 0, which
+    returns the merged result (other ranks return ``None``). Initialises the default process group from torchrun's
+    environment (gloo on CPU, nccl on CUDA) when it is not yet initialised."""
+    import torch.distributed as dist
+    from torch.utils.data.distributed import DistributedSampler
+
+    own_group = not dist.is_initialized()
+    if own_group:
+        device = torch.device(kwargs.get("device", "cpu"))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        sampler = DistributedSampler(range(len(scenes.labels)), num_replicas=world, rank=rank, shuffle=False)
+        local = evaluate(models, scenes, methods, metric_names, indices=sorted(set(sampler)), **kwargs)
+        gathered: list[EvalResult | None] = [None] * world
+        dist.gather_object(local, gathered if rank == 0 else None, dst=0)
+        if rank != 0:
+            return None
+        merged = EvalResult(metrics=local.metrics)
+        for part in gathered:
+            merged.merge(part)
+        return merged
+    finally:
+        if own_group:
+            dist.destroy_process_group()

@@ -1,0 +1,104 @@
+"""The methods × metrics evaluation (fxrel.evaluation): per-sample records, the (L)/(P) split, the table, and
+distributed evaluation under torchrun (gloo, 2 CPU processes) reproducing the single-process numbers."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from fxrel import evaluation, metrics
+from fxrel.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def toy_scenes(n: int = 5, size: int = 24, seed: int = 0) -> SimpleNamespace:
+    """Scenes with one or two bright squares of distinct classes (0–3) and their boxes/masks."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, size, size, generator=g) * 0.2
+    labels = torch.zeros(n, 4, dtype=torch.bool)
+    masks = torch.zeros(n, 4, size, size, dtype=torch.bool)
+    boxes = torch.full((n, 4, 4), -1, dtype=torch.long)
+    for i in range(n):
+        for k, c in enumerate(torch.randperm(4, generator=g)[: 1 + i % 2].tolist()):
+            x0, y0 = 2 + 12 * k, 2 + int(torch.randint(0, 10, (1,), generator=g))
+            images[i, c % 3, y0:y0 + 8, x0:x0 + 8] = 1.0
+            labels[i, c] = True
+            masks[i, c, y0:y0 + 8, x0:x0 + 8] = True
+            boxes[i, c] = torch.tensor([x0, y0, x0 + 8, y0 + 8])
+    return SimpleNamespace(images=images, labels=labels, masks=masks, boxes=boxes)
+
+
+def toy_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+
+
+def test_records_are_the_metrics_of_each_image_class_pair():
+    scenes, model = toy_scenes(), toy_model()
+    result = evaluation.evaluate({"toy": model}, scenes, ["gradient_x_input", "grad_cam"],
+                                 ["pointing_game", "sparseness"], batch_size=3)
+    pairs = [(i, c) for i in range(5) for c in scenes.labels[i].nonzero().flatten().tolist()]
+    rows = result.records[("toy", "gradient_x_input", "sparseness")]
+    assert sorted(rows) == pairs
+    i, c = pairs[-1]
+    x = scenes.images[i:i + 1]
+    own = metrics.sparseness(evaluation.method_fn("gradient_x_input")(model, x, torch.tensor([c])))
+    assert rows[(i, c)][0] == pytest.approx(float(own), rel=1e-6)
+    logits = model(scenes.images)
+    predicted = {(i, c) for i, c in pairs if logits[i, c] > 0}
+    assert {p for p, (_, pred) in rows.items() if pred} == predicted
+    pg = result.records[("toy", "grad_cam", "pointing_game")]
+    expected = sum(v for v, _ in pg.values()) / len(pg)
+    assert result.mean("toy", "grad_cam", "pointing_game") == pytest.approx(expected)
+    table = result.table()
+    assert "PG(L)↑" in table and "PG(P)↑" in table and "Gini↑" in table and "grad_cam" in table
+
+
+def test_chunking_does_not_change_the_records():
+    scenes, model = toy_scenes(), toy_model()
+    a = evaluation.evaluate({"toy": model}, scenes, ["gradient"], ["energy_pointing_game", "iou"], batch_size=2)
+    b = evaluation.evaluate({"toy": model}, scenes, ["gradient"], ["energy_pointing_game", "iou"], batch_size=16)
+    for key in a.records:
+        for pair, (v, p) in a.records[key].items():
+            assert b.records[key][pair] == (pytest.approx(v, rel=1e-5, abs=1e-7), p)
+
+
+def test_unknown_metric_and_method_are_named():
+    with pytest.raises(InputError, match="unknown metrics"):
+        evaluation.evaluate({"toy": toy_model()}, toy_scenes(), ["gradient"], ["nope"])
+    with pytest.raises(InputError, match="unknown method 'nope'"):
+        evaluation.method_fn("nope")
+    with pytest.raises(InputError, match="unknown method 'nope' in 'ucag:nope'"):
+        evaluation.method_fn("ucag:nope")
+
+
+def _eval_argv(out: Path) -> list[str]:
+    return ["eval", "--models", "demo-vgg", "--methods", "gradient_x_input,grad_cam", "--metrics",
+            "pointing_game,energy_pointing_game,sparseness,insertion", "--images", "5", "--json", str(out), "-q"]
+
+
+def test_torchrun_two_processes_reproduce_the_single_process_table(tmp_path):
+    """`fxrel eval` under torchrun (gloo, 2 CPU processes, DistributedSampler shards, gather to rank 0)."""
+    pytest.importorskip("fxrel.demo")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    single, double = tmp_path / "single.json", tmp_path / "double.json"
+    run = subprocess.run([sys.executable, "-m", "fxrel.cli", *_eval_argv(single)], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29517", "-m", "fxrel.cli", *_eval_argv(double)], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "2 processes" in run.stdout and run.stdout.count("PG(L)") == 1   # only rank 0 reports
+    a, b = json.loads(single.read_text()), json.loads(double.read_text())
+    assert len(a["rows"]) == len(b["rows"]) == 2
+    for row_a, row_b in zip(a["rows"], b["rows"]):
+        for metric in a["metrics"]:
+            assert row_b[metric] == pytest.approx(row_a[metric], rel=1e-6, abs=1e-9), metric
