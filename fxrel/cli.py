@@ -292,7 +292,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(f"{name.ljust(width)}  {info['description']} [{info['reference']}]")
         print(f"{''.ljust(width)}  output: {info['output']}")
         if name in POST_HOC:
-            print(f"{''.ljust(width)}  post-hoc: use fxrel.explain(..., method='{name}') from Python")
+            print(f"{''.ljust(width)}  post-hoc (no single relevance graph): its parameters go to --param")
     return EXIT_OK
 
 
@@ -457,8 +457,8 @@ def _demo_methods(text: str | None, default: Sequence[str]) -> list[str]:
     return methods
 
 
-DEMO_GRID_METHODS = ("gradient_x_input", "epsilon_plus_flat", "lrp_rap", "clrp", "sglrp",
-                     "contrastive_excitation_backprop", "grad_cam", "ucag:grad_cam", "integrated_gradients")
+DEMO_GRID_METHODS = ("gradient_x_input", "integrated_gradients", "epsilon_plus_flat", "clrp", "sglrp",
+                     "contrastive_excitation_backprop", "rap", "rsp", "grad_cam", "ucag:grad_cam")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -619,8 +619,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", metavar="A,B,…", help="demo models (default: all four)")
     p.add_argument("--methods", metavar="A,B,…", help="methods or ucag:BASE (default: "
                                                        + ", ".join(DEFAULT_METHODS) + ")")
-    p.add_argument("--metrics", metavar="A,B,…", help="metrics (default: all; see fxrel.evaluation.METRICS)")
-    p.add_argument("--images", type=_positive_int, default=32, metavar="N", help="test scenes (default 32)")
+    p.add_argument("--metrics", metavar="A,B,…", help="metrics (default: all but randomisation, the cascading "
+                                                       "sanity check, which re-captures the model per layer; "
+                                                       "names in fxrel.evaluation.METRICS)")
+    p.add_argument("--images", type=_positive_int, default=16, metavar="N", help="test scenes (default 16)")
     p.add_argument("--seed", type=int, default=1, metavar="N", help="scene seed (default 1)")
     p.add_argument("--size", type=_positive_int, default=64, metavar="N", help="scene side length (default 64)")
     p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="pairs per batch (16)")

@@ -34,7 +34,7 @@ MapFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 DEFAULT_METHODS = (
     "gradient", "gradient_x_input", "guided_backprop", "integrated_gradients", "smoothgrad",
     "lrp_epsilon", "epsilon_plus_flat", "epsilon_gamma_box", "lrp_alpha_beta", "lrp_rap",
-    "clrp", "sglrp", "contrastive_excitation_backprop",
+    "clrp", "sglrp", "contrastive_excitation_backprop", "rap", "rsp", "crsp",
     "grad_cam", "grad_cam_pp", "layer_cam", "ucag:grad_cam", "ucag:lrp_epsilon",
 )
 
@@ -47,9 +47,11 @@ def _input_params(name: str, low: float, high: float) -> dict:
     return {"low": low, "high": high} if "low" in defaults else {}
 
 
-def method_fn(spec: str, low: float = 0.0, high: float = 1.0) -> MapFn:
+def method_fn(spec: str, low: float = 0.0, high: float = 1.0, ucag_weighting: str = "sigmoid") -> MapFn:
     """The map function ``(model, x, targets) → [N, H, W]`` of a method spec: a name from ``fxrel.methods()`` or
-    ``ucag:BASE`` (UCAG over BASE). ``low``/``high``: the input domain (z^B bounds of the box rules)."""
+    ``ucag:BASE`` (UCAG over BASE). ``low``/``high``: the input domain (z^B bounds of the box rules).
+    ``ucag_weighting``: UCAG's crop confidence (Eq. 4); ``"sigmoid"`` by default because the scenes are
+    multi-label (the paper's ``"exp_softmax"`` assumes one class per image)."""
     import fxrel
     from fxrel.ucag import CAM_METHODS, ucag
 
@@ -61,7 +63,7 @@ def method_fn(spec: str, low: float = 0.0, high: float = 1.0) -> MapFn:
         params = _input_params(wrapped, low, high)
 
         def run_ucag(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            return ucag(model, x, targets, method=wrapped, method_params=params, weighting="exp_softmax")
+            return ucag(model, x, targets, method=wrapped, method_params=params, weighting=ucag_weighting)
         return run_ucag
     if spec not in known or spec == "ucag":
         raise InputError(f"unknown method '{spec}'; use a name from `fxrel methods` or ucag:BASE")
@@ -144,7 +146,8 @@ METRICS: dict[str, MetricSpec] = {
     "randomisation": MetricSpec(
         "MPRT", False, lambda s: _randomised_similarity(s), "Adebayo et al. 2018 (cascading, mean Spearman)"),
 }
-DEFAULT_METRICS = tuple(METRICS)
+#: every metric but the cascading randomisation, which re-captures the model once per randomised layer (opt-in)
+DEFAULT_METRICS = tuple(name for name in METRICS if name != "randomisation")
 
 
 def _randomised_similarity(s: Samples) -> torch.Tensor:

@@ -400,3 +400,16 @@ def test_cuda_matches_cpu(cnn_batch) -> None:
     torch.testing.assert_close(M.pointing_game(maps.to(dev), masks.to(dev), 2).cpu(), M.pointing_game(maps, masks, 2))
     r = M.cascading_randomisation(gpu[0], gradient, gpu[1], gpu[3], seed=3)
     assert list(r) == ["6", "3", "1", "0"] and all(v.device.type == "cuda" for v in r.values())
+
+
+def test_randomisation_with_fxrels_cached_explainers_matches_autograd(cnn_batch) -> None:
+    """fxrel.explain caches one explainer per model object and its program snapshots the parameters: every
+    cascade step must therefore see a fresh model object, or the steps after the first would repeat a stale map."""
+    import fxrel
+
+    model, x, t = cnn_batch
+    ours = M.cascading_randomisation(model, lambda m, xx, tt: fxrel.explain(m, xx, tt, method="gradient"), x, t)
+    reference = M.cascading_randomisation(model, gradient, x, t)
+    assert list(ours) == list(reference)
+    for layer in ours:
+        torch.testing.assert_close(ours[layer], reference[layer], rtol=1e-4, atol=1e-5)

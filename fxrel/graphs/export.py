@@ -112,16 +112,27 @@ def to_json(graph: RelevanceGraph) -> dict:
 
 
 def to_svg(graph: RelevanceGraph, include_params: bool = False) -> str:
-    """An SVG drawing of the relevance program, drawn with matplotlib (no Graphviz needed): one row per
-    topological generation, top to bottom; forward nodes grey, seed orange, relevance blue, each labelled with its
-    name, target, shape and (relevance nodes) the rule and forward node it belongs to."""
+    """An SVG drawing of the relevance program (:func:`graph_figure`; text kept as text, so it stays searchable)."""
     import io
 
+    import matplotlib
+
+    buffer = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        graph_figure(graph, include_params).savefig(buffer, format="svg")
+    return buffer.getvalue()
+
+
+def graph_figure(graph: RelevanceGraph, include_params: bool = False):
+    """A matplotlib ``Figure`` of the relevance program (no Graphviz needed): one row per longest distance to the
+    outputs, top to bottom (so every node sits just above its first consumer); forward nodes grey, seed orange,
+    relevance blue, each labelled with its name, target, shape and (relevance nodes) the rule and forward node it
+    belongs to."""
     from matplotlib.figure import Figure
 
     g = to_networkx(graph)
     g = g.subgraph([n for n, d in g.nodes(data=True) if include_params or d["op"] != "get_attr"]).copy()
-    layers = list(nx.topological_generations(g))
+    layers = list(reversed(list(nx.topological_generations(g.reverse()))))   # by distance to the output
     width = max(len(layer) for layer in layers)
     pos = {name: (i - (len(layer) - 1) / 2, -depth) for depth, layer in enumerate(layers)
            for i, name in enumerate(layer)}
@@ -141,6 +152,4 @@ def to_svg(graph: RelevanceGraph, include_params: bool = False) -> str:
                 bbox={"boxstyle": "round,pad=0.3", "fc": _ROLE_COLOURS.get(d["role"], "#ffffff"), "lw": 0.4})
     ax.set_xlim(-width / 2 - 0.5, width / 2 + 0.5)
     ax.set_ylim(-len(layers) + 0.5, 0.5)
-    buffer = io.StringIO()
-    fig.savefig(buffer, format="svg")
-    return buffer.getvalue()
+    return fig
