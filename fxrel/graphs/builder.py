@@ -7,6 +7,11 @@ proxies. It returns a dict ``{"output": start output, "<stream>:<stop>": relevan
 node's forward value, …}`` for every requested stop. There are no autograd calls in it; it runs eagerly or under
 ``torch.compile(fullgraph=True)``.
 
+A stream with an ``entry`` node starts there instead: its initial relevance is formed when the sweep reaches the
+entry, from (start output, mask, entry output, the other streams' relevance at the entry). *Helper* streams only
+feed other streams and are not returned. RSP uses both: helper streams bring gradients down to the last feature
+map, where the relative map computed from them becomes the sectional stream's initial relevance.
+
 Fan-out is summation: a node used by several others receives the sum of what each sends back.
 Every emitted node records ``fxrel_role`` (``forward``/``seed``/``relevance``), ``fxrel_forward`` (the forward node it
 serves), ``fxrel_rule`` and ``fxrel_stream``.
@@ -23,7 +28,7 @@ from fxrel.errors import RuleError
 from fxrel.graphs import ops
 from fxrel.rules.base import Rule
 
-Seed = Callable[[Any, Any], Any]
+Seed = Callable[..., Any]
 Finalize = Callable[[Any, Any], Any]
 
 
@@ -33,8 +38,11 @@ class Stream:
 
     name: str
     plan: Mapping[str, Rule]               #: canonical node name → rule
-    seed: Seed                              #: (start output, seed mask) → initial relevance
+    seed: Seed                              #: (start output, seed mask) → initial relevance at the start node; with
+    #: an ``entry``: (start output, seed mask, entry output, {stream: relevance at the entry}) → relevance there
     finalize: Finalize | None = None        #: (relevance, node value) → what is returned at a stop node
+    entry: str | None = None                #: node (or module) below the start where this stream's relevance enters
+    helper: bool = False                    #: only feeds other streams (ctx.upstream, entry seeds); not returned
 
 
 @dataclass
@@ -56,12 +64,26 @@ class _Context:
         """True when every tensor input is ≥ 0 by construction (e.g. ReLU outputs)."""
         return all(a.meta.get("fxrel_nonnegative", False) for a in ops.tensor_inputs(self.node))
 
-    def forward(self, inputs: Sequence[Any], weight: Any = None, bias: Any = None) -> Any:
+    def forward(self, inputs: Sequence[Any], weight: Any = None, bias: Any = None, per_sample: bool = False) -> Any:
+        if per_sample:
+            return self._per_sample().forward(self.node, list(inputs), weight)
         return ops.spec_of(self.node).forward(self.node, list(inputs), weight, bias)
 
-    def vjp(self, grad: Any, weight: Any = None) -> list[Any]:
+    def vjp(self, grad: Any, weight: Any = None, per_sample: bool = False) -> list[Any]:
+        if per_sample:
+            return self._per_sample().vjp(self.node, grad, self.inputs, weight)
         w = self.weight if weight is None else weight
         return ops.spec_of(self.node).vjp(self.node, grad, self.inputs, w)
+
+    def weight_vjp(self, grad: Any, inputs: Sequence[Any] | None = None) -> Any:
+        return self._per_sample().weight_vjp(self.node, grad, list(self.inputs if inputs is None else inputs))
+
+    def _per_sample(self) -> ops.PerSample:
+        spec = ops.spec_of(self.node).per_sample
+        if spec is None:
+            raise RuleError(f"node '{self.node.name}' of kind '{self.kind}' has no per-sample weights "
+                            f"(only convolutions do); module '{self.node.meta.get('fxrel_module', '')}'")
+        return spec
 
     def param(self, which: str, tag: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
         return self.builder.derived_param(self.node, which, tag, fn)
@@ -76,10 +98,11 @@ class RelevanceGraph:
 
     module: fx.GraphModule                   #: forward(*inputs, seed_mask) -> dict of tensors
     canonical: fx.GraphModule                #: the canonical forward graph
-    streams: list[Stream]
+    streams: list[Stream]                    #: the streams whose relevance is returned
     start: str                               #: canonical node where relevance starts
     stops: list[str]                         #: where relevance is returned (node or module names, as asked)
     output_keys: list[str] = field(default_factory=list)
+    helpers: list[Stream] = field(default_factory=list)  #: streams that only feed the others
 
     @property
     def code(self) -> str:
@@ -203,7 +226,11 @@ def build_relevance_graph(canonical: fx.GraphModule, streams: Sequence[Stream], 
     mask.meta["fxrel_role"] = "seed"
     start_value = b.proxy(b.env[start_node])
     pending: dict[tuple[str, fx.Node], list[Any]] = {}
+    entries: dict[fx.Node, list[Stream]] = {}
     for s in streams:
+        if s.entry is not None:
+            entries.setdefault(find_node(canonical, s.entry), []).append(s)
+            continue
         marker = b.last()
         pending[(s.name, start_node)] = [s.seed(start_value, b.proxy(mask))]
         b.tag_since(marker, fxrel_role="seed", fxrel_forward=start_node.name, fxrel_stream=s.name)
@@ -221,12 +248,17 @@ def build_relevance_graph(canonical: fx.GraphModule, streams: Sequence[Stream], 
             upstream[s.name] = sum(parts[1:], parts[0]) if parts else None
             b.tag_since(marker, fxrel_role="relevance", fxrel_forward=node.name, fxrel_rule="fan-out sum",
                         fxrel_stream=s.name)
+        for s in entries.pop(node, []):
+            marker = b.last()
+            arrived = {name: r for name, r in upstream.items() if r is not None}
+            upstream[s.name] = s.seed(start_value, b.proxy(mask), b.proxy(b.env[node]), arrived)
+            b.tag_since(marker, fxrel_role="seed", fxrel_forward=node.name, fxrel_stream=s.name)
         downstream: dict[str, list] = {}
         for s in streams:
             relevance = upstream[s.name]
             if relevance is None:
                 continue
-            if node in label_of:
+            if node in label_of and not s.helper:
                 value = b.proxy(b.env[node])
                 final = relevance if s.finalize is None else s.finalize(relevance, value)
                 outputs.update({f"{s.name}:{label}": final for label in label_of[node]})
@@ -250,12 +282,16 @@ def build_relevance_graph(canonical: fx.GraphModule, streams: Sequence[Stream], 
             for arg, r in zip(ops.tensor_inputs(node), sent):
                 pending.setdefault((s.name, arg), []).append(r)
 
-    missing = [f"{s.name}:{label}" for s in streams for label in labels if f"{s.name}:{label}" not in outputs]
+    if entries:
+        unreached = [s.entry for group in entries.values() for s in group]
+        raise RuleError(f"the entry nodes {unreached} of streams lie above the start node '{start_node.name}'")
+    returned = [s for s in streams if not s.helper]
+    missing = [f"{s.name}:{label}" for s in returned for label in labels if f"{s.name}:{label}" not in outputs]
     if missing and stops != ["*"]:
         raise RuleError(f"no relevance reaches the stop nodes {missing[:5]} from start node '{start_node.name}'")
     if combine is not None:
         for label in labels:
-            parts = {s.name: outputs.pop(f"{s.name}:{label}") for s in streams if f"{s.name}:{label}" in outputs}
+            parts = {s.name: outputs.pop(f"{s.name}:{label}") for s in returned if f"{s.name}:{label}" in outputs}
             if parts:
                 marker = b.last()
                 outputs[f"combined:{label}"] = combine(parts)
@@ -265,4 +301,5 @@ def build_relevance_graph(canonical: fx.GraphModule, streams: Sequence[Stream], 
     b.graph.output({k: (v.node if isinstance(v, fx.Proxy) else v) for k, v in outputs.items()})
     b.graph.eliminate_dead_code()
     module = fx.GraphModule(b.root, b.graph, "RelevanceGraph")
-    return RelevanceGraph(module, canonical, list(streams), start_node.name, labels, keys)
+    return RelevanceGraph(module, canonical, returned, start_node.name, labels, keys,
+                          [s for s in streams if s.helper])

@@ -6,7 +6,12 @@ module gives an :class:`OpSpec` with
 * ``inputs(node)``: the node's tensor-valued inputs (the values relevance flows back to);
 * ``forward(node, inputs, weight, bias)``: the op applied to (possibly modified) inputs and parameters;
 * ``vjp(node, grad, inputs, weight)``: ``(∂f/∂inputs)ᵀ grad`` for each input, written with explicit ops
-  (transposed convolution, ``max_pool2d_with_indices_backward`` …), never with autograd.
+  (transposed convolution, ``max_pool2d_with_indices_backward`` …), never with autograd;
+* for convolutions, ``per_sample``: the same op with one weight tensor per sample (:class:`PerSample`) and the
+  per-sample weight VJP ``(∂f/∂W)ᵀ grad`` — what rules whose weights depend on the relevance need (RSP's ν, Eq. 3).
+
+The VJPs keep the batch axis free where the op does (reshapes, spatial means), so a stream may carry several
+cotangents per sample folded into the batch axis (:class:`fxrel.rules.batched.Repeated`).
 
 All functions work on real tensors and on ``torch.fx.Proxy`` objects alike, which is how rule templates are
 recorded into relevance graphs.
@@ -19,6 +24,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import fx
+
+from fxrel.errors import UnsupportedOpError
 
 aten = torch.ops.aten
 
@@ -52,6 +59,17 @@ def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | N
 
 # --- op specs --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class PerSample:
+    """An op with one weight tensor per sample, ``weights = [N, *W.shape]`` (no bias). For convolutions these are
+    batched matrix products with the im2col patches: ``f(x_n; W_n) = W_n · cols(x_n)``, its VJP ``col2im(W_nᵀ g_n)``,
+    and the weight VJP ``g_n · cols(x_n)ᵀ`` (which does not involve ``W``)."""
+
+    forward: Callable[..., Any]        #: (node, inputs, weights) → f(x_n; W_n) for every sample n
+    vjp: Callable[..., list[Any]]      #: (node, grad, inputs, weights) → [(∂f(x_n; W_n)/∂x_n)ᵀ grad_n]
+    weight_vjp: Callable[..., Any]     #: (node, grad, inputs) → (∂f(x_n; W)/∂W)ᵀ grad_n, shaped [N, *W.shape]
+
+
+@dataclass(frozen=True)
 class OpSpec:
     """How one canonical target computes, and its vector–Jacobian product."""
 
@@ -59,6 +77,7 @@ class OpSpec:
     inputs: Callable[[fx.Node], list[fx.Node]]
     forward: Callable[..., Any]
     vjp: Callable[..., list[Any]]
+    per_sample: PerSample | None = None
 
 
 def _first(node: fx.Node) -> list[fx.Node]:
@@ -79,13 +98,60 @@ def _conv_forward(node, inputs, weight, bias):
                                     output_padding, groups)
 
 
+def _weight_shape(node: fx.Node) -> torch.Size:
+    return node.args[1].meta["tensor_meta"].shape
+
+
 def _conv_vjp(node, grad, inputs, weight):
     _, _, _, stride, padding, dilation, _, _, groups = node.args
     in_size, out_size = _in_shape(node)[2:], _shape(node)[2:]
-    k = weight.shape[2:] if isinstance(weight, torch.Tensor) else node.args[1].meta["tensor_meta"].shape[2:]
+    k = weight.shape[2:] if isinstance(weight, torch.Tensor) else _weight_shape(node)[2:]
     output_padding = [i - ((o - 1) * s - 2 * p + d * (kk - 1) + 1)
                       for i, o, s, p, d, kk in zip(in_size, out_size, stride, padding, dilation, k)]
     return [aten.convolution.default(grad, weight, None, stride, padding, dilation, True, output_padding, groups)]
+
+
+def _geometry(node: fx.Node) -> tuple[list[int], list[int], list[int], list[int], int]:
+    """(kernel, dilation, padding, stride, groups) of a 2-D convolution (per-sample weights need im2col)."""
+    _, _, _, stride, padding, dilation, _, _, groups = node.args
+    k = list(_weight_shape(node)[2:])
+    if len(k) != 2:
+        raise UnsupportedOpError(f"per-sample weights are implemented for 2-D convolutions; node '{node.name}' is a "
+                                 f"{len(k)}-D convolution (module '{node.meta.get('fxrel_module', '')}')")
+    return k, list(dilation), list(padding), list(stride), groups
+
+
+def _grouped(node: fx.Node, t, channels: int):
+    """``[N, channels, …] → [N, groups, channels/groups, rest]``."""
+    groups = node.args[8]
+    return t.reshape(_in_shape(node)[0], groups, channels // groups, -1)
+
+
+def _patches(node: fx.Node, x):
+    """im2col of the input, by group: ``[N, groups, C/groups·kh·kw, L]`` (``L`` output positions)."""
+    k, dilation, padding, stride, _ = _geometry(node)
+    return _grouped(node, aten.im2col.default(x, k, dilation, padding, stride), _in_shape(node)[1] * k[0] * k[1])
+
+
+def _conv_per_sample_forward(node, inputs, weights):
+    out_channels = _weight_shape(node)[0]
+    return aten.matmul.default(_grouped(node, weights, out_channels), _patches(node, inputs[0])).reshape(_shape(node))
+
+
+def _conv_per_sample_vjp(node, grad, inputs, weights):
+    k, dilation, padding, stride, _ = _geometry(node)
+    out_channels = _weight_shape(node)[0]
+    cols = aten.matmul.default(_grouped(node, weights, out_channels).transpose(-1, -2),
+                               _grouped(node, grad, out_channels))
+    n, c = _in_shape(node)[:2]
+    return [aten.col2im.default(cols.reshape(n, c * k[0] * k[1], -1), list(_in_shape(node)[2:]), k, dilation,
+                                padding, stride)]
+
+
+def _conv_weight_vjp(node, grad, inputs):
+    out_channels = _weight_shape(node)[0]
+    nu = aten.matmul.default(_grouped(node, grad, out_channels), _patches(node, inputs[0]).transpose(-1, -2))
+    return nu.reshape(_in_shape(node)[0], *_weight_shape(node))
 
 
 def _linear_forward(node, inputs, weight, bias):
@@ -149,7 +215,7 @@ def _avgpool_vjp(node, grad, inputs, weight=None):
     if not keepdim:
         for d in dims:
             g = g.unsqueeze(d)
-    return [g.expand(*shape) / count]
+    return [g.expand(-1, *shape[1:]) / count]  # the batch axis is never reduced: leave its size to the gradient
 
 
 def _add_inputs(node: fx.Node) -> list[fx.Node]:
@@ -202,7 +268,10 @@ def _shape_vjp(node, grad, inputs, weight=None):
         return [aten.permute.default(grad, inverse)]
     if node.target is aten.transpose.int:
         return [aten.transpose.int(grad, node.args[1], node.args[2])]
-    return [aten.reshape.default(grad, list(_in_shape(node)))]
+    shape = list(_in_shape(node))
+    if shape and _shape(node) and shape[0] == _shape(node)[0]:  # the reshape keeps the batch axis: so does its VJP
+        shape[0] = -1
+    return [aten.reshape.default(grad, shape)]
 
 
 def _pad_forward(node, inputs, weight=None, bias=None):
@@ -269,7 +338,8 @@ SHAPE_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
              aten.squeeze.default, aten.clone.default, aten.alias.default, aten.flatten.using_ints)
 
 OP_SPECS: dict[Any, OpSpec] = {
-    aten.convolution.default: OpSpec(CONV, _first, _conv_forward, _conv_vjp),
+    aten.convolution.default: OpSpec(CONV, _first, _conv_forward, _conv_vjp,
+                                     PerSample(_conv_per_sample_forward, _conv_per_sample_vjp, _conv_weight_vjp)),
     aten.linear.default: OpSpec(LINEAR, _first, _linear_forward, _linear_vjp),
     channel_affine: OpSpec(AFFINE, _first, _affine_forward, _affine_vjp),
     aten.max_pool2d.default: OpSpec(MAXPOOL, _first, _maxpool_forward, _maxpool_vjp),

@@ -26,11 +26,16 @@ class RuleContext(Protocol):
     downstream: dict[str, list]   #: relevance already sent to the inputs by the streams processed before this one
     nonnegative: bool             #: every tensor input is ≥ 0 by construction (ReLU outputs …)
 
-    def forward(self, inputs: Sequence[Any], weight: Any = None, bias: Any = None) -> Any:
-        """The node's op applied to modified inputs / parameters."""
+    def forward(self, inputs: Sequence[Any], weight: Any = None, bias: Any = None, per_sample: bool = False) -> Any:
+        """The node's op applied to modified inputs / parameters; ``per_sample``: ``weight`` holds one weight tensor
+        per sample, ``[N, *W.shape]`` (convolutions only; no bias)."""
 
-    def vjp(self, grad: Any, weight: Any = None) -> list[Any]:
-        """``(∂f/∂inputs)ᵀ grad`` for each input; ``weight`` replaces the node's weight (modified-gradient rules)."""
+    def vjp(self, grad: Any, weight: Any = None, per_sample: bool = False) -> list[Any]:
+        """``(∂f/∂inputs)ᵀ grad`` for each input; ``weight`` replaces the node's weight (modified-gradient rules),
+        per sample with ``per_sample``."""
+
+    def weight_vjp(self, grad: Any, inputs: Sequence[Any] | None = None) -> Any:
+        """``(∂f/∂W)ᵀ grad`` per sample, ``[N, *W.shape]``, at the node's inputs or at ``inputs`` (convolutions)."""
 
     def param(self, which: str, tag: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
         """``fn`` applied once, at build time, to the node's ``weight``/``bias``; the result as a graph constant."""

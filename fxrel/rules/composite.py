@@ -5,9 +5,9 @@ and whose rule can handle the node's kind decides its rule (like zennit's layer-
 selects whole modules (:func:`module`, :func:`where`, :func:`node_name`) applies its rule to the nodes of those modules
 that the rule can handle (a conv rule skips the module's ReLU); a rule given for an explicit kind it cannot handle
 (``kind("maxpool")`` with ``ZPlus``) is an error. Matchers select nodes by kind (:func:`kind`), by the name of
-the module they came from (:func:`module`, glob patterns), by an arbitrary predicate (:func:`where`), or by being
-the first/last parametrised layer (:func:`first`, :func:`last`). ``composite.plan(graph)`` returns the
-:class:`RulePlan`, the node → rule table that a relevance graph is built from.
+the module they came from (:func:`module`, glob patterns), by an arbitrary predicate (:func:`where`), by being
+the first/last parametrised layer (:func:`first`, :func:`last`), or by reading a model input (:func:`reads_input`).
+``composite.plan(graph)`` returns the :class:`RulePlan`, the node → rule table that a relevance graph is built from.
 """
 from __future__ import annotations
 
@@ -68,6 +68,20 @@ def first(*kinds: str) -> Matcher:
     """Match the first conv/linear node from the input side (restricted to ``kinds`` if given)."""
     restrict = kind(*kinds) if kinds else (lambda node, info: True)
     return _strict(lambda node, info: node.name == info.first_layer and restrict(node, info))
+
+
+def reads_input(*kinds: str) -> Matcher:
+    """Match the nodes (of ``kinds``, if given) that read a model input directly or through shape/padding nodes —
+    the input layers that input rules (z^β) are for, however many there are."""
+    restrict = kind(*kinds) if kinds else (lambda node, info: True)
+
+    def source(node: fx.Node) -> fx.Node:
+        while node.meta.get("fxrel_kind") in (ops.SHAPE, ops.PAD):
+            node = node.args[0]
+        return node
+
+    return _strict(lambda node, info: (restrict(node, info) and bool(ops.tensor_inputs(node))
+                                       and source(ops.tensor_inputs(node)[0]).op == "placeholder"))
 
 
 def last(*kinds: str) -> Matcher:

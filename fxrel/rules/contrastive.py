@@ -219,6 +219,11 @@ def excitation_composite() -> Composite:
                      "excitation_backprop")
 
 
+def excitation_dual_composite() -> Composite:
+    """Contrastive MWP's dual (Zhang et al. 2016): excitation backprop through a classifier with negated weights."""
+    return excitation_composite().with_rules([(last(ops.LINEAR), Negated(ZPlus(1e-20, ignore_bias=True)))])
+
+
 @register("excitation_backprop", "excitation backprop: marginal winning probabilities (read at any layer via stops)",
           "Zhang et al. 2016 (EB)", "probabilities ≥ 0 summing to 1 at every layer")
 def _excitation_backprop() -> Method:
@@ -229,8 +234,6 @@ def _excitation_backprop() -> Method:
           "Zhang et al. 2016 (c-MWP)", "signed difference of two probability maps (Σ = 0); combine='paper' clamps",
           combine="difference")
 def _contrastive_excitation_backprop(combine: str) -> Method:
-    composite = excitation_composite()
-    dual = StreamSpec("excitation_dual", composite.with_rules(
-        [(last(ops.LINEAR), Negated(ZPlus(1e-20, ignore_bias=True)))]), seed_gradient)
+    dual = StreamSpec("excitation_dual", excitation_dual_composite(), seed_gradient)
     merge = None if combine == "none" else _combiner(combine, "excitation", "excitation_dual")
-    return Method("excitation", composite, seed_gradient, extra=(dual,), combine=merge)
+    return Method("excitation", excitation_composite(), seed_gradient, extra=(dual,), combine=merge)

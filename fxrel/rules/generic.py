@@ -2,14 +2,18 @@
 
 For a node ``z = f(x; W, b)`` that is linear in ``x`` apart from its bias (conv, linear, per-channel affine,
 average pooling, sums, concatenation), a rule is a list of *terms* ``m = (x_m, W_m, b_m, s_m)`` grouped into
-*groups* ``g`` with a coefficient ``c_g`` and an optional mask ``M_g(z)`` on the unmodified output:
+*groups* ``g`` with a coefficient ``c_g``, an optional mask ``M_g(z)`` on the unmodified output and an optional part
+``ρ_g(R)`` of the relevance that the group explains (default all of it):
 
-    Z_g   = Σ_{m∈g} s_m · f(x_m; W_m, b_m)                            (modified forward pass)
-    R_in  = Σ_g c_g Σ_{m∈g} s_m · x_m ⊙ f*(W_m; M_g ⊙ R_out / stab(Z_g))   (f* = vector–Jacobian product)
+    Z_g   = Σ_{m∈D_g} s_m · f(x_m; W_m, b_m)                               (modified forward pass)
+    R_in  = Σ_g c_g Σ_{m∈g} s_m · x_m ⊙ f*(W_m; M_g ⊙ ρ_g(R_out) / stab(Z_g))   (f* = vector–Jacobian product)
 
 This is the generic rule of Montavon et al. (2019, Eq. 5-6) and AGF's Definition 1 (Gur et al. 2021) with
-``stab(z) = z + ε·sign(z)`` (``sign(0) = +1``, zennit's convention). LRP-0, ε, γ, αβ, z⁺, z^β, w² and flat are
-choices of terms (:mod:`fxrel.rules.lrp`); the rule itself exists once, here.
+``stab(z) = z + ε·sign(z)`` (``sign(0) = +1``, zennit's convention). The denominator's terms ``D_g`` are the group's
+own unless given (RAP sends a share ``Z_a2/(Z_a1 + Z_a2)`` through the negative contributors only). A term's weights
+may also be computed per sample from the relevance it explains (RSP's sectional weights ν, Eq. 3). LRP-0, ε, γ,
+αβ, z⁺, z^β, w² and flat (:mod:`fxrel.rules.lrp`), RAP's layer rule (:mod:`fxrel.rules.rap`) and RSP's sectional
+rule (:mod:`fxrel.rules.sectional`) are choices of terms; the rule itself exists once, here.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from fxrel.rules.base import Rule, RuleContext
 
 InputMod = Callable[[Any, RuleContext], Any]
 ParamMod = Callable[[torch.Tensor], torch.Tensor]
+SampleWeights = Callable[[RuleContext, list, Any], Any]
 
 
 def stabilize(z: Any, epsilon: float) -> Any:
@@ -54,25 +59,41 @@ def ones(x: Any, ctx: RuleContext) -> Any:
     return torch.ones_like(x)
 
 
+def positive_relevance(relevance: Any) -> Any:
+    """Group part ``R⁺``: the group explains the positive relevance only."""
+    return relevance.clamp(min=0)
+
+
+def negative_relevance(relevance: Any) -> Any:
+    """Group part ``R⁻``: the group explains the negative relevance only."""
+    return relevance.clamp(max=0)
+
+
 @dataclass(frozen=True)
 class Term:
     """One modified forward pass: an input modifier, a parameter modifier (``tag`` names it for caching) and a
-    sign. ``zero_bias`` drops the bias of this term; parameter-free ops ignore ``param``."""
+    sign. ``zero_bias`` drops the bias of this term; parameter-free ops ignore ``param``. ``weights`` replaces the
+    parameters by per-sample weights ``(ctx, modified inputs, explained relevance) → [N, *W.shape]`` (no bias)."""
 
     input: InputMod = identity
     param: ParamMod | None = None
     tag: str = "id"
     zero_bias: bool = False
     sign: float = 1.0
+    weights: SampleWeights | None = None
 
 
 @dataclass(frozen=True)
 class Group:
-    """Terms sharing one denominator; ``mask`` (on the unmodified output ``z``) gates which outputs use it."""
+    """Terms sharing one denominator; ``mask`` (on the unmodified output ``z``) gates which outputs use it,
+    ``relevance`` picks the part of ``R_out`` the group explains, ``denominator`` the terms summed into ``Z_g``
+    (default: the group's terms)."""
 
     terms: tuple[Term, ...]
     coefficient: float = 1.0
     mask: Callable[[Any], Any] | None = None
+    relevance: Callable[[Any], Any] | None = None
+    denominator: tuple[Term, ...] | None = None
 
 
 @dataclass(repr=False)
@@ -96,22 +117,39 @@ class GenericRule(Rule):
 
     def __call__(self, ctx: RuleContext, relevance: Any) -> list[Any]:
         result: list[Any] = [0.0] * len(ctx.inputs)
+        shared: dict[Term, tuple] = {}  # modified passes with fixed weights, computed once per node
         for group in self.groups:
-            # after a ReLU the x⁻ terms are identically zero: leave them out of the graph (same result, less work)
-            terms = tuple(t for t in group.terms if not (t.input is negative and ctx.nonnegative))
-            variants = [([term.input(x, ctx) for x in ctx.inputs], *self._params(ctx, term)) for term in terms]
-            if terms == (Term(),):
-                z = ctx.output  # the unmodified forward pass: reuse the forward node instead of recomputing it
-            else:
-                z = sum(term.sign * ctx.forward(xs, w, b) for term, (xs, w, b) in zip(terms, variants))
-            scaled = divide(relevance, z, self.stabilizer)
+            part = relevance if group.relevance is None else group.relevance(relevance)
+            passes = {term: self._pass(ctx, term, part, shared)
+                      for term in self._live(ctx, group.terms + (group.denominator or ()))}
+            z = sum(term.sign * passes[term][2] for term in self._live(ctx, group.denominator or group.terms))
+            scaled = divide(part, z, self.stabilizer)
             if group.mask is not None:
                 scaled = scaled * group.mask(ctx.output).to(scaled.dtype)
-            for term, (xs, w, _) in zip(terms, variants):
-                grads = ctx.vjp(scaled, weight=w)
+            for term in self._live(ctx, group.terms):
+                xs, w, _ = passes[term]
+                grads = ctx.vjp(scaled, w, per_sample=True) if term.weights is not None else ctx.vjp(scaled, w)
                 for i, (x, g) in enumerate(zip(xs, grads)):
                     result[i] = result[i] + (group.coefficient * term.sign) * (x * g)
         return result
+
+    @staticmethod
+    def _live(ctx: RuleContext, terms: tuple[Term, ...]) -> tuple[Term, ...]:
+        """After a ReLU the x⁻ terms are identically zero: leave them out of the graph (same result, less work)."""
+        return tuple(t for t in terms if not (t.input is negative and ctx.nonnegative))
+
+    def _pass(self, ctx: RuleContext, term: Term, part: Any, shared: dict[Term, tuple]) -> tuple:
+        """``(modified inputs, weights, f(x_m; W_m, b_m))`` of one term."""
+        if term in shared:
+            return shared[term]
+        xs = [term.input(x, ctx) for x in ctx.inputs]
+        if term.weights is not None:  # weights computed from the relevance: one pass per group
+            w = term.weights(ctx, xs, part)
+            return xs, w, ctx.forward(xs, w, per_sample=True)
+        w, b = self._params(ctx, term)
+        # the unmodified forward pass: reuse the forward node instead of recomputing it
+        shared[term] = (xs, w, ctx.output if term == Term() else ctx.forward(xs, w, b))
+        return shared[term]
 
     def __repr__(self) -> str:
         return self.name

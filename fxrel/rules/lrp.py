@@ -14,11 +14,13 @@ from fxrel.sample_images import IMAGENET_MEAN, IMAGENET_STD
 from fxrel.rules.generic import GenericRule, Group, Term, ones, single, split_signs
 
 
-def _pos(p: torch.Tensor) -> torch.Tensor:
+def weights_pos(p: torch.Tensor) -> torch.Tensor:
+    """Parameter modifier ``W⁺ = max(W, 0)`` (cached under the tag ``"pos"``)."""
     return p.clamp(min=0)
 
 
-def _neg(p: torch.Tensor) -> torch.Tensor:
+def weights_neg(p: torch.Tensor) -> torch.Tensor:
+    """Parameter modifier ``W⁻ = min(W, 0)`` (cached under the tag ``"neg"``)."""
     return p.clamp(max=0)
 
 
@@ -36,7 +38,7 @@ def Norm(stabilizer: float = 1e-6) -> GenericRule:
 def ZPlus(stabilizer: float = 1e-6, ignore_bias: bool = False) -> GenericRule:
     """z⁺ / α1β0 (Montavon et al. 2017, DTD): ``R_i = Σ_j (x_i⁺w_ij⁺ + x_i⁻w_ij⁻) / Σ_i' (…) · R_j``; the positive
     bias ``b⁺`` joins the denominator unless ``ignore_bias`` (the CLRP/RAP/innvestigate variant)."""
-    pos, neg = split_signs(_pos, _neg, "pos")
+    pos, neg = split_signs(weights_pos, weights_neg, "pos")
     terms = (Term(pos.input, pos.param, pos.tag, zero_bias=True), neg) if ignore_bias else (pos, neg)
     name = f"ZPlus(stabilizer={stabilizer:g}{', ignore_bias=True' if ignore_bias else ''})"
     return GenericRule((Group(terms),), stabilizer, name)
@@ -48,7 +50,8 @@ def AlphaBeta(alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6) -
     if alpha < 0 or beta < 0 or abs(alpha - beta - 1) > 1e-12:
         raise ValueError(f"AlphaBeta needs alpha, beta ≥ 0 and alpha − beta = 1 (got alpha={alpha}, beta={beta})")
     return GenericRule(
-        (Group(split_signs(_pos, _neg, "pos"), alpha), Group(split_signs(_neg, _pos, "neg"), -beta)),
+        (Group(split_signs(weights_pos, weights_neg, "pos"), alpha),
+         Group(split_signs(weights_neg, weights_pos, "neg"), -beta)),
         stabilizer, f"AlphaBeta(alpha={alpha:g}, beta={beta:g})")
 
 
@@ -80,16 +83,18 @@ def Flat(stabilizer: float = 1e-6) -> GenericRule:
 
 
 def ZBox(low: float | str | Sequence[float] | torch.Tensor, high: float | str | Sequence[float] | torch.Tensor,
-         stabilizer: float = 1e-6) -> GenericRule:
+         stabilizer: float = 1e-6, ignore_bias: bool = False) -> GenericRule:
     """z^β / box rule (Montavon et al. 2017, Eq. in Sec. 4.3) for inputs bounded by ``l ≤ x ≤ h``:
     ``R_i = Σ_j (x_i w_ij − l_i w_ij⁺ − h_i w_ij⁻) / Σ_i' (…) · R_j``. ``low``/``high`` are scalars, per-channel
-    sequences, or both ``"image"`` (each image's own min/max over C, H, W)."""
+    sequences, or both ``"image"`` (each image's own min/max over C, H, W). ``ignore_bias`` leaves the biases out
+    (the RAP/RSP input rule)."""
+    no_bias = ", ignore_bias=True" if ignore_bias else ""
     if isinstance(low, str) or isinstance(high, str):
         if (low, high) != ("image", "image"):
             raise RuleError(f"ZBox bounds: numbers, per-channel sequences, or both 'image' (got {low!r}, {high!r})")
-        terms = (Term(), Term(_image_bound(torch.amin), _pos, "pos", sign=-1.0),
-                 Term(_image_bound(torch.amax), _neg, "neg", sign=-1.0))
-        return GenericRule((Group(terms),), stabilizer, "ZBox(low=image min, high=image max)")
+        terms = (Term(zero_bias=ignore_bias), Term(_image_bound(torch.amin), weights_pos, "pos", ignore_bias, -1.0),
+                 Term(_image_bound(torch.amax), weights_neg, "neg", ignore_bias, -1.0))
+        return GenericRule((Group(terms),), stabilizer, f"ZBox(low=image min, high=image max{no_bias})")
     lo, hi = _bound(low), _bound(high)
 
     def at(bound: torch.Tensor):
@@ -101,9 +106,9 @@ def ZBox(low: float | str | Sequence[float] | torch.Tensor, high: float | str | 
             return torch.zeros_like(x) + ctx.constant(bound)
         return modifier
 
-    terms = (Term(), Term(at(lo), _pos, "pos", sign=-1.0), Term(at(hi), _neg, "neg", sign=-1.0))
-    rule = GenericRule((Group(terms),), stabilizer, f"ZBox(low={_show(lo)}, high={_show(hi)})")
-    return rule
+    terms = (Term(zero_bias=ignore_bias), Term(at(lo), weights_pos, "pos", ignore_bias, -1.0),
+             Term(at(hi), weights_neg, "neg", ignore_bias, -1.0))
+    return GenericRule((Group(terms),), stabilizer, f"ZBox(low={_show(lo)}, high={_show(hi)}{no_bias})")
 
 
 def _image_bound(reduce):

@@ -1,0 +1,55 @@
+"""Streams that carry several relevance tensors per sample, folded into the batch axis.
+
+A stream seeded with ``copies`` rows per sample — row ``k·N + n`` for copy ``k`` of sample ``n`` (``N`` samples) —
+runs through ordinary rules if every node's inputs and output are repeated the same way. :class:`Repeated` does
+that for any rule, so ``Repeated(Gradient(), K)`` seeded with one one-hot row per class computes the gradient of
+every class score at once: the Jacobian that RSP's relative gradient activation map needs (rsp.md §2).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from fxrel.graphs import ops
+from fxrel.rules.base import Rule, RuleContext
+
+
+def _repeat(value: Any, node: Any, copies: int) -> Any:
+    rank = len(node.meta["tensor_meta"].shape)
+    return value.repeat(copies, *[1] * (rank - 1))
+
+
+class _RepeatedContext:
+    """A rule context whose inputs and output are repeated ``copies`` times along the batch axis."""
+
+    def __init__(self, ctx: RuleContext, copies: int) -> None:
+        self._ctx = ctx
+        self._copies = copies
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ctx, name)
+
+    @property
+    def inputs(self) -> list[Any]:
+        return [_repeat(x, a, self._copies) for x, a in zip(self._ctx.inputs, ops.tensor_inputs(self._ctx.node))]
+
+    @property
+    def output(self) -> Any:
+        return _repeat(self._ctx.output, self._ctx.node, self._copies)
+
+    def vjp(self, grad: Any, weight: Any = None) -> list[Any]:
+        return ops.spec_of(self.node).vjp(self.node, grad, self.inputs, self.weight if weight is None else weight)
+
+
+class Repeated(Rule):
+    """``rule`` on a stream with ``copies`` relevance tensors per sample (rows ``k·N + n``)."""
+
+    def __init__(self, rule: Rule, copies: int) -> None:
+        self.rule = rule
+        self.copies = copies
+        self.kinds = rule.kinds
+
+    def __call__(self, ctx: RuleContext, relevance: Any) -> list[Any]:
+        return self.rule(_RepeatedContext(ctx, self.copies) if self.copies > 1 else ctx, relevance)
+
+    def __repr__(self) -> str:
+        return f"Repeated({self.rule!r}, copies={self.copies})"
