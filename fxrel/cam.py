@@ -59,7 +59,7 @@ CamKind = Literal["gradcam", "gradcam++", "layercam"]
 Upsample = None | Literal["input"] | tuple[int, int]
 
 #: canonical node kinds that only resample/reshape a feature map: never chosen as the CAM layer by ``layer=None``
-_RESAMPLING_KINDS = frozenset({ops.MAXPOOL, ops.AVGPOOL, ops.SHAPE, ops.PAD})
+RESAMPLING_KINDS = frozenset({ops.MAXPOOL, ops.AVGPOOL, ops.SHAPE, ops.PAD})
 
 
 # -- map formulas -----------------------------------------------------------------------------------------------------
@@ -171,7 +171,8 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
     return tuple(shape) if shape is not None else None
 
 
-def _is_spatial(node: fx.Node) -> bool:
+def is_spatial(node: fx.Node) -> bool:
+    """Whether a canonical node outputs a 4-D feature map with more than one position."""
     shape = _shape(node)
     return shape is not None and len(shape) == 4 and shape[2] * shape[3] > 1
 
@@ -189,13 +190,13 @@ def default_cam_layer(model: nn.Module | Explainer, x: torch.Tensor) -> str:
     for node in graph.graph.nodes:
         if node.op != "call_function":
             continue
-        if not _is_spatial(node):
+        if not is_spatial(node):
             break
-        if node.meta.get("fxrel_kind") not in _RESAMPLING_KINDS:
+        if node.meta.get("fxrel_kind") not in RESAMPLING_KINDS:
             chosen = node
     if chosen is None:
         raise InputError("found no 4-D feature map with spatial extent before the model collapses the spatial "
-                         f"dims; give layer= explicitly (candidates: {_candidates(cam_layers(model, x))})")
+                         f"dims; give layer= explicitly (candidates: {candidate_list(cam_layers(model, x))})")
     return chosen.name
 
 
@@ -214,7 +215,7 @@ def cam_layers(model: nn.Module | Explainer, x: torch.Tensor) -> list[str]:
     return sorted(names, key=lambda name: (order[last[name]], name.count(".")))
 
 
-def _candidates(names: list[str], limit: int = 12) -> str:
+def candidate_list(names: list[str], limit: int = 12) -> str:
     """A short listing of layer names: the first few and the deepest ones."""
     if len(names) > limit:
         return ", ".join(names[:3]) + ", …, " + ", ".join(names[-(limit - 3):]) + f" ({len(names)} in all)"
@@ -262,10 +263,10 @@ def cam(model: nn.Module | Explainer, x: torch.Tensor, target: Target = None, la
         find_node(explainer.canonical_graph(x), layer)
     except RuleError as err:
         raise RuleError(f"no node or module named '{layer}' in {type(explainer.model).__name__}; layers with "
-                        f"4-D outputs: {_candidates(cam_layers(explainer, x))}") from err
+                        f"4-D outputs: {candidate_list(cam_layers(explainer, x))}") from err
     explanation = explainer.attribute(x, target, stops=[layer])
     activation, gradient = explanation.values[layer], explanation.relevance[layer]
     if activation.dim() != 4:
         raise InputError(f"layer '{layer}' outputs shape {tuple(activation.shape)}; CAMs need a 4-D feature map "
-                         f"[N, C, H, W] (layers with 4-D outputs: {_candidates(cam_layers(explainer, x))})")
+                         f"[N, C, H, W] (layers with 4-D outputs: {candidate_list(cam_layers(explainer, x))})")
     return _upsample(map_fn(activation, gradient, relu=relu), x, upsample, mode)

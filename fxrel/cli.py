@@ -599,8 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Explain every digit class present in a few generated test scenes with several "
                                    "methods on a trained demo model and write one grid PNG (rows: image and class, "
                                    "columns: methods; red positive, blue negative, over the image).")
-    p.add_argument("--model", default="demo-resnet", metavar="NAME",
-                   help="demo-vgg, demo-resnet (default), demo-densenet or demo-inception")
+    p.add_argument("--model", default="demo-vgg", metavar="NAME",
+                   help="demo-vgg (default), demo-resnet, demo-densenet or demo-inception")
     p.add_argument("--methods", metavar="A,B,…", help="comma-separated method names or ucag:BASE (default: "
                                                        + ", ".join(DEMO_GRID_METHODS) + ")")
     p.add_argument("--images", type=_positive_int, default=3, metavar="N", help="scenes (default 3)")

@@ -20,7 +20,7 @@ from typing import Sequence
 
 from torch import fx
 
-from fxrel.cam import _RESAMPLING_KINDS, _candidates, _is_spatial
+from fxrel.cam import RESAMPLING_KINDS, candidate_list, is_spatial
 from fxrel.errors import RuleError
 from fxrel.graphs import ops
 from fxrel.graphs.builder import Stream, find_node
@@ -35,11 +35,11 @@ from fxrel.rules.sectional import sectional_composite
 def _feature_maps(graph: fx.GraphModule) -> list[fx.Node]:
     """The spatial feature maps that separate the model (every later node depends on the input through them): the
     nodes X may be, in forward order."""
-    return [n for n in cut_nodes(graph) if n.op == "call_function" and _is_spatial(n)]
+    return [n for n in cut_nodes(graph) if n.op == "call_function" and is_spatial(n)]
 
 
 def _names(nodes: list[fx.Node]) -> str:
-    return _candidates(list(dict.fromkeys(n.meta.get("fxrel_module") or n.name for n in nodes)))
+    return candidate_list(list(dict.fromkeys(n.meta.get("fxrel_module") or n.name for n in nodes)))
 
 
 def _last_feature_map(graph: fx.GraphModule) -> fx.Node:
@@ -48,10 +48,10 @@ def _last_feature_map(graph: fx.GraphModule) -> fx.Node:
     maps = set(_feature_maps(graph))
     chosen = collapse = None
     for node in (n for n in graph.graph.nodes if n.op == "call_function"):
-        if not _is_spatial(node):
+        if not is_spatial(node):
             collapse = node
             break
-        if node.meta.get("fxrel_kind") not in _RESAMPLING_KINDS and node in maps:
+        if node.meta.get("fxrel_kind") not in RESAMPLING_KINDS and node in maps:
             chosen = node
     if chosen is None:
         raise RuleError("RSP starts at the last spatial feature map before the classifier, and this model has none "
@@ -65,7 +65,7 @@ def _named(graph: fx.GraphModule, layer: str) -> fx.Node:
         node = find_node(graph, layer)
     except RuleError as err:
         raise RuleError(f"no node or module named '{layer}'; feature maps: {_names(_feature_maps(graph))}") from err
-    if not _is_spatial(node):
+    if not is_spatial(node):
         raise RuleError(f"layer '{layer}' outputs shape {tuple(node.meta['tensor_meta'].shape)}; RSP starts at a "
                         f"spatial feature map [N, C, H, W] (feature maps: {_names(_feature_maps(graph))})")
     return node
