@@ -297,3 +297,10 @@ def test_example_inspect_relevance_graph(tmp_path, capsys):
     assert "layer4.0.conv1" in plan and "Epsilon(epsilon=0.25)" in plan
     assert (tmp_path / "relevance_graph.dot").read_text().startswith("digraph")
     assert "def forward" in (tmp_path / "relevance_graph.py").read_text()
+
+
+def test_example_evaluate_ucag(tmp_path, capsys):
+    example = _load_example("evaluate_ucag")
+    assert example.main(["--images", "2", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "ucag(grad_cam)" in out and "PG" in out and (tmp_path / "evaluate_ucag.png").is_file()
