@@ -234,7 +234,43 @@ def test_compiled_equals_eager():
 
 def test_registered_with_its_output_convention():
     entry = fxrel.methods(detail=True)["rap"]
-    assert entry["defaults"] == {"first_prop": "official", "negative_inputs": False}
+    assert entry["defaults"] == {"first_prop": "official", "negative_inputs": False, "residual": "absolute"}
     assert "y_t" in entry["output"] and "Nam" in entry["reference"]
     with pytest.raises(fxrel.RuleError, match="first_prop"):
         fxrel.Explainer(small_net(), "rap", first_prop="agf")
+    with pytest.raises(fxrel.RuleError, match="residual"):
+        fxrel.Explainer(small_net(), "rap", residual="signed")
+
+
+class _NearlyCancellingSum(torch.nn.Module):
+    """y = w · relu(x) + (−0.9 · w) · relu(x): the two operands of the sum nearly cancel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.branch = torch.nn.Conv2d(2, 2, 1, bias=False)
+        self.skip = torch.nn.Conv2d(2, 2, 1, bias=False)
+        with torch.no_grad():
+            self.branch.weight.copy_(torch.tensor([[1.0, 0.5], [0.2, 1.0]]).view(2, 2, 1, 1))
+            self.skip.weight.copy_(-0.9 * self.branch.weight)
+        self.head = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                        torch.nn.Linear(2, 3, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(x)
+        return self.head(self.branch(h) + self.skip(h))
+
+
+@pytest.mark.parametrize("residual, bounded", [("absolute", True), ("official", False)])
+def test_residual_sum_rule_conserves_and_only_the_absolute_split_stays_bounded(residual, bounded):
+    """Both residual rules keep Σ R; where the operands nearly cancel the official signed z-rule sends
+    ±(1/0.1) · R into the two branches, the absolute split at most |R|."""
+    net = _NearlyCancellingSum().double().eval()
+    x = torch.rand(1, 2, 4, 4, dtype=torch.float64)
+    explanation = fxrel.Explainer(net, "rap", residual=residual).attribute(x, 0, stops=["*"])
+    add = next(n for n in explanation.relevance if n.startswith("add"))
+    branch = next(n for n in explanation.relevance if n.startswith("convolution") and n.endswith("default"))
+    r_add, r_branch = explanation.relevance[add], explanation.relevance[branch]
+    with torch.no_grad():
+        assert abs(float(r_add.sum()) - float(net(x)[0, 0])) < 1e-10
+    amplification = float(r_branch.abs().sum() / r_add.abs().sum())
+    assert (amplification <= 1 + 1e-9) == bounded, amplification

@@ -59,6 +59,10 @@ def ones(x: Any, ctx: RuleContext) -> Any:
     return torch.ones_like(x)
 
 
+def absolute(x: Any, ctx: RuleContext) -> Any:
+    return x.abs()
+
+
 def positive_relevance(relevance: Any) -> Any:
     """Group part ``R⁺``: the group explains the positive relevance only."""
     return relevance.clamp(min=0)

@@ -11,7 +11,7 @@ import torch
 
 from fxrel.errors import RuleError
 from fxrel.sample_images import IMAGENET_MEAN, IMAGENET_STD
-from fxrel.rules.generic import GenericRule, Group, Term, ones, single, split_signs
+from fxrel.rules.generic import absolute, GenericRule, Group, Term, ones, single, split_signs
 
 
 def weights_pos(p: torch.Tensor) -> torch.Tensor:
@@ -33,6 +33,12 @@ def Epsilon(epsilon: float = 1e-6) -> GenericRule:
 def Norm(stabilizer: float = 1e-6) -> GenericRule:
     """The z-rule for parameter-free linear ops (sums, average pooling): ``R_i = x_i · R / stab(Σ x)``."""
     return single(Term(), stabilizer, f"Norm(stabilizer={stabilizer:g})")
+
+
+def AbsNorm() -> GenericRule:
+    """The absolute-influence split for parameter-free linear ops: ``R_i = |x_i| · R / Σ_k |x_k|`` — conserving,
+    and bounded by ``|R|`` where the signed z-rule amplifies (residual sums whose operands nearly cancel)."""
+    return single(Term(absolute, tag="abs"), 0.0, "AbsNorm()")
 
 
 def ZPlus(stabilizer: float = 1e-6, ignore_bias: bool = False) -> GenericRule:

@@ -23,7 +23,13 @@ Rule per canonical node (``x`` a layer's input, ``R`` the relevance at its outpu
 * **ReLU, BatchNorm** (an unfolded affine; BatchNorm after a conv is folded into it) — identity (§3.3). The
   official BatchNorm rule is the identity up to its ``sdiv`` zeroing units with ``x·γ/σ = 0``; that mask is not
   reproduced, as it would drop relevance at DenseNet's pre-activation BatchNorms (zero input, live output).
-* **average pooling, residual sums** — the z-rule ``R_a = a ⊙ sdiv(R, a + b)``, signed (§3.3).
+* **average pooling** — the z-rule ``R_i = x_i ⊙ sdiv(R, Σ x)`` (§3.3).
+* **residual sums** — ``residual="absolute"`` (default): RAP's own absolute-influence split
+  ``R_a = |a| / (|a| + |b|) · R``. The official signed z-rule ``R_a = a ⊙ sdiv(R, a + b)`` (``residual="official"``)
+  conserves too but amplifies where the operands nearly cancel (a BatchNorm'd branch output against a ReLU'd
+  skip): measured on the trained demo ResNet, the last block's ΣR = 5.6 was split into +44.7 (branch) and −39.1
+  (skip), compounding block by block into isolated hot pixels (pointing game 0.11 over 36 pairs, against 1.00
+  for RSP on the same model).
 * **max pooling** — winner-take-all. The official z-rule ``x ⊙ ∇pool(x)ᵀ sdiv(R, pool(x))`` is the same wherever
   ``pool(x) ≠ 0`` and drops ``R`` where the whole window is 0; that happens in DenseNet, whose pre-activation
   BatchNorm shifts zeros into live units, so winner-take-all is used to keep ``ΣR = y_t``.
@@ -48,7 +54,7 @@ from fxrel.rules.composite import Composite, kind, last, reads_input
 from fxrel.rules.generic import (GenericRule, Group, Term, divide, negative, negative_relevance, positive,
                                  positive_relevance)
 from fxrel.rules.gradient import Gradient, Pass
-from fxrel.rules.lrp import Norm, ZBox, weights_neg, weights_pos
+from fxrel.rules.lrp import AbsNorm, Norm, ZBox, weights_neg, weights_pos
 from fxrel.rules.methods import Method, register, seed_gradient, seed_logit
 from fxrel.rules.shift import Shifted, total
 
@@ -139,23 +145,28 @@ class FirstPropagation(Rule):
         return f"FirstPropagation(else {self.general!r})"
 
 
-def rap_composite(first_prop: str = "official", negative_inputs: bool = False) -> Composite:
+def rap_composite(first_prop: str = "official", negative_inputs: bool = False, residual: str = "absolute"
+                  ) -> Composite:
     """The RAP rule set (see the module docstring)."""
     if first_prop not in ("official", "generic"):
         raise RuleError(f"first_prop must be 'official' or 'generic', got {first_prop!r}")
+    if residual not in ("absolute", "official"):
+        raise RuleError(f"residual must be 'absolute' or 'official', got {residual!r}")
+    add_rule = AbsNorm() if residual == "absolute" else Norm(0.0)
     conv, dense = RAPLayer(False, negative_inputs), RAPLayer(True, negative_inputs)
     pairs = [(reads_input(ops.CONV), ZBox("image", "image", 0.0, ignore_bias=True))]
     if first_prop == "official":
         pairs.append((last(ops.LINEAR), FirstPropagation(dense)))
     pairs += [(kind(ops.CONV), conv), (kind(ops.LINEAR), dense), (kind(ops.ACTIVATION, ops.AFFINE), Pass()),
-              (kind(ops.ADD, ops.AVGPOOL), Norm(0.0)), (kind(ops.MAXPOOL, ops.CAT, ops.SHAPE, ops.PAD), Gradient())]
-    return Composite(pairs, f"rap[{first_prop}]")
+              (kind(ops.ADD), add_rule), (kind(ops.AVGPOOL), Norm(0.0)),
+              (kind(ops.MAXPOOL, ops.CAT, ops.SHAPE, ops.PAD), Gradient())]
+    return Composite(pairs, f"rap[{first_prop}, residual={residual}]")
 
 
 @register("rap", "relative attributing propagation: absolute-influence first step, relevant/irrelevant split with "
           "uniform shifting in every conv/linear layer, z^β input", "Nam et al. 2020 (RAP)",
           "signed, shaped like the input; Σ R = y_t (the target logit) after every layer",
-          first_prop="official", negative_inputs=False)
-def _rap(first_prop: str, negative_inputs: bool) -> Method:
+          first_prop="official", negative_inputs=False, residual="absolute")
+def _rap(first_prop: str, negative_inputs: bool, residual: str) -> Method:
     seed = seed_gradient if first_prop == "official" else seed_logit  # official: e_t; AGF/UCAG: y_t·e_t
-    return Method("rap", rap_composite(first_prop, negative_inputs), seed)
+    return Method("rap", rap_composite(first_prop, negative_inputs, residual), seed)
