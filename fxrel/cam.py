@@ -36,13 +36,13 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from fxrel.errors import InputError, RuleError
 from fxrel.explainer import Explainer, Target
 from fxrel.graphs import ops
 from fxrel.graphs.builder import find_node
+from fxrel.imageops import resize_maps
 
 __all__ = [
     "CAM_KINDS",
@@ -235,8 +235,7 @@ def _upsample(maps: torch.Tensor, x: torch.Tensor, upsample: Upsample, mode: str
         size = tuple(upsample)
     else:
         raise InputError(f"upsample must be None, 'input' or (height, width); got {upsample!r}")
-    align = False if mode in ("linear", "bilinear", "bicubic", "trilinear") else None
-    return F.interpolate(maps.unsqueeze(1), size=size, mode=mode, align_corners=align).squeeze(1)
+    return resize_maps(maps, size, mode)
 
 
 def cam(model: nn.Module | Explainer, x: torch.Tensor, target: Target = None, layer: str | None = None,

@@ -299,18 +299,16 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def _explain_posthoc(model, x, target, method: str, params: dict):
     """A post-hoc method's map for one target, as ``[1, H, W]`` at the input's size, and the model's logits."""
     import torch
-    import torch.nn.functional as F
 
     import fxrel
     from fxrel.explainer import resolve_targets
+    from fxrel.imageops import resize_maps
+    from fxrel.metrics import as_maps
 
     cls = resolve_targets(model, x, target)
-    relevance = fxrel.explain(model, x, target=cls, method=method, **params).detach()
-    if relevance.dim() == 4:
-        relevance = relevance.sum(dim=1)
+    relevance = as_maps(fxrel.explain(model, x, target=cls, method=method, **params).detach())
     if relevance.shape[-2:] != x.shape[-2:]:
-        relevance = F.interpolate(relevance.unsqueeze(1), size=x.shape[-2:], mode="bilinear",
-                                  align_corners=False).squeeze(1)
+        relevance = resize_maps(relevance, x.shape[-2:])
     with torch.no_grad():
         logits = model(x)
     return relevance.cpu(), logits, cls

@@ -18,11 +18,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fxrel import metrics
 from fxrel.errors import InputError
+from fxrel.imageops import resize_maps
 from fxrel.text import format_markdown, format_table
 
 __all__ = ["MetricSpec", "METRICS", "DEFAULT_METRICS", "DEFAULT_METHODS", "method_fn", "evaluate", "EvalResult"]
@@ -258,8 +258,7 @@ def _samples(model: nn.Module, scenes, chunk: list[tuple[int, int]], fn: MapFn, 
     masks = scenes.masks[img, cls].to(device)
     maps = fn(model, x, targets).detach()
     if maps.shape[-2:] != (height, width):
-        maps = F.interpolate(maps.unsqueeze(1), size=(height, width), mode="bilinear",
-                             align_corners=False).squeeze(1)
+        maps = resize_maps(maps, (height, width))
     with torch.no_grad():
         predicted = (model(x).gather(1, targets[:, None])[:, 0] > 0).cpu().tolist()
     return Samples(model, x, targets, masks, boxes, maps, fn), predicted

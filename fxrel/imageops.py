@@ -44,3 +44,9 @@ def minmax_normalise(maps: torch.Tensor, constant: float = 0.0) -> torch.Tensor:
     span = (flat.max(dim=1).values.view_as(low) - low)
     return torch.where(span > 0, (maps - low) / span.clamp(min=torch.finfo(maps.dtype).tiny),
                        torch.full_like(maps, constant))
+
+
+def resize_maps(maps: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """``[N, H, W]`` maps resized to ``size`` (``F.interpolate``, ``align_corners=False`` for the smooth modes)."""
+    align = False if mode in ("linear", "bilinear", "bicubic", "trilinear") else None
+    return F.interpolate(maps.unsqueeze(1), size=tuple(size), mode=mode, align_corners=align).squeeze(1)

@@ -36,7 +36,8 @@ from torch import nn
 
 from fxrel.errors import InputError
 from fxrel.explainer import resolve_targets
-from fxrel.imageops import gaussian_blur, minmax_normalise
+from fxrel.imageops import gaussian_blur, minmax_normalise, resize_maps
+from fxrel.wrappers import padded_chunks
 
 __all__ = ["UnfoldGeometry", "unfold_geometry", "unfold", "fold", "confidence_weights", "ucag", "CAM_METHODS"]
 
@@ -110,8 +111,8 @@ def fold(maps: torch.Tensor, weights: torch.Tensor, geometry: UnfoldGeometry,
     if average not in ("coverage", "coverage_plus_one"):
         raise InputError(f"average must be 'coverage' or 'coverage_plus_one', got {average!r}")
     count = len(geometry.windows)
-    resized = F.interpolate(maps.unsqueeze(1), size=geometry.crop, mode="bilinear", align_corners=False)
-    resized = (resized.squeeze(1) * weights.reshape(-1, 1, 1)).view(-1, count, *geometry.crop)
+    resized = resize_maps(maps, geometry.crop) * weights.reshape(-1, 1, 1)
+    resized = resized.view(-1, count, *geometry.crop)
     canvas = maps.new_zeros(resized.shape[0], geometry.height, geometry.width)
     h, w = geometry.crop
     for j, (r, c) in enumerate(geometry.windows):
@@ -208,11 +209,7 @@ def ucag(model: nn.Module, x: torch.Tensor, target: object = None, method: str |
     per_image = len(geometry.windows)
     crop_targets = targets.repeat_interleave(per_image)
     maps, logits = [], []
-    for start in range(0, len(crops), chunk_size):
-        rows = torch.arange(start, min(start + chunk_size, len(crops)), device=x.device)
-        used = len(rows)
-        if used < chunk_size and len(crops) > chunk_size:  # equal chunk shapes: one relevance program
-            rows = torch.cat([rows, rows[-1:].expand(chunk_size - used)])
+    for rows, used in padded_chunks(len(crops), min(chunk_size, len(crops)), x.device):
         chunk = crops[rows]
         maps.append(_as_maps(explain_crops(model, chunk, crop_targets[rows]), len(rows))[:used].detach())
         with torch.no_grad():

@@ -30,7 +30,7 @@ scaled per image by ``σ``; the result does not depend on the chunk size.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -91,6 +91,15 @@ def _chunk_rows(total: int, chunk_size: int | None, max_batch: int) -> int:
     return math.ceil(total / chunks)
 
 
+def padded_chunks(total: int, chunk: int, device: torch.device | str) -> Iterator[tuple[torch.Tensor, int]]:
+    """Row indices ``0 … total−1`` in chunks of exactly ``chunk`` rows (the last one padded by repeating its last
+    row, so every chunk has one shape and one relevance program), each with its number of real rows."""
+    for start in range(0, total, chunk):
+        rows = torch.arange(start, min(start + chunk, total), device=device)
+        used = len(rows)
+        yield (torch.cat([rows, rows[-1:].expand(chunk - used)]) if used < chunk else rows), used
+
+
 def _relevance(explainer: Explainer, batch: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     relevance = explainer.attribute(batch, targets).relevance
     if len(relevance) != 1:
@@ -109,14 +118,9 @@ def _weighted_row_sum(explainer: Explainer, x: torch.Tensor, targets: torch.Tens
     """``out[i] = Σ_c weight(row) · transform(g(row))`` over the ``copies`` rows ``row = c·N + i`` of image ``i``,
     evaluated in equally shaped chunks of ``chunk`` rows (the last one padded by repeating its last row)."""
     n = len(x)
-    total = n * copies
     out = torch.zeros_like(x)
     view = (-1,) + (1,) * (x.dim() - 1)
-    for start in range(0, total, chunk):
-        rows = torch.arange(start, min(start + chunk, total), device=x.device)
-        used = len(rows)
-        if used < chunk:
-            rows = torch.cat([rows, rows[-1:].expand(chunk - used)])
+    for rows, used in padded_chunks(n * copies, chunk, x.device):
         g = _relevance(explainer, make_rows(rows), targets[rows % n])[:used]
         rows = rows[:used]
         if transform is not None:

@@ -41,21 +41,28 @@ class _Head(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-class DemoVGG(nn.Module):
+class _Classifier(nn.Module):
+    """``features`` (ends in the last spatial map, 8×8 at 64 px) followed by the :class:`_Head`."""
+
+    def __init__(self, layers: list[nn.Module], channels: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(*layers)
+        self.head = _Head(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class DemoVGG(_Classifier):
     """Stem conv at full resolution, then three stages of two conv-BN-ReLU each, each after a 2×2 max-pool."""
 
     def __init__(self, widths: tuple[int, int, int] = (32, 64, 128)) -> None:
-        super().__init__()
         layers: list[nn.Module] = [conv_bn_relu(3, widths[0])]
         cin = widths[0]
         for width in widths:
             layers += [nn.MaxPool2d(2), conv_bn_relu(cin, width), conv_bn_relu(width, width)]
             cin = width
-        self.features = nn.Sequential(*layers)
-        self.head = _Head(cin)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        super().__init__(layers, cin)
 
 
 class BasicBlock(nn.Module):
@@ -77,22 +84,17 @@ class BasicBlock(nn.Module):
         return self.relu(self.bn2(self.conv2(out)) + shortcut)
 
 
-class DemoResNet(nn.Module):
+class DemoResNet(_Classifier):
     """Stem conv + max-pool, three stages of BasicBlocks (the 2nd and 3rd start with stride 2)."""
 
     def __init__(self, widths: tuple[int, int, int] = (32, 64, 128), blocks: tuple[int, int, int] = (1, 1, 1)) -> None:
-        super().__init__()
         layers: list[nn.Module] = [conv_bn_relu(3, widths[0]), nn.MaxPool2d(2)]
         cin = widths[0]
         for stage, (width, count) in enumerate(zip(widths, blocks)):
             for b in range(count):
                 layers.append(BasicBlock(cin, width, stride=2 if stage > 0 and b == 0 else 1))
                 cin = width
-        self.features = nn.Sequential(*layers)
-        self.head = _Head(cin)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        super().__init__(layers, cin)
 
 
 class DenseLayer(nn.Module):
@@ -114,11 +116,10 @@ def _transition(cin: int, cout: int) -> nn.Sequential:
                          nn.AvgPool2d(2))
 
 
-class DemoDenseNet(nn.Module):
+class DemoDenseNet(_Classifier):
     """Stem conv + max-pool, three dense blocks with halving transitions between them, final BN-ReLU."""
 
     def __init__(self, stem: int = 24, growth: int = 16, layers: tuple[int, int, int] = (3, 6, 6)) -> None:
-        super().__init__()
         modules: list[nn.Module] = [conv_bn_relu(3, stem), nn.MaxPool2d(2)]
         cin = stem
         for block, count in enumerate(layers):
@@ -129,11 +130,7 @@ class DemoDenseNet(nn.Module):
                 modules.append(DenseLayer(cin, growth))
                 cin += growth
         modules += [nn.BatchNorm2d(cin), nn.ReLU(inplace=True)]
-        self.features = nn.Sequential(*modules)
-        self.head = _Head(cin)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        super().__init__(modules, cin)
 
 
 class InceptionModule(nn.Module):
@@ -151,7 +148,7 @@ class InceptionModule(nn.Module):
         return torch.cat([self.branch1(x), self.branch3(x), self.branch5(x), self.branch_pool(x)], 1)
 
 
-class DemoInception(nn.Module):
+class DemoInception(_Classifier):
     """Stem conv + max-pool, then one inception module per resolution (32, 16, 8 px at 64 px input) with 2×2
     max-pools between them."""
 
@@ -159,7 +156,6 @@ class DemoInception(nn.Module):
     CONFIG = ((16, 16, 32, 8, 16, 16), (32, 32, 64, 16, 32, 32), (64, 48, 96, 24, 48, 48))
 
     def __init__(self, stem: int = 32) -> None:
-        super().__init__()
         modules: list[nn.Module] = [conv_bn_relu(3, stem), nn.MaxPool2d(2)]
         cin = stem
         for i, config in enumerate(self.CONFIG):
@@ -168,11 +164,7 @@ class DemoInception(nn.Module):
             module = InceptionModule(cin, *config)
             modules.append(module)
             cin = module.channels
-        self.features = nn.Sequential(*modules)
-        self.head = _Head(cin)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        super().__init__(modules, cin)
 
 
 _ARCHITECTURES: dict[str, type[nn.Module]] = {"demo-vgg": DemoVGG, "demo-resnet": DemoResNet,
