@@ -150,7 +150,7 @@ _EXPLAINERS: weakref.WeakKeyDictionary[nn.Module, Explainer] = weakref.WeakKeyDi
 def cam_explainer(model: nn.Module | Explainer) -> Explainer:
     """The gradient explainer :func:`cam` uses for ``model`` (one per model, cached weakly; an explainer is
     returned as is). Its relevance programs are cached per input signature and CAM layer, so repeated calls reuse
-    them. Like every explainer it snapshots the parameters: call ``cam_explainer(model).clear()`` after changing them.
+    them. Like every explainer it rebuilds them when the model's parameters change.
     """
     if isinstance(model, Explainer):
         if model.method.name != "gradient":

@@ -2,10 +2,12 @@
 
 An :class:`Explainer` builds one relevance program per input signature ``(shape, dtype, device)`` and caches it
 (compiled too, with ``compile=True``), so repeated calls on same-shaped batches do no tracing or compiling.
-The explainer snapshots the model's parameters when it builds; call :meth:`Explainer.clear` after changing them.
+The built programs hold the model's parameters as constants; an explainer notices when they are replaced, loaded
+or changed in place (their version counters) and rebuilds.
 """
 from __future__ import annotations
 
+import itertools
 import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -98,6 +100,7 @@ class Explainer:
         self.start, self.stops = start, (list(stops) if stops is not None else None)
         self.compile = compile
         self.fold_batchnorm = fold_batchnorm
+        self._stamp: tuple | None = None
         self._canonical: dict[tuple, fx.GraphModule] = {}
         self._graphs: dict[tuple, RelevanceGraph] = {}
         self._runners: dict[tuple, Any] = {}
@@ -109,6 +112,7 @@ class Explainer:
 
     def canonical_graph(self, x: torch.Tensor) -> fx.GraphModule:
         """The canonical forward graph for inputs shaped like ``x`` (cached)."""
+        self._follow_parameters()
         key = self._signature(x)
         if key not in self._canonical:
             self._canonical[key] = canonicalize(capture(self.model, x), (x,), self.fold_batchnorm)
@@ -120,6 +124,7 @@ class Explainer:
 
     def relevance_graph(self, x: torch.Tensor, stops: Sequence[str] | None = None) -> RelevanceGraph:
         """The relevance program for inputs shaped like ``x`` (cached per signature and stop set)."""
+        self._follow_parameters()
         stops = self.stops if stops is None else list(stops)
         key = (*self._signature(x), tuple(stops) if stops is not None else None)
         if key not in self._graphs:
@@ -129,6 +134,7 @@ class Explainer:
         return self._graphs[key]
 
     def _runner(self, x: torch.Tensor, stops: Sequence[str] | None) -> tuple[RelevanceGraph, Any]:
+        self._follow_parameters()
         graph = self.relevance_graph(x, stops)
         key = (*self._signature(x), tuple(graph.stops), self.compile)
         if key not in self._runners:
@@ -136,10 +142,22 @@ class Explainer:
         return graph, self._runners[key]
 
     def clear(self) -> None:
-        """Forget every built graph (call after changing the model's parameters)."""
+        """Forget every built graph (rebuilt on the next call)."""
         self._canonical.clear()
         self._graphs.clear()
         self._runners.clear()
+
+    def _parameter_stamp(self) -> tuple:
+        """Identity and in-place version counter of every parameter and buffer: changes whenever weights are
+        replaced, loaded (``load_state_dict`` copies in place) or re-initialised."""
+        return tuple((id(t), t._version) for t in itertools.chain(self.model.parameters(), self.model.buffers()))
+
+    def _follow_parameters(self) -> None:
+        """The built programs hold the parameters as graph constants: rebuild them after the weights changed."""
+        stamp = self._parameter_stamp()
+        if stamp != self._stamp:
+            self.clear()
+            self._stamp = stamp
 
     # -- running ----------------------------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:

@@ -227,3 +227,17 @@ def test_a_module_pattern_applies_its_rule_where_the_rule_fits(net):
     plan = fxrel.Explainer(net, "epsilon_plus_flat", rules=[(module("stem*"), ZPlus())]).rule_plan(x)
     by_module = {row[2]: row[3] for row in plan.rows()}
     assert by_module["stem.0"].startswith("ZPlus") and by_module["stem.2"] == "Pass()"
+
+
+def test_explainers_follow_parameters_changed_in_place_or_loaded(net):
+    """Programs hold the parameters as constants; in-place edits and load_state_dict must not leave them stale."""
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 1])
+    explainer = fxrel.Explainer(net, "gradient")
+    before = explainer(x, t)
+    with torch.no_grad():
+        next(net.parameters()).mul_(-2.0)
+    assert rel_error(explainer(x, t), autograd_input_gradient(net, x, t)) < 1e-5
+    assert rel_error(fxrel.explain(net, x, t, method="gradient"), autograd_input_gradient(net, x, t)) < 1e-5
+    net.load_state_dict({k: v * 1.5 if v.is_floating_point() else v for k, v in net.state_dict().items()})
+    assert rel_error(explainer(x, t), autograd_input_gradient(net, x, t)) < 1e-5
+    assert rel_error(explainer(x, t), before) > 1e-3

@@ -100,9 +100,8 @@ def cascading_randomisation(model: nn.Module, explain_fn: ExplainFn, x: Tensor, 
     ``reset_parameters()`` after seeding torch with ``seed + 1`` — quantus's ``MPRT(seed=seed)`` scheme, so a
     module's random weights do not depend on the other modules (a BatchNorm is reset to the identity).
     ``similarity``: Spearman rank correlation, Pearson correlation or SSIM (2-D, :func:`ssim`).
-    Returns ``{module name: [B]}`` in randomisation order. Every step explains a fresh copy of the progressively
-    randomised model, so explainers that cache per model object (``fxrel.explain``, whose programs snapshot the
-    parameters) cannot return a stale explanation.
+    Returns ``{module name: [B]}`` in randomisation order. The copy is re-initialised in place; fxrel's explainers
+    (also the ones ``fxrel.explain`` caches per model object) follow the parameters' version counters and rebuild.
     """
     if similarity not in _SIMILARITIES:
         raise InputError(f"similarity must be one of {list(_SIMILARITIES)}, got {similarity!r}")
@@ -118,5 +117,5 @@ def cascading_randomisation(model: nn.Module, explain_fn: ExplainFn, x: Tensor, 
     scores = {}
     for name, module in _randomisable(randomised, layers):
         _reinitialise(module, seed)
-        scores[name] = measure(reference, explain(copy.deepcopy(randomised))).to(reference.dtype)
+        scores[name] = measure(reference, explain(randomised)).to(reference.dtype)
     return scores
