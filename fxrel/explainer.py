@@ -120,7 +120,7 @@ class Explainer:
 
     def rule_plan(self, x: torch.Tensor) -> RulePlan:
         """Which rule each canonical node gets, for inputs shaped like ``x``."""
-        return self.method.streams(self.canonical_graph(x), self.rules)[0].plan
+        return next(s for s in self.method.streams(self.canonical_graph(x), self.rules) if not s.helper).plan
 
     def relevance_graph(self, x: torch.Tensor, stops: Sequence[str] | None = None) -> RelevanceGraph:
         """The relevance program for inputs shaped like ``x`` (cached per signature and stop set)."""

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from fxrel import cam, ucag, wrappers
+from fxrel import cam, ssl, ucag, wrappers
 from fxrel.explainer import Explainer, Target
 
 CAM_OUTPUT = "non-negative [N, H, W] map at the layer (upsample='input' for the input's size)"
@@ -65,4 +65,9 @@ POST_HOC: dict[str, PostHocInfo] = {
         "confidence-weighted and folded back", "Hong et al. 2023",
         "[N, H, W] at the input's size; CAM bases: in [0, 1] (ReLU, min–max, blur), others: signed",
         {"base": "grad_cam", "n": 6, "rho": 0.555, "alpha": 2.6, "weighting": "exp_softmax", "average": "coverage"}),
+    "agf_ssl": PostHocInfo(
+        "agf_ssl", ssl.agf_ssl, "AGF of a self-supervised network: the class its own classifier gives the latent "
+        "minus the nearest reference latent (references=images or latents; further parameters go to agf)",
+        "Gur, Ali, Wolf 2021 (AGF, Alg. 2)", "as agf", {"references": None, "combine": "difference",
+                                                        "batch_size": 64}),
 }

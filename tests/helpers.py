@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 def autograd_input_gradient(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -24,3 +25,29 @@ def random_targets(model: torch.nn.Module, x: torch.Tensor, seed: int = 0) -> to
         classes = model(x).shape[1]
     g = torch.Generator().manual_seed(seed)
     return torch.randint(classes, (len(x),), generator=g)
+
+
+def two_objects() -> tuple[nn.Module, torch.Tensor]:
+    """A red square on the left (object A) and a green one on the right (object B) of an 8×16 image. conv1 detects
+    red and green (3×3 means), conv2 smooths each, global pooling and y_A = red − 0.2·green, y_B = green − 0.2·red:
+    class A responds to the left object, class B to the right one, each slightly inhibited by the other."""
+    conv1, conv2, head = nn.Conv2d(3, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1), nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        conv1.weight.zero_(), conv1.bias.zero_(), conv2.weight.zero_(), conv2.bias.zero_()
+        for c in range(2):
+            conv1.weight[c, c] = 1 / 9
+            conv2.weight[c, c] = 0.05
+            conv2.weight[c, c, 1, 1] = 1.0
+        head.weight.copy_(torch.tensor([[1.0, -0.2], [-0.2, 1.0]]))
+    model = nn.Sequential(conv1, nn.ReLU(), conv2, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
+    x = torch.zeros(1, 3, 8, 16)
+    x[:, 0, 2:6, 2:6] = 1.0
+    x[:, 1, 2:6, 10:14] = 1.0
+    return model.eval().double(), x.double()
+
+
+def object_masses(r: torch.Tensor) -> tuple[float, float, float]:
+    """Relevance summed over channels on object A, on object B, and the positive share that lies on A."""
+    heat = r.sum(1)[0]
+    on_a, on_b = heat[2:6, 2:6].sum().item(), heat[2:6, 10:14].sum().item()
+    return on_a, on_b, (heat.clamp(min=0)[:, :8].sum() / heat.clamp(min=0).sum()).item()

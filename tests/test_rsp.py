@@ -19,7 +19,7 @@ from fxrel.rules.methods import Method, make_method, seed_gradient
 from fxrel.rules.rgam import purge, relative_relevance, sections
 from fxrel.rules.rsp import feature_layer
 from fxrel.rules.sectional import sectional_composite, sectional_rule
-from tests.helpers import random_targets, rel_error
+from tests.helpers import object_masses, random_targets, rel_error, two_objects
 from tests.strategies import cnn_architectures
 from tests.test_models import build
 from tests.test_rap import _grad, _sdiv, _z_beta
@@ -224,32 +224,6 @@ def test_per_sample_convolution_ops_match_autograd(kernel, stride, padding, dila
 
 
 # --- bi-polarity and discriminativeness -----------------------------------------------------------------------------
-def two_objects() -> tuple[nn.Module, torch.Tensor]:
-    """A red square on the left (object A) and a green one on the right (object B) of an 8×16 image. conv1 detects
-    red and green (3×3 means), conv2 smooths each, global pooling and y_A = red − 0.2·green, y_B = green − 0.2·red:
-    class A responds to the left object, class B to the right one, each slightly inhibited by the other."""
-    conv1, conv2, head = nn.Conv2d(3, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1), nn.Linear(2, 2, bias=False)
-    with torch.no_grad():
-        conv1.weight.zero_(), conv1.bias.zero_(), conv2.weight.zero_(), conv2.bias.zero_()
-        for c in range(2):
-            conv1.weight[c, c] = 1 / 9
-            conv2.weight[c, c] = 0.05
-            conv2.weight[c, c, 1, 1] = 1.0
-        head.weight.copy_(torch.tensor([[1.0, -0.2], [-0.2, 1.0]]))
-    model = nn.Sequential(conv1, nn.ReLU(), conv2, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
-    x = torch.zeros(1, 3, 8, 16)
-    x[:, 0, 2:6, 2:6] = 1.0
-    x[:, 1, 2:6, 10:14] = 1.0
-    return model.eval().double(), x.double()
-
-
-def _masses(r: torch.Tensor) -> tuple[float, float, float]:
-    """Relevance summed over channels on object A, on object B, and the positive share that lies on A."""
-    heat = r.sum(1)[0]
-    on_a, on_b = heat[2:6, 2:6].sum().item(), heat[2:6, 10:14].sum().item()
-    return on_a, on_b, (heat.clamp(min=0)[:, :8].sum() / heat.clamp(min=0).sum()).item()
-
-
 def test_rsp_is_positive_on_the_target_object_and_negative_on_the_hostile_one():
     model, x = two_objects()
     with torch.no_grad():
@@ -257,7 +231,7 @@ def test_rsp_is_positive_on_the_target_object_and_negative_on_the_hostile_one():
     figures = {}
     for method in ("rsp", "crsp", "rap"):
         for target, name in ((0, "A"), (1, "B")):
-            figures[f"{method}({name})"] = _masses(fxrel.Explainer(model, method)(x, target))
+            figures[f"{method}({name})"] = object_masses(fxrel.Explainer(model, method)(x, target))
     print("\nrelevance on object A, on object B, positive share on A's half: "
           + "; ".join(f"{k}: {a:+.3f}, {b:+.3f}, {s:.3f}" for k, (a, b, s) in figures.items()))
     for method in ("rsp", "crsp"):

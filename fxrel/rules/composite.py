@@ -6,7 +6,8 @@ selects whole modules (:func:`module`, :func:`where`, :func:`node_name`) applies
 that the rule can handle (a conv rule skips the module's ReLU); a rule given for an explicit kind it cannot handle
 (``kind("maxpool")`` with ``ZPlus``) is an error. Matchers select nodes by kind (:func:`kind`), by the name of
 the module they came from (:func:`module`, glob patterns), by an arbitrary predicate (:func:`where`), by being
-the first/last parametrised layer (:func:`first`, :func:`last`), or by reading a model input (:func:`reads_input`).
+the first/last parametrised layer (:func:`first`, :func:`last`), by following the last one
+(:func:`after_last`), or by reading a model input (:func:`reads_input`).
 ``composite.plan(graph)`` returns the :class:`RulePlan`, the node → rule table that a relevance graph is built from.
 """
 from __future__ import annotations
@@ -88,6 +89,19 @@ def last(*kinds: str) -> Matcher:
     """Match the last conv/linear node before the output (restricted to ``kinds`` if given)."""
     restrict = kind(*kinds) if kinds else (lambda node, info: True)
     return _strict(lambda node, info: node.name == info.last_layer and restrict(node, info))
+
+
+def after_last() -> Matcher:
+    """Match the nodes after the last conv/linear node (the head's pooling/reshaping up to the output), where
+    methods that start below the output keep the exact gradient."""
+    def matcher(node: fx.Node, info: MatchInfo) -> bool:
+        previous = node.prev
+        while previous.op != "root":
+            if previous.name == info.last_layer:
+                return True
+            previous = previous.prev
+        return False
+    return matcher
 
 
 class RulePlan(dict):

@@ -33,12 +33,14 @@ def times_input(relevance: Any, value: Any) -> Any:
 
 @dataclass
 class StreamSpec:
-    """A further relevance stream of a method, run in the same sweep as its main stream (contrastive duals …)."""
+    """A further relevance stream of a method, run in the same sweep as its main stream (contrastive duals …).
+    A ``helper`` stream is not returned; it only feeds the others (AGF's gradient stream)."""
 
     name: str
     composite: Composite
     seed: Seed
     finalize: Callable[[Any, Any], Any] | None = None
+    helper: bool = False
 
 
 @dataclass
@@ -47,7 +49,9 @@ class Method:
     the same way: ``Method("mine", Composite([(kind("conv"), ZPlus()), …]), seed_logit)``.
 
     ``extra`` streams run in the same sweep (one relevance graph, batched); ``combine`` then maps the streams'
-    relevance at each stop node, ``{stream name: R}``, to the method's result (recorded into the graph too)."""
+    relevance at each stop node, ``{stream name: R}``, to the method's result (recorded into the graph too).
+    Helper streams come first in the sweep, so that at every node the main stream's rule finds what they sent to
+    the node's inputs in ``ctx.downstream``; rule overrides apply to the returned streams only."""
 
     name: str
     composite: Composite
@@ -58,8 +62,9 @@ class Method:
 
     def streams(self, graph, overrides: Sequence[tuple[Matcher, Rule]] = ()) -> list[Stream]:
         specs = [StreamSpec(self.name, self.composite, self.seed, self.finalize), *self.extra]
-        return [Stream(s.name, (s.composite.with_rules(overrides) if overrides else s.composite).plan(graph),
-                       s.seed, s.finalize) for s in specs]
+        specs.sort(key=lambda s: not s.helper)
+        return [Stream(s.name, (s.composite.with_rules(overrides) if overrides and not s.helper else s.composite
+                                ).plan(graph), s.seed, s.finalize, helper=s.helper) for s in specs]
 
 
 #: Output conventions, referenced by the registry entries.

@@ -1,0 +1,299 @@
+"""AGF: attribution guided factorization (Gur, Ali, Wolf, AAAI 2021; ``specs/agf.md``, section numbers below refer to
+it) — two streams in one reverse sweep.
+
+* the **gradient stream** (a helper, not returned): exact VJPs of the softmax-gaussian score ``ŷ_t``;
+* the **attribution stream** Φ, whose rule at every conv/linear node reads what the gradient stream sent to the
+  node's input (``∇x``, unmasked) and arrived at its output (for the masked gradient ``f*(∇y ⊙ 1[Φ≠0])``).
+
+Both start from ``∂ŷ_t/∂Y`` at the logits ``Y`` (§2, Alg. 1 lines 2–4)::
+
+    σ = max_k |Y_k − y_t|,   ŷ = softmax_k( y_t · exp(−½((Y_k − y_t)/σ)²) )
+
+computed in closed form (:func:`softmax_gaussian_gradient`; the relevance graph has no autograd). Rules per node:
+
+* **last conv/linear layer** (the classifier, "first" from the top) — ``Φ = x ⊙ ∇x`` (Eq. 8, Alg. 1 line 4); nodes
+  after it (a 1×1-conv classifier's pooling, reshapes) pass the exact gradient;
+* **conv** (§4.2, Eq. 9–14) — the absolute influence ``C = G(|x|, |θ|, Φ)`` (Eq. 9), the input-agnostic influence
+  ``A = G(1, |θ|, Φ)`` (Eq. 10), the guided factorizations ``F_x = F̄(x, φ)⁺``, ``F_∇x = F̄(∇x_masked, φ)⁺`` with
+  ``φ = mean_c C`` (Eq. 11, :mod:`fxrel.rules.factorization`), the interaction ``M = N_max(mean_c(x ⊙ ∇x)⁺)``
+  (Eq. 12), the residual ``r = 1[C≠0] ⊙ (A + F_∇x + (F_x + M) ⊙ sigmoid(C))`` (Eq. 13) and the Δ-shift
+  ``Φ_in = C + r − (Σr / N_nz(C)) · 1[C≠0]`` (Def. 2, Eq. 14; :func:`fxrel.rules.shift.uniform_shift`), which keeps
+  ``Σ Φ_in = Σ C = Σ Φ_out``. ``G`` is the generic rule (:mod:`fxrel.rules.generic`) with the terms ``(|x|, |θ|)`` and
+  ``(1, |θ|)``, no bias, zero-safe division;
+* **"flat" convs** (§4.3) — ``Φ_in = C``. ``flat="official"``: the official ResNet code's choice, generalised to any
+  architecture — 1×1 convs and convs whose output is an operand of a residual sum (Bottleneck conv1/conv3/downsample,
+  BasicBlock conv2/downsample; DenseNet's bottleneck and transition convs, Inception's 1×1 branches); ``"none"``:
+  every conv full (the paper); ``"all"``: every conv and linear layer flat (Table 5's "only C"; with every ablation
+  switch this is absolute-influence LRP, §10.5);
+* **linear** (§4.1, Alg. 1 lines 5–13) — ``C``; where the input is a flattened 4-D map, ``Φ_in = Δshift(C, M)``
+  with ``M`` computed in the 4-D shape and masked to ``1[C≠0]`` before the max-normalisation;
+* **input conv** (§4.4) — z^β with each image's min/max, no bias;
+* **activations** — identity. The official ReLU z-rule ``Φ ⊙ 1[x>0]`` is the same wherever ``Φ`` comes from rules
+  proportional to the layer input (C, A, z-rules: zero on dead units) — every net without pre-activation
+  BatchNorm; in DenseNet the BatchNorm's shift puts ``Φ`` on units the ReLU before it zeroed, and the mask drops
+  it (measured on a random dense block: Σ Φ = 6.58 at the input against 0.068 at every node above the stem ReLU).
+  **BatchNorm** left unfolded — identity (a folded BatchNorm changes nothing: C and A are invariant to scaling a
+  conv's output channels); **max pooling** — winner-take-all (the official z-rule wherever the window is not all
+  zero); **average pooling** — the z-rule ∝ ``x``; **residual sums** — the official signed
+  z-split ``Φ_a = a ⊙ sdiv(Φ, a+b)`` (``residual="official"``) or RAP's absolute split (``"absolute"``);
+  **concatenation** — slicing (the official code raises; slicing conserves); **forks** — a sum (§4.5 Clone).
+
+Ablations (Table 5, §4.2; conv layers): ``no_a``, ``no_fx``, ``no_fdx``, ``no_m``, ``no_reg`` (drop ``sigmoid(C)``)
+and ``gradcam`` (the numerator ``F_x + M`` replaced by ``relu(mean_c(x ⊙ GAP(∇x_masked)))``). ``normalize`` divides
+the result by its per-sample maximum (§6, the official heatmap before the channel sum).
+
+Differences from the official code: division is exactly zero-safe (the official ``safe_divide`` adds 1e-9, which
+only perturbs conservation); the factorization's 2×2 system is solved in closed form.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import fx
+
+from fxrel.errors import RuleError
+from fxrel.graphs import ops
+from fxrel.rules.base import Rule, RuleContext
+from fxrel.rules.composite import Composite, after_last, kind, last, reads_input, where
+from fxrel.rules.factorization import check_options, factorize, max_normalize
+from fxrel.rules.generic import GenericRule, Group, Term, absolute, ones
+from fxrel.rules.gradient import Gradient, Pass
+from fxrel.rules.lrp import AbsNorm, Norm, ZBox
+from fxrel.rules.methods import Method, StreamSpec, register
+from fxrel.rules.shift import total, uniform_shift
+
+#: name of the gradient stream (a helper stream of the sweep)
+GRADIENT = "gradient"
+FLAT_MODES = ("official", "none", "all")
+
+
+# --- §2: the initial attribution ---------------------------------------------------------------------------------
+def softmax_gaussian_gradient(output: Any, mask: Any) -> Any:
+    """``∂ŷ_t/∂Y`` for logits ``Y`` ``[N, K]`` and the one-hot target ``mask`` (Alg. 1 lines 2–3), in closed form.
+
+    With ``d = Y − y_t``, ``σ = |d_m| = max_k |d_k|``, ``u = d/σ``, ``g = exp(−u²/2)``, ``p = softmax(y_t g)`` and
+    ``a = p_t (e_t − p)`` (the gradient of ``p_t`` with respect to the softmax's input), ``b = −a y_t g u / σ``::
+
+        ∂ŷ_t/∂Y = e_t Σ_k a_k g_k + b − e_t Σ_k b_k − sign(d_m) (e_m − e_t) Σ_k b_k u_k
+
+    (the last term is σ's dependence on ``Y``; ``σ = 0`` — all logits equal — is guarded and gives ``b = 0``)."""
+    y_t = (output * mask).sum(1, keepdim=True)
+    d = output - y_t
+    spread = d.abs()
+    sigma = spread.amax(1, keepdim=True)
+    sigma = torch.where(sigma == 0, torch.ones_like(sigma), sigma)
+    u = d / sigma
+    g = torch.exp(-0.5 * u * u)
+    p = torch.softmax(y_t * g, dim=1)
+    p_t = (p * mask).sum(1, keepdim=True)
+    a = p_t * (mask - p)
+    b = -a * y_t * g * u / sigma
+    widest = torch.zeros_like(d).scatter(1, spread.argmax(1, keepdim=True), 1.0)
+    sign = torch.sign((d * widest).sum(1, keepdim=True))
+    return (mask * ((a * g).sum(1, keepdim=True) - b.sum(1, keepdim=True)) + b
+            - sign * (widest - mask) * (b * u).sum(1, keepdim=True))
+
+
+# --- §3: the building blocks -------------------------------------------------------------------------------------
+#: Eq. 9 and Eq. 10: the generic rule with the terms (|x|, |θ|) and (1, |θ|), no bias, zero-safe division
+INFLUENCE = GenericRule((Group((Term(absolute, torch.abs, "absw", zero_bias=True),)),), 0.0, "C=G(|x|,|θ|)")
+AGNOSTIC = GenericRule((Group((Term(ones, torch.abs, "absw", zero_bias=True),)),), 0.0, "A=G(1,|θ|)")
+
+
+def channel_mean(t: Any) -> Any:
+    """``mean_c t`` broadcast back over the channels."""
+    return t.mean(1, keepdim=True).expand_as(t)
+
+
+def interaction(x: Any, grad: Any, support: Any = None) -> Any:
+    """Eq. 12: ``M = N_max(mean_c(x ⊙ ∇x)⁺)``, masked to ``support`` before the max-normalisation."""
+    m = channel_mean(x * grad).clamp(min=0)
+    if support is not None:
+        m = m * support
+    return max_normalize(m)
+
+
+def delta_shift(c: Any, r: Any) -> Any:
+    """Def. 2 / Eq. 14: ``C + r − (Σr / N_nz(C)) · 1[C≠0]`` — keeps ``Σ C``."""
+    return uniform_shift(c + r, total(r), c)
+
+
+# --- §4: rules ---------------------------------------------------------------------------------------------------
+class AttributionAtHead(Rule):
+    """The classifier layer (Eq. 8): ``Φ = x ⊙ Wᵀ ∂ŷ_t/∂Y`` — gradient × input of ``ŷ_t`` at its input."""
+
+    kinds = frozenset({ops.CONV, ops.LINEAR})
+
+    def __call__(self, ctx: RuleContext, relevance: Any) -> list[Any]:
+        return [ctx.inputs[0] * ctx.vjp(relevance)[0]]
+
+
+class Influence(Rule):
+    """A "flat" layer (§4.3): ``Φ_in = C`` only."""
+
+    kinds = frozenset({ops.CONV, ops.LINEAR})
+
+    def __call__(self, ctx: RuleContext, relevance: Any) -> list[Any]:
+        return INFLUENCE(ctx, relevance)
+
+
+def _gradient_at_input(ctx: RuleContext) -> Any:
+    """``∇x``: what the gradient stream sent to the node's input (it runs first in the sweep)."""
+    sent = ctx.downstream.get(GRADIENT)
+    if sent is None:
+        raise RuleError(f"AGF's rule at node '{ctx.node.name}' needs the '{GRADIENT}' stream, which did not reach it")
+    return sent[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Factorization:
+    """The options of F̄ (:func:`fxrel.rules.factorization.factorize`)."""
+
+    slope: float | None = 10.0
+    ridge: float = 1.0
+    background: str = "negative"
+
+    def __call__(self, values: Any, guide: Any) -> Any:
+        return factorize(values, guide, self.slope, self.ridge, self.background).clamp(min=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ablation:
+    """Table 5's switches (all off: the full method)."""
+
+    no_a: bool = False
+    no_fx: bool = False
+    no_fdx: bool = False
+    no_m: bool = False
+    no_reg: bool = False
+    gradcam: bool = False
+
+
+class AGFConv(Rule):
+    """§4.2 (Eq. 9–14) for a convolution; see the module docstring."""
+
+    kinds = frozenset({ops.CONV})
+
+    def __init__(self, factorization: Factorization = Factorization(), ablation: Ablation = Ablation()) -> None:
+        self.factorization = factorization
+        self.ablation = ablation
+
+    def __call__(self, ctx: RuleContext, relevance: Any) -> list[Any]:
+        x, off = ctx.inputs[0], self.ablation
+        (c,) = INFLUENCE(ctx, relevance)
+        masked = None
+        if off.gradcam or not off.no_fdx:
+            (masked,) = ctx.vjp(ctx.upstream[GRADIENT] * (relevance != 0).to(x.dtype))
+        guide = c.mean(1, keepdim=True)
+        numerator: Any = 0
+        if off.gradcam:
+            numerator = channel_mean(x * masked.mean((2, 3), keepdim=True)).clamp(min=0)
+        else:
+            if not off.no_fx:
+                numerator = numerator + self.factorization(x, guide)
+            if not off.no_m:
+                numerator = numerator + interaction(x, _gradient_at_input(ctx))
+        residual: Any = 0
+        if not isinstance(numerator, int):
+            residual = numerator if off.no_reg else numerator * torch.sigmoid(c)
+        if not off.no_fdx:
+            residual = residual + self.factorization(masked, guide)
+        if not off.no_a:
+            residual = residual + AGNOSTIC(ctx, relevance)[0]
+        if isinstance(residual, int):
+            return [c]
+        return [delta_shift(c, residual * (c != 0).to(c.dtype))]
+
+    def __repr__(self) -> str:
+        switches = [k for k, v in dataclasses.asdict(self.ablation).items() if v]
+        return f"AGFConv({self.factorization}{', ' + ', '.join(switches) if switches else ''})"
+
+
+def flattened_map(node: fx.Node) -> torch.Size | None:
+    """The 4-D shape a linear layer's input was flattened from (through shape ops), or ``None``."""
+    source = node.args[0]
+    while isinstance(source, fx.Node) and source.meta.get("fxrel_kind") == ops.SHAPE:
+        source = source.args[0]
+        shape = source.meta["tensor_meta"].shape if "tensor_meta" in source.meta else None
+        if shape is not None and len(shape) == 4:
+            return shape
+    return None
+
+
+class AGFLinear(Rule):
+    """§4.1 (Alg. 1 lines 5–13) for a linear layer below the classifier."""
+
+    kinds = frozenset({ops.LINEAR})
+
+    def __call__(self, ctx: RuleContext, relevance: Any) -> list[Any]:
+        (c,) = INFLUENCE(ctx, relevance)
+        shape = flattened_map(ctx.node)
+        if shape is None:
+            return [c]
+        x = ctx.inputs[0]
+        spatial = (-1, *shape[1:])
+        m = interaction(x.reshape(spatial), _gradient_at_input(ctx).reshape(spatial),
+                        (c != 0).to(c.dtype).reshape(spatial)).reshape_as(x)
+        return [delta_shift(c, m)]
+
+
+def _pointwise_or_residual(node: fx.Node) -> bool:
+    """The official "flat" convs, for any architecture: 1×1 kernels, and convs whose output (through unfolded
+    BatchNorms) is an operand of a residual sum."""
+    if node.meta.get("fxrel_kind") != ops.CONV:
+        return False
+    if all(k == 1 for k in node.args[1].meta["tensor_meta"].shape[2:]):
+        return True
+    frontier = [node]
+    while frontier:
+        users = [u for n in frontier for u in n.users]
+        if any(u.meta.get("fxrel_kind") == ops.ADD for u in users):
+            return True
+        frontier = [u for u in users if u.meta.get("fxrel_kind") == ops.AFFINE]
+    return False
+
+
+def agf_composite(factorization: Factorization = Factorization(), ablation: Ablation = Ablation(),
+                  flat: str = "official", residual: str = "official") -> Composite:
+    """AGF's attribution-stream rule set (see the module docstring)."""
+    if flat not in FLAT_MODES:
+        raise RuleError(f"flat must be one of {FLAT_MODES}, got {flat!r}")
+    if residual not in ("official", "absolute"):
+        raise RuleError(f"residual must be 'official' or 'absolute', got {residual!r}")
+    pairs: list = [(after_last(), Gradient()), (reads_input(ops.CONV), ZBox("image", "image", 0.0, ignore_bias=True)),
+                   (last(), AttributionAtHead())]
+    if flat == "all":
+        pairs.append((kind(ops.CONV, ops.LINEAR), Influence()))
+    elif flat == "official":
+        pairs.append((where(_pointwise_or_residual), Influence()))
+    pairs += [(kind(ops.CONV), AGFConv(factorization, ablation)), (kind(ops.LINEAR), AGFLinear()),
+              (kind(ops.ACTIVATION, ops.AFFINE), Pass()),
+              (kind(ops.ADD), Norm(0.0) if residual == "official" else AbsNorm()), (kind(ops.AVGPOOL), Norm(0.0)),
+              (kind(ops.MAXPOOL, ops.CAT, ops.SHAPE, ops.PAD), Gradient())]
+    return Composite(pairs, f"agf[flat={flat}, residual={residual}]")
+
+
+def max_normalized(relevance: Any, value: Any) -> Any:
+    """§6: ``Φ / max Φ`` per sample."""
+    return max_normalize(relevance)
+
+
+AGF_OUTPUT = ("signed, shaped like the input; Σ Φ = Σ X ⊙ ∂ŷ_t/∂X at the classifier's input X, kept by every layer "
+              "(Δ-shift) up to zero-denominator leaks; normalize=True: divided by the per-sample max")
+
+
+@register("agf", "attribution guided factorization: gradient and attribution streams in one sweep, absolute and "
+          "input-agnostic influence, guided factorization of activations and gradients, Δ-shift",
+          "Gur, Ali, Wolf 2021 (AGF)", AGF_OUTPUT, slope=10.0, ridge=1.0, background="negative", flat="official",
+          residual="official", no_a=False, no_fx=False, no_fdx=False, no_m=False, no_reg=False, gradcam=False,
+          normalize=False)
+def _agf(slope: float | None, ridge: float, background: str, flat: str, residual: str, no_a: bool, no_fx: bool,
+         no_fdx: bool, no_m: bool, no_reg: bool, gradcam: bool, normalize: bool) -> Method:
+    check_options(slope, ridge, background)
+    composite = agf_composite(Factorization(slope, ridge, background),
+                              Ablation(no_a, no_fx, no_fdx, no_m, no_reg, gradcam), flat, residual)
+    gradient = StreamSpec(GRADIENT, Composite([(lambda node, info: True, Gradient())], "gradient"),
+                          softmax_gaussian_gradient, helper=True)
+    return Method("agf", composite, softmax_gaussian_gradient, max_normalized if normalize else None, (gradient,))
