@@ -6,7 +6,7 @@
 from fxrel.errors import CaptureError, FxrelError, InputError, RuleError, UnsupportedOpError
 from fxrel.explainer import Explainer, Explanation, explain
 from fxrel.rules.methods import REGISTRY, Method, make_method
-from fxrel.rules import agf, contrastive, rap, rsp  # noqa: F401  (registers AGF, the contrastive, RAP and RSP methods)
+from fxrel.rules import agf, contrastive, rap, rsp, srd  # noqa: F401  (registers the rule-set methods)
 
 __all__ = ["explain", "Explainer", "Explanation", "Method", "make_method", "methods", "FxrelError", "CaptureError",
            "UnsupportedOpError", "RuleError", "InputError"]

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
+from fxrel.text import parse_value, split_specs
+
 __all__ = ["main"]
 
 EXIT_OK = 0
@@ -45,23 +47,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 # --- argument parsing helpers ---------------------------------------------------------------------------------------
-def parse_value(text: str) -> Any:
-    """``--param`` values: bool (true/false/yes/no/on/off), None (none/null), int, float, else the string."""
-    low = text.strip().lower()
-    if low in ("true", "yes", "on"):
-        return True
-    if low in ("false", "no", "off"):
-        return False
-    if low in ("none", "null"):
-        return None
-    for convert in (int, float):
-        try:
-            return convert(text)
-        except ValueError:
-            pass
-    return text
-
-
 def parse_params(items: Sequence[str] | None) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for item in items or ():
@@ -433,7 +418,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 
 def _csv(text: str | None, default: Sequence[str], known: Sequence[str] | None, what: str) -> list[str]:
-    items = list(default) if text is None else [t.strip() for t in text.split(",") if t.strip()]
+    items = list(default) if text is None else split_specs(text)
     if not items:
         raise CLIError(f"--{what} is empty")
     if known is not None:
@@ -599,8 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "columns: methods; red positive, blue negative, over the image).")
     p.add_argument("--model", default="demo-vgg", metavar="NAME",
                    help="demo-vgg (default), demo-resnet, demo-densenet or demo-inception")
-    p.add_argument("--methods", metavar="A,B,…", help="comma-separated method names or ucag:BASE (default: "
-                                                       + ", ".join(DEMO_GRID_METHODS) + ")")
+    p.add_argument("--methods", metavar="A,B,…", help="comma-separated method names, name[key=value,…] or "
+                   "ucag:BASE (default: " + ", ".join(DEMO_GRID_METHODS) + ")")
     p.add_argument("--images", type=_positive_int, default=3, metavar="N", help="scenes (default 3)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="scene seed (default 0)")
     p.add_argument("--size", type=_positive_int, default=64, metavar="N", help="scene side length (default 64)")
@@ -615,8 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "truth, for the trained demo models. Under torchrun each process takes a "
                                    "DistributedSampler shard and rank 0 prints the gathered table.")
     p.add_argument("--models", metavar="A,B,…", help="demo models (default: all four)")
-    p.add_argument("--methods", metavar="A,B,…", help="methods or ucag:BASE (default: "
-                                                       + ", ".join(DEFAULT_METHODS) + ")")
+    p.add_argument("--methods", metavar="A,B,…", help="methods, name[key=value,…] (e.g. agf[residual=official]) "
+                   "or ucag:BASE (default: " + ", ".join(DEFAULT_METHODS) + ")")
     p.add_argument("--metrics", metavar="A,B,…", help="metrics (default: all but randomisation, the cascading "
                                                        "sanity check, which re-captures the model per layer; "
                                                        "names in fxrel.evaluation.METRICS)")

@@ -23,7 +23,7 @@ from torch import nn
 from fxrel import metrics
 from fxrel.errors import InputError
 from fxrel.imageops import resize_maps
-from fxrel.text import format_markdown, format_table
+from fxrel.text import format_markdown, format_table, parse_spec
 
 __all__ = ["MetricSpec", "METRICS", "DEFAULT_METRICS", "DEFAULT_METHODS", "method_fn", "evaluate", "EvalResult"]
 
@@ -34,7 +34,7 @@ MapFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 DEFAULT_METHODS = (
     "gradient", "gradient_x_input", "guided_backprop", "integrated_gradients", "smoothgrad",
     "lrp_epsilon", "epsilon_plus_flat", "epsilon_gamma_box", "lrp_alpha_beta", "lrp_rap",
-    "clrp", "sglrp", "contrastive_excitation_backprop", "rap", "rsp", "crsp",
+    "clrp", "sglrp", "contrastive_excitation_backprop", "rap", "rsp", "crsp", "agf",
     "grad_cam", "grad_cam_pp", "layer_cam", "ucag:grad_cam", "ucag:lrp_epsilon",
 )
 
@@ -47,32 +47,53 @@ def _input_params(name: str, low: float, high: float) -> dict:
     return {"low": low, "high": high} if "low" in defaults else {}
 
 
+def _parsed(spec: str, whole: str) -> tuple[str, dict]:
+    """(name, parameters) of ``name`` / ``name[key=value,…]``, the parameters checked against the method's."""
+    import fxrel
+    from fxrel.rules.methods import REGISTRY, make_method
+
+    try:
+        name, params = parse_spec(spec)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    known = fxrel.methods(detail=True)
+    if name not in known or name == "ucag":
+        where = f" in '{whole}'" if whole != name else ""
+        raise InputError(f"unknown method '{name}'{where}; use a name from `fxrel methods` or ucag:BASE")
+    if name in REGISTRY:
+        make_method(name, **params)  # unknown parameters: an error naming them and the method's own
+    else:
+        unknown = set(params) - set(known[name]["defaults"])
+        if unknown:
+            raise InputError(f"method '{name}' has no parameter(s) {', '.join(sorted(unknown))}; it takes "
+                             f"{', '.join(sorted(known[name]['defaults']))}")
+    return name, params
+
+
 def method_fn(spec: str, low: float = 0.0, high: float = 1.0, ucag_weighting: str = "sigmoid") -> MapFn:
-    """The map function ``(model, x, targets) → [N, H, W]`` of a method spec: a name from ``fxrel.methods()`` or
-    ``ucag:BASE`` (UCAG over BASE). ``low``/``high``: the input domain (z^B bounds of the box rules).
-    ``ucag_weighting``: UCAG's crop confidence (Eq. 4); ``"sigmoid"`` by default because the scenes are
-    multi-label (the paper's ``"exp_softmax"`` assumes one class per image)."""
+    """The map function ``(model, x, targets) → [N, H, W]`` of a method spec: a name from ``fxrel.methods()``, with
+    parameters as ``name[key=value,…]`` (``agf[residual=absolute]``), or ``ucag:BASE`` (UCAG over BASE, which may
+    carry parameters). ``low``/``high``: the input domain (z^B bounds of the box rules). ``ucag_weighting``: UCAG's
+    crop confidence (Eq. 4); ``"sigmoid"`` by default because the scenes are multi-label (the paper's
+    ``"exp_softmax"`` assumes one class per image)."""
     import fxrel
     from fxrel.ucag import CAM_METHODS, ucag
 
     base, _, wrapped = spec.partition(":")
-    known = fxrel.methods()
     if base == "ucag" and wrapped:
-        if wrapped not in known:
-            raise InputError(f"unknown method '{wrapped}' in '{spec}'; see `fxrel methods`")
-        params = _input_params(wrapped, low, high)
+        name, chosen = _parsed(wrapped, spec)
+        params = {**_input_params(name, low, high), **chosen}
 
         def run_ucag(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            return ucag(model, x, targets, method=wrapped, method_params=params, weighting=ucag_weighting)
+            return ucag(model, x, targets, method=name, method_params=params, weighting=ucag_weighting)
         return run_ucag
-    if spec not in known or spec == "ucag":
-        raise InputError(f"unknown method '{spec}'; use a name from `fxrel methods` or ucag:BASE")
-    params = _input_params(spec, low, high)
-    if spec in CAM_METHODS:
+    name, chosen = _parsed(spec, spec)
+    params = {**_input_params(name, low, high), **chosen}
+    if name in CAM_METHODS:
         params["upsample"] = "input"
 
     def run(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return metrics.as_maps(fxrel.explain(model, x, target=targets, method=spec, **params))
+        return metrics.as_maps(fxrel.explain(model, x, target=targets, method=name, **params))
     return run
 
 

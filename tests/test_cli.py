@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fxrel import cli  # noqa: E402
-from fxrel.cli import CLIError, main, parse_params, parse_targets, parse_value  # noqa: E402
+from fxrel.cli import CLIError, main, parse_params, parse_targets  # noqa: E402
+from fxrel.text import parse_value  # noqa: E402
 
 MODEL = ["--model", "tv:resnet18", "--size", "32"]
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from fxrel import evaluation, metrics
 from fxrel.errors import InputError
+from fxrel.text import parse_spec, split_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,6 +78,24 @@ def test_unknown_metric_and_method_are_named():
         evaluation.method_fn("nope")
     with pytest.raises(InputError, match="unknown method 'nope' in 'ucag:nope'"):
         evaluation.method_fn("ucag:nope")
+
+
+def test_method_specs_carry_parameters():
+    assert split_specs("agf,agf[residual=official,no_a=true], ucag:rap[residual=official]") == [
+        "agf", "agf[residual=official,no_a=true]", "ucag:rap[residual=official]"]
+    assert parse_spec("agf[ridge=0,slope=none,no_a=yes]") == ("agf", {"ridge": 0, "slope": None, "no_a": True})
+    model, x, targets = toy_model().double(), toy_scenes().images[:2].double(), torch.tensor([0, 1])
+    import fxrel
+
+    expected = metrics.as_maps(fxrel.explain(model, x, targets, method="lrp_epsilon", epsilon=0.5))
+    assert torch.equal(evaluation.method_fn("lrp_epsilon[epsilon=0.5]")(model, x, targets), expected)
+    assert not torch.equal(evaluation.method_fn("lrp_epsilon")(model, x, targets), expected)
+    with pytest.raises(Exception, match="no parameter.*gamma"):
+        evaluation.method_fn("lrp_epsilon[gamma=1]")
+    with pytest.raises(InputError, match="no parameter.*alpha"):
+        evaluation.method_fn("grad_cam[alpha=1]")
+    with pytest.raises(InputError, match="unclosed"):
+        evaluation.method_fn("agf[no_a=true")
 
 
 def _eval_argv(out: Path) -> list[str]:

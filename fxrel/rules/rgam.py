@@ -109,6 +109,14 @@ def _every_class(output: Any, mask: Any) -> Any:
     return torch.diag_embed(torch.ones_like(mask[0])).repeat_interleave(mask.size(0), 0)
 
 
+def class_gradients(name: str, graph: fx.GraphModule, above: Collection[str], every_class: bool) -> Stream:
+    """A helper stream bringing the gradient of the target score — or of every class score, class-batched (rows
+    ``k·N + n``) — down to layer X."""
+    copies = graph.graph.find_nodes(op="output")[0].args[0].meta["tensor_meta"].shape[-1] if every_class else 1
+    composite = Composite([(where(lambda node: True), Repeated(Gradient(), copies))])
+    return _helper(name, composite, graph, above, _every_class if every_class else seed_gradient)
+
+
 def _weighted(weights: Any, maps: Any) -> Any:
     """``Σ_c w[n, c] · maps[c, n]`` for per-class maps ``[K, N, C, H, W]``."""
     return (weights.t()[..., None, None, None] * maps).sum(0)
@@ -127,10 +135,7 @@ class GradientMap:
 
     def helpers(self, graph: fx.GraphModule, above: Collection[str]) -> list[Stream]:
         """The gradient at X: the target's (``official_single``) or every class's, class-batched."""
-        single = self.mode == "official_single"
-        copies = 1 if single else graph.graph.find_nodes(op="output")[0].args[0].meta["tensor_meta"].shape[-1]
-        composite = Composite([(where(lambda node: True), Repeated(Gradient(), copies))])
-        return [_helper(self.stream, composite, graph, above, seed_gradient if single else _every_class)]
+        return [class_gradients(self.stream, graph, above, every_class=self.mode != "official_single")]
 
     def __call__(self, logits: Any, mask: Any, activation: Any, arrived: dict[str, Any]) -> Any:
         gradient = arrived[self.stream]

@@ -67,10 +67,13 @@ def _pointwise(node: Any) -> bool:
 
 
 class NotDecomposed(Rule):
-    """Nodes the sectional stream never reaches (above X); reaching one below X is an error."""
+    """Nodes a stream entering at X never reaches (above X); reaching one below X is an error."""
+
+    def __init__(self, method: str = "RSP") -> None:
+        self.method = method
 
     def __call__(self, ctx: RuleContext, relevance: Any) -> list[Any]:
-        raise RuleError(f"RSP has no sectional rule for node '{ctx.node.name}' of kind '{ctx.kind}' (module "
+        raise RuleError(f"{self.method} has no rule for node '{ctx.node.name}' of kind '{ctx.kind}' (module "
                         f"'{ctx.node.meta.get('fxrel_module', '')}') below its start layer X; X must lie above every "
                         "linear layer")
 

@@ -1,0 +1,225 @@
+"""SRD: sharing ratio decomposition (Han, Kim, Kwak, ICLR 2024; ``specs/srd.md``, section numbers below refer to it).
+
+Relevance belongs to pointwise feature vectors (PFVs: the channel vector at one position) and to *pre-activation*
+PFVs. Between two activations the pre-activation ``v_j`` is a sum of affine pieces of the post-activation sources,
+``v_j = Σ_i v̂_{i→j}``, and each piece gets the share ``μ_{i→j} = ⟨v̂_{i→j}, v_j⟩ / ‖v_j‖²`` (Eq. 6; ``Σ_i μ = 1``) of
+``R_j`` (Eq. 7–8). The sweep carries the relevance as a *cotangent* ``S`` shaped like each node's output, with the
+PFV's relevance ``R_j = ⟨v_j, S_j⟩`` (§4), so that every linear piece is one vector–Jacobian product:
+
+* **activation** (the stage boundary, any pointwise activation, App. G): ``R_j = ⟨y_j, S_j⟩`` at the output ``y``;
+  ``S ← z_j R_j / ‖z_j‖²`` at the pre-activation ``z`` (Eq. 6's target vector);
+* **conv** (App. B, Eq. 11; BatchNorm folded in): the weight pieces ``W_tap x_i`` take ``⟨x_i, f*(W; S)_i⟩`` — the
+  exact VJP — and the bias ``b`` takes ``β_j = ⟨b, S_j⟩``, shared among the taps of ``j`` by the norm of their
+  pieces ``‖W_tap x_src‖`` (``bias_norm="piece"``, the official code) or of their sources ``‖x_src‖``
+  (``"source"``, the paper), all taps at once with one convolution by a tap-expanded kernel; a source's share
+  ``r_i`` enters its cotangent as ``x_i r_i / ‖x_i‖²``;
+* **BatchNorm left unfolded, linear layers** — one piece per PFV: the VJP plus the whole bias share;
+* **max pooling** (Eq. 12–13) — the VJP through the recorded argmax indicators (channel by channel); **average
+  pooling, padding, shape ops** — their VJP; **residual sums** — both operands get ``S`` (the parallel paths' pieces
+  against the same target, summed at the fork, §2); **concatenation** — slicing: a block's share is
+  ``⟨v_block, S⟩``, the sharing ratio of a channel block.
+
+``Σ R`` is kept exactly from stage to stage (§6.2; positions with ``v_j = 0`` hold no relevance), for any sign of
+``R``. The returned relevance at a node with value ``v`` is ``v ⊙ S``: its channel sum is the PFV map.
+
+The initial sharing ratio ``μ^{L→O}`` at the encoder output ``X`` (``layer=None``: the last spatial feature map,
+as for RSP; §2 "Top"), ``init``:
+
+* ``"paper"`` (Eq. 4) — ``max(Φ^t − mean_k Φ^k, 0)`` with ``Φ^k = Σ_c α^k_c A_c``, ``α^k = mean_ij ∂y_k/∂A`` (every
+  class's gradient, one class-batched helper sweep);
+* ``"logit_share"`` (the official ResNet code) — the exact share of each position in the logit:
+  ``Σ_c A ⊙ ∂y_t/∂A`` plus an even share of the rest ``y_t − Σ A ⊙ ∂y_t/∂A`` (the classifier's bias, for
+  GAP + linear heads), so ``Σ μ = y_t``;
+* ``"grad_cam"`` (the official VGG code) — ``ReLU(Σ_c α^t_c A_c)``;
+
+``contrast="spatial_mean"`` subtracts the map's spatial mean (the official "contrastive SRD"; not with ``paper``).
+The even shares (the rest, the mean) are taken over the live positions of X: a PFV that is zero after the ReLU
+holds no relevance here (the official code attaches its bias share to the pre-activation behind it). Elsewhere the
+maps vanish at zero PFVs by construction.
+"""
+from __future__ import annotations
+
+from typing import Any, Collection
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from fxrel.errors import RuleError
+from fxrel.graphs import ops
+from fxrel.graphs.builder import Stream
+from fxrel.rules.base import Rule, RuleContext
+from fxrel.rules.composite import Composite, kind
+from fxrel.rules.generic import divide
+from fxrel.rules.gradient import Gradient
+from fxrel.rules.methods import register
+from fxrel.rules.rgam import class_gradients
+from fxrel.rules.rsp import SectionalMethod
+from fxrel.rules.sectional import NotDecomposed
+
+BIAS_NORMS = ("piece", "source")
+INITS = ("paper", "logit_share", "grad_cam")
+CONTRASTS = ("none", "spatial_mean")
+
+
+def _pfv(t: Any, s: Any) -> Any:
+    """``⟨t_j, s_j⟩`` per position, ``[N, 1, …]``."""
+    return (t * s).sum(1, keepdim=True)
+
+
+def to_cotangent(value: Any, relevance: Any) -> Any:
+    """The cotangent ``v_j R_j / ‖v_j‖²`` that gives each PFV ``v_j`` the relevance ``R_j`` (0 where ``v_j = 0``)."""
+    return value * divide(relevance, _pfv(value, value), 0.0)
+
+
+# --- rules -------------------------------------------------------------------------------------------------------
+class PreActivation(Rule):
+    """The stage boundary: the relevance ``⟨y_j, S_j⟩`` of the post-activation PFV moves to the pre-activation."""
+
+    kinds = frozenset({ops.ACTIVATION})
+
+    def __call__(self, ctx: RuleContext, relevance: Any) -> list[Any]:
+        return [to_cotangent(ctx.inputs[0], _pfv(ctx.output, relevance))]
+
+
+class OnePiece(Rule):
+    """A node whose output PFV is one affine piece of its input PFV (unfolded BatchNorm, linear layer): the VJP and
+    the whole bias share ``⟨b, S_j⟩``."""
+
+    kinds = frozenset({ops.AFFINE, ops.LINEAR})
+
+    def __call__(self, ctx: RuleContext, relevance: Any) -> list[Any]:
+        (grad,) = ctx.vjp(relevance)
+        if ctx.bias is None:
+            return [grad]
+        shift = ctx.bias.view(1, -1, *([1] * (len(ctx.node.meta["tensor_meta"].shape) - 2)))
+        return [grad + to_cotangent(ctx.inputs[0], _pfv(shift.expand_as(relevance), relevance))]
+
+
+def _tap_kernel(shape: torch.Size) -> torch.Tensor:
+    """``E[t, 0, u, v] = 1[t = (u, v)]``: one output channel per kernel tap."""
+    taps = shape[0] * shape[1]
+    return torch.eye(taps).view(taps, 1, *shape)
+
+
+def _tap_expanded(groups: int):
+    """Build-time: the kernel with one copy per tap holding only that tap, ``[g·taps·Cout/g, Cin/g, kh, kw]``
+    (group-major, so a grouped convolution keeps its groups)."""
+    def expand(weight: torch.Tensor) -> torch.Tensor:
+        cout, cin, kh, kw = weight.shape
+        taps = _tap_kernel((kh, kw)).to(weight).view(1, kh * kw, 1, 1, kh, kw)
+        per_group = weight.view(groups, 1, cout // groups, cin, kh, kw) * taps
+        return per_group.reshape(groups * kh * kw * (cout // groups), cin, kh, kw)
+    return expand
+
+
+class ConvSharing(Rule):
+    """App. B for a convolution: the weight pieces by VJP, the bias shared among the taps by norm."""
+
+    kinds = frozenset({ops.CONV})
+
+    def __init__(self, bias_norm: str = "piece") -> None:
+        if bias_norm not in BIAS_NORMS:
+            raise RuleError(f"bias_norm must be one of {BIAS_NORMS}, got {bias_norm!r}")
+        self.bias_norm = bias_norm
+
+    def __call__(self, ctx: RuleContext, relevance: Any) -> list[Any]:
+        (grad,) = ctx.vjp(relevance)
+        if ctx.bias is None:
+            return [grad]
+        x, node = ctx.inputs[0], ctx.node
+        _, _, _, stride, padding, dilation, _, _, groups = node.args
+        kernel = node.args[1].meta["tensor_meta"].shape[2:]
+        if len(kernel) != 2:
+            raise RuleError(f"SRD's bias shares are implemented for 2-D convolutions; node '{node.name}' is "
+                            f"{len(kernel)}-D (module '{node.meta.get('fxrel_module', '')}')")
+        taps = ctx.constant(_tap_kernel(kernel))
+        if self.bias_norm == "piece":
+            pieces = ctx.forward([x], ctx.param("weight", f"taps{groups}", _tap_expanded(groups)))
+            out = node.meta["tensor_meta"].shape
+            norms = pieces.view(out[0], groups, kernel[0] * kernel[1], out[1] // groups, *out[2:])
+            norms = (norms * norms).sum((1, 3)).sqrt()                                     # [N, taps, Ho, Wo]
+        else:
+            norms = F.conv2d(_pfv(x, x).sqrt(), taps, None, stride, padding, dilation)
+        share = _pfv(ctx.bias.view(1, -1, 1, 1).expand_as(relevance), relevance)        # β_j = ⟨b, S_j⟩
+        per_tap = divide(share * norms, norms.sum(1, keepdim=True), 0.0)
+        in_size, out_size = node.args[0].meta["tensor_meta"].shape[2:], node.meta["tensor_meta"].shape[2:]
+        extra = [i - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
+                 for i, o, s, p, d, k in zip(in_size, out_size, stride, padding, dilation, kernel)]
+        received = F.conv_transpose2d(per_tap, taps, None, stride, padding, extra, 1, dilation)   # [N, 1, H, W]
+        return [grad + to_cotangent(x, received)]
+
+    def __repr__(self) -> str:
+        return f"ConvSharing(bias_norm={self.bias_norm!r})"
+
+
+def srd_composite(bias_norm: str = "piece") -> Composite:
+    """SRD's rule set below the encoder output (see the module docstring)."""
+    return Composite([
+        (kind(ops.ACTIVATION), PreActivation()),
+        (kind(ops.CONV), ConvSharing(bias_norm)),
+        (kind(ops.AFFINE, ops.LINEAR), OnePiece()),
+        (kind(ops.ADD, ops.CAT, ops.PAD, ops.SHAPE, ops.MAXPOOL, ops.AVGPOOL), Gradient()),
+        (lambda node, info: True, NotDecomposed("SRD")),
+    ], f"srd[bias_norm={bias_norm}]")
+
+
+# --- the initial sharing ratio at X ------------------------------------------------------------------------------
+class InitialSharing:
+    """``μ^{L→O}`` at layer X (Eq. 4 and the official alternatives), as the SRD stream's entry seed there."""
+
+    stream = "srd_gradient"
+
+    def __init__(self, init: str = "paper", contrast: str = "none") -> None:
+        if init not in INITS:
+            raise RuleError(f"init must be one of {INITS}, got {init!r}")
+        if contrast not in CONTRASTS:
+            raise RuleError(f"contrast must be one of {CONTRASTS}, got {contrast!r}")
+        if init == "paper" and contrast != "none":
+            raise RuleError("init='paper' already contrasts with the class mean (Eq. 4); contrast= is for the "
+                            "official-code initialisations 'logit_share' and 'grad_cam'")
+        self.init, self.contrast = init, contrast
+
+    def helpers(self, graph: fx.GraphModule, above: Collection[str]) -> list[Stream]:
+        return [class_gradients(self.stream, graph, above, every_class=self.init == "paper")]
+
+    def __call__(self, logits: Any, mask: Any, activation: Any, arrived: dict[str, Any]) -> Any:
+        gradient = arrived[self.stream]
+        if self.init == "paper":
+            alpha = gradient.mean((2, 3)).view(mask.size(1), mask.size(0), -1)               # [K, N, C]
+            maps = (activation.unsqueeze(0) * alpha[..., None, None]).sum(2, keepdim=True)  # Φ^k, [K, N, 1, H, W]
+            target = (mask.t()[..., None, None, None] * maps).sum(0)
+            ratio = (target - maps.mean(0)).clamp(min=0)
+        elif self.init == "grad_cam":
+            ratio = _pfv(activation, gradient.mean((2, 3), keepdim=True).expand_as(activation)).clamp(min=0)
+        else:
+            ratio = _pfv(activation, gradient)
+        # the even shares go to the live PFVs only: a zero PFV at X holds no relevance (R_j = ⟨A_j, S_j⟩)
+        live = (_pfv(activation, activation) > 0).to(ratio.dtype)
+        count = live.sum((2, 3), keepdim=True)
+        if self.init == "logit_share":
+            rest = (logits * mask).sum(1, keepdim=True) - ratio.flatten(1).sum(1, keepdim=True)
+            ratio = ratio + live * divide(rest.view(-1, 1, 1, 1), count, 0.0)
+        if self.contrast == "spatial_mean":
+            ratio = ratio - live * divide(ratio.sum((2, 3), keepdim=True), count, 0.0)
+        return to_cotangent(activation, ratio)
+
+    def __repr__(self) -> str:
+        return f"InitialSharing(init={self.init!r}, contrast={self.contrast!r})"
+
+
+def pfv_relevance(relevance: Any, value: Any) -> Any:
+    """What a stop returns: ``v ⊙ S`` (its channel sum is each PFV's relevance)."""
+    return value * relevance
+
+
+SRD_OUTPUT = ("signed, shaped like the stop node (input: like the image); its channel sum is the PFV map; Σ = Σ of "
+              "the initial sharing ratio at layer X, kept exactly by every stage")
+
+
+@register("srd", "sharing ratio decomposition: relevance of pre-activation pointwise feature vectors, shared by "
+          "⟨piece, PFV⟩/‖PFV‖² through every conv, pooling, sum and concatenation below the encoder output",
+          "Han, Kim, Kwak 2024 (SRD)", SRD_OUTPUT, init="paper", contrast="none", bias_norm="piece", layer=None)
+def _srd(init: str, contrast: str, bias_norm: str, layer: str | None) -> SectionalMethod:
+    return SectionalMethod("srd", srd_composite(bias_norm), InitialSharing(init, contrast), pfv_relevance,
+                           layer=layer)
