@@ -32,7 +32,7 @@ from fxrel.rules.rgam import ContrastiveExcitationMap, GradientMap
 from fxrel.rules.sectional import sectional_composite
 
 
-def _feature_maps(graph: fx.GraphModule) -> list[fx.Node]:
+def feature_maps(graph: fx.GraphModule) -> list[fx.Node]:
     """The spatial feature maps that separate the model (every later node depends on the input through them): the
     nodes X may be, in forward order."""
     return [n for n in cut_nodes(graph) if n.op == "call_function" and is_spatial(n)]
@@ -45,7 +45,7 @@ def _names(nodes: list[fx.Node]) -> str:
 def _last_feature_map(graph: fx.GraphModule) -> fx.Node:
     """:func:`fxrel.cam.default_cam_layer`'s rule — the last spatial feature map before the first node that
     collapses the spatial dims, skipping pooling/reshaping — restricted to nodes that separate the model."""
-    maps = set(_feature_maps(graph))
+    maps = set(feature_maps(graph))
     chosen = collapse = None
     for node in (n for n in graph.graph.nodes if n.op == "call_function"):
         if not is_spatial(node):
@@ -64,10 +64,10 @@ def _named(graph: fx.GraphModule, layer: str) -> fx.Node:
     try:
         node = find_node(graph, layer)
     except RuleError as err:
-        raise RuleError(f"no node or module named '{layer}'; feature maps: {_names(_feature_maps(graph))}") from err
+        raise RuleError(f"no node or module named '{layer}'; feature maps: {_names(feature_maps(graph))}") from err
     if not is_spatial(node):
         raise RuleError(f"layer '{layer}' outputs shape {tuple(node.meta['tensor_meta'].shape)}; RSP starts at a "
-                        f"spatial feature map [N, C, H, W] (feature maps: {_names(_feature_maps(graph))})")
+                        f"spatial feature map [N, C, H, W] (feature maps: {_names(feature_maps(graph))})")
     return node
 
 
@@ -82,7 +82,7 @@ def _above(graph: fx.GraphModule, layer: fx.Node) -> frozenset[str]:
         if foreign:
             raise RuleError(f"layer X = '{layer.name}' does not separate the features from the classifier: node "
                             f"'{node.name}' above it also reads {foreign}; give layer= a feature map every later layer "
-                            f"depends on (feature maps: {_names(_feature_maps(graph))})")
+                            f"depends on (feature maps: {_names(feature_maps(graph))})")
     logits = graph.graph.find_nodes(op="output")[0].args[0]
     if logits not in above:
         raise RuleError(f"the model output does not depend on layer X = '{layer.name}'")
