@@ -305,3 +305,19 @@ def test_example_evaluate_ucag(tmp_path, capsys):
     assert example.main(["--images", "2", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "ucag(grad_cam)" in out and "PG" in out and (tmp_path / "evaluate_ucag.png").is_file()
+
+
+def test_example_apop_demo(capsys):
+    example = _load_example("apop_demo")
+    example.main(["--scenes", "4", "--models", "demo-vgg"])
+    out = capsys.readouterr().out
+    assert "chance" in out and "APOP & relu" in out and out.count("demo-vgg") == 7
+
+
+def test_example_srd_layers(tmp_path, capsys):
+    example = _load_example("srd_layers")
+    assert example.main(["--images", "1", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    sums = [line.split("Σ per pair ")[1] for line in out.splitlines() if line.startswith("SRD-")]
+    assert len(sums) == 3 and len(set(sums)) == 1  # the same totals at every layer
+    assert (tmp_path / "srd_layers.png").is_file()
