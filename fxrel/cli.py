@@ -441,7 +441,7 @@ def _demo_methods(text: str | None, default: Sequence[str]) -> list[str]:
 
 
 DEMO_GRID_METHODS = ("gradient_x_input", "integrated_gradients", "epsilon_plus_flat", "clrp", "sglrp",
-                     "contrastive_excitation_backprop", "rap", "rsp", "grad_cam", "ucag:grad_cam")
+                     "contrastive_excitation_backprop", "rap", "rsp", "agf", "srd", "grad_cam", "ucag:grad_cam")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -34,7 +34,7 @@ MapFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 DEFAULT_METHODS = (
     "gradient", "gradient_x_input", "guided_backprop", "integrated_gradients", "smoothgrad",
     "lrp_epsilon", "epsilon_plus_flat", "epsilon_gamma_box", "lrp_alpha_beta", "lrp_rap",
-    "clrp", "sglrp", "contrastive_excitation_backprop", "rap", "rsp", "crsp", "agf",
+    "clrp", "sglrp", "contrastive_excitation_backprop", "rap", "rsp", "crsp", "agf", "srd",
     "grad_cam", "grad_cam_pp", "layer_cam", "ucag:grad_cam", "ucag:lrp_epsilon",
 )
 
