@@ -1,4 +1,5 @@
-"""Command-line interface: ``fxrel demo``, ``fxrel explain``, ``fxrel eval``, ``fxrel graph`` and ``fxrel methods``.
+"""Command-line interface: ``fxrel demo``, ``fxrel explain``, ``fxrel eval``, ``fxrel graph``, ``fxrel methods`` and
+``fxrel models``.
 
 Every error a user can cause (a bad argument, an unknown method or model, a missing image or weight file, a class
 index out of range, any :class:`fxrel.FxrelError`) is reported as one ``fxrel: error: <message>`` line on stderr with
@@ -523,6 +524,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from fxrel import coverage
+
+    names = list(args.names) or coverage.cnn_models(args.pattern)
+    if args.limit:
+        names = names[:args.limit]
+    if not names:
+        raise CLIError(f"no timm model matches '{args.pattern}'")
+    with _progress(len(names), "fxrel models", args.quiet) as bar:
+        def step(name: str) -> None:
+            bar.set_description(name)
+            bar.update()
+
+        rows = coverage.coverage(names, peers=args.peers, progress=step)
+    print(coverage.table(rows, peers=args.peers))
+    if args.markdown:
+        print(f"wrote {write_text(args.markdown, coverage.table(rows, markdown=True, peers=args.peers))}")
+    if args.json:
+        print(f"wrote {write_text(args.json, coverage.to_json(rows))}")
+    return EXIT_OK
+
+
 # --- parser ---------------------------------------------------------------------------------------------------------
 def _add_model_options(p: argparse.ArgumentParser, *, positional_model: bool) -> None:
     if positional_model:
@@ -614,6 +637,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE.json", help="also write the means as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("models", help="coverage report: which timm models fxrel explains, with peer columns",
+                       description="Per timm model (random weights, batch 1, float64, the smallest input it "
+                                   "accepts): captured, canonical, gradient rule set == autograd (1e-4), LRP-0 "
+                                   "conservation with every additive constant removed (1e-3), LRP-ε finite, build "
+                                   "and run times; --peers adds zennit's and captum's LRP-0 conservation.")
+    p.add_argument("names", nargs="*", metavar="NAME", help="timm model names (default: every CNN in "
+                                                            "timm.list_models(--pattern))")
+    p.add_argument("--pattern", default="*", help="timm.list_models pattern when no names are given")
+    p.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N models")
+    p.add_argument("--peers", action="store_true", help="add zennit and captum columns")
+    p.add_argument("--markdown", metavar="FILE.md", help="also write the table as markdown")
+    p.add_argument("--json", metavar="FILE.json", help="also write every row as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_models)
     return parser
 
 

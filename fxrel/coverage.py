@@ -1,0 +1,245 @@
+"""Model-zoo coverage: which timm models fxrel explains, checked model by model (issue "Explain every timm CNN").
+
+For each model (random weights, ``pretrained=False``; batch 1; float64; the smallest input it accepts) the report
+records, stage by stage — a stage that fails skips the rest and its first error line is kept:
+
+* **captured** — ``torch.export`` traced it (:func:`fxrel.graphs.capture`);
+* **canonical** — every node maps onto the closed canonical op set (:func:`fxrel.graphs.canonicalize`);
+* **gradient** — the ``gradient`` rule set equals autograd's input gradient (max |a − b| / max |b| ≤ 1e-4);
+* **lrp0** — on a copy with every additive constant removed (biases, BatchNorm shifts and running means zeroed), the
+  LRP-0 relevance at the input sums to the target logit (relative 1e-3);
+* **lrp_eps** — LRP-ε on the model itself is finite;
+
+with the time to build (capture + canonicalise + relevance graph) and to run. ``peers=True`` adds the same
+conservation check for zennit (ε = 1e-12 in every conv/linear layer, Pass at activations, Norm at average pooling
+and at its canonizer's residual ``Sum``, with its BatchNorm-merging or ResNet canonizer) and captum's ``LRP``, each
+on the same constant-free copy; ``-`` marks a peer that refuses the model. :func:`coverage` returns the rows;
+:func:`table` and :func:`to_json` format them.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from fxrel.text import format_markdown, format_table
+
+CHECKS = ("captured", "canonical", "gradient", "lrp0", "lrp_eps")
+PEERS = ("zennit", "captum")
+#: name fragments of timm's transformer and attention-hybrid families: not CNNs
+NOT_CNN = ("vit", "deit", "swin", "beit", "cait", "coat", "convit", "crossvit", "eva", "levit", "mvit", "pit_",
+           "tnt", "twins", "xcit", "volo", "gcvit", "maxvit", "maxxvit", "coatnet", "efficientformer", "edgenext",
+           "mobilevit", "poolformer", "metaformer", "davit", "fastvit", "hiera", "hgnet", "nest", "sequencer",
+           "mixer", "resmlp", "gmlp", "gmixer", "convmixer", "focalnet", "inception_next", "nextvit", "rdnet",
+           "repvit", "samvit", "sam2", "tiny_vit", "vitamin", "aimv2", "naflex", "mambaout", "caformer",
+           "convformer", "cspvit", "halonet", "lambda", "botnet", "sebotnet", "haloregnet", "lamhalobotnet",
+           "efficientvit", "shvit", "starnet", "swiftformer", "test_")
+SIZES = (32, 64, 96, 128, 160, 224)
+
+
+@dataclass
+class ModelReport:
+    """One model's row."""
+
+    name: str
+    size: int | None = None
+    results: dict[str, bool | None] = field(default_factory=lambda: dict.fromkeys(CHECKS))
+    peers: dict[str, bool | None] = field(default_factory=dict)
+    gradient_error: float | None = None
+    lrp0_error: float | None = None
+    build_s: float | None = None
+    run_s: float | None = None
+    error: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return all(self.results.get(c) for c in CHECKS)
+
+
+def cnn_models(pattern: str = "*") -> list[str]:
+    """Every timm model name matching ``pattern`` that is not a transformer or attention hybrid."""
+    import timm
+
+    return [n for n in timm.list_models(pattern) if not any(part in n for part in NOT_CNN)]
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
+def _smallest_input(model: nn.Module) -> int:
+    """The timm config's ``min_input_size``, else the smallest of :data:`SIZES` a forward pass accepts."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("min_input_size"):
+        return int(cfg["min_input_size"][-1])
+    last: BaseException | None = None
+    for size in SIZES:
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, 3, size, size, dtype=next(model.parameters()).dtype))
+            return size
+        except Exception as err:  # too small for its pooling or padding: try the next size
+            last = err
+    raise RuntimeError(f"no input size in {SIZES} runs: {first_line(last)}")
+
+
+def constant_free(model: nn.Module) -> nn.Module:
+    """A copy with every additive constant zeroed: biases, BatchNorm/GroupNorm/LayerNorm shifts, running means."""
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in clone.modules():
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias.zero_()
+            mean = getattr(module, "running_mean", None)
+            if isinstance(mean, torch.Tensor):
+                mean.zero_()
+    return clone
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = b.abs().max().item()
+    return (a - b).abs().max().item() / scale if scale > 0 else (a - b).abs().max().item()
+
+
+def check_model(model: nn.Module, name: str, size: int | None = None, peers: bool = False,
+                seed: int = 0) -> ModelReport:
+    """Run the checks of the module docstring on one model (eval mode is set here)."""
+    from fxrel.explainer import Explainer
+    from fxrel.graphs import canonicalize, capture
+
+    report = ModelReport(name)
+    model = model.eval().double()
+    stage = "input size"
+    try:
+        report.size = size or _smallest_input(model)
+        x = torch.randn(1, 3, report.size, report.size, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            logits = model(x)
+        target = int(logits.argmax(1))
+        stage = "captured"
+        start = time.perf_counter()
+        captured = capture(model, x)
+        report.results["captured"] = True
+        stage = "canonical"
+        canonicalize(captured, (x,))
+        report.results["canonical"] = True
+        stage = "gradient"
+        explainer = Explainer(model, "gradient")
+        explainer.relevance_graph(x)
+        report.build_s = time.perf_counter() - start
+        start = time.perf_counter()
+        ours = explainer(x, target)
+        report.run_s = time.perf_counter() - start
+        xg = x.clone().requires_grad_()
+        (reference,) = torch.autograd.grad(model(xg)[0, target], xg)
+        report.gradient_error = _relative(ours, reference)
+        report.results["gradient"] = report.gradient_error <= 1e-4
+        stage = "lrp0"
+        bare = constant_free(model)
+        with torch.no_grad():
+            logit = bare(x)[0, target].item()
+        total = Explainer(bare, "lrp_0")(x, target).sum().item()
+        report.lrp0_error = abs(total - logit) / max(abs(logit), 1e-12)
+        report.results["lrp0"] = report.lrp0_error <= 1e-3
+        stage = "lrp_eps"
+        report.results["lrp_eps"] = bool(torch.isfinite(Explainer(model, "lrp_epsilon")(x, target)).all())
+        if peers:
+            report.peers = {peer: _peer_conserves(peer, bare, x, target, logit) for peer in PEERS}
+    except Exception as err:  # one model's failure is a row of the report, not the end of the sweep
+        report.results[stage] = False if stage in report.results else None
+        report.error = f"{stage}: {first_line(err)}"
+    for check in CHECKS:  # a check that failed is False; the ones after it were not reached (None)
+        if report.results[check] is None and not report.error:
+            report.results[check] = False
+    return report
+
+
+def _peer_conserves(peer: str, model: nn.Module, x: torch.Tensor, target: int, logit: float) -> bool | None:
+    """The peer's LRP-0 relevance sums to the logit (relative 1e-3); None when the peer raises or is missing."""
+    try:
+        if peer == "zennit":
+            relevance = _zennit_lrp0(model, x, target)
+        else:
+            from captum.attr import LRP
+
+            relevance = LRP(copy.deepcopy(model)).attribute(x.clone().requires_grad_(), target=target)
+        total = relevance.sum().item()
+        return bool(abs(total - logit) <= 1e-3 * max(abs(logit), 1e-12))
+    except Exception:  # the peer refuses the model (captum: no rule for a layer type)
+        return None
+
+
+def _zennit_lrp0(model: nn.Module, x: torch.Tensor, target: int) -> torch.Tensor:
+    from zennit.attribution import Gradient
+    from zennit.canonizers import SequentialMergeBatchNorm
+    from zennit.composites import LayerMapComposite
+    from zennit.layer import Sum
+    from zennit.rules import Epsilon, Norm, Pass
+    from zennit.types import Activation, AvgPool, Convolution, Linear
+
+    canonizers = [SequentialMergeBatchNorm()]
+    if "resnet" in type(model).__name__.lower():
+        from zennit.torchvision import ResNetCanonizer
+        canonizers = [ResNetCanonizer()]
+    composite = LayerMapComposite([(Activation, Pass()), (Sum, Norm()), (AvgPool, Norm()),
+                                   (Convolution, Epsilon(1e-12)), (Linear, Epsilon(1e-12))], canonizers=canonizers)
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        onehot = torch.zeros_like(model(x))
+    onehot[0, target] = 1
+    with Gradient(model=model, composite=composite) as attributor:
+        _, relevance = attributor(x.clone(), lambda y: y * onehot)
+    return relevance
+
+
+def coverage(models: Iterable[str] | None = None, peers: bool = False,
+             progress: Callable[[str], None] | None = None) -> list[ModelReport]:
+    """The report for timm ``models`` (default: every CNN in ``timm.list_models()``), one row per model."""
+    import timm
+
+    names = list(models) if models is not None else cnn_models()
+    rows = []
+    for name in names:
+        torch.manual_seed(0)
+        try:
+            model = timm.create_model(name, pretrained=False)
+        except Exception as err:
+            rows.append(ModelReport(name, error=f"create: {first_line(err)}"))
+        else:
+            rows.append(check_model(model, name, peers=peers))
+        if progress is not None:
+            progress(name)
+    return rows
+
+
+def _mark(value: bool | None) -> str:
+    return {True: "yes", False: "NO", None: "-"}[value]
+
+
+def table(rows: Sequence[ModelReport], markdown: bool = False, peers: bool = False) -> str:
+    """The report as a text or markdown table, with the pass count and every failure with its first error line."""
+    header = ["model", "px", *CHECKS, *(PEERS if peers else ()), "grad err", "ΣR/y−1", "build s", "run s"]
+    body = [[r.name, str(r.size or "-"), *(_mark(r.results[c]) for c in CHECKS),
+             *(_mark(r.peers.get(p)) for p in (PEERS if peers else ())),
+             f"{r.gradient_error:.1e}" if r.gradient_error is not None else "-",
+             f"{r.lrp0_error:.1e}" if r.lrp0_error is not None else "-",
+             f"{r.build_s:.1f}" if r.build_s is not None else "-",
+             f"{r.run_s:.2f}" if r.run_s is not None else "-"] for r in rows]
+    passed = sum(r.passed for r in rows)
+    text = (format_markdown if markdown else format_table)(header, body)
+    failures = [f"- {r.name}: {r.error}" for r in rows if not r.passed]
+    summary = f"{passed}/{len(rows)} models pass all {len(CHECKS)} checks" + (f" ({100 * passed / len(rows):.1f}%)"
+                                                                              if rows else "")
+    return "\n".join([summary, "", text, *([""] + failures if failures else [])])
+
+
+def to_json(rows: Sequence[ModelReport]) -> str:
+    return json.dumps([{**asdict(r), "passed": r.passed} for r in rows], indent=1)

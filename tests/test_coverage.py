@@ -1,0 +1,66 @@
+"""The model-zoo coverage report (fxrel.coverage, `fxrel models`): the checks on models that pass and fail, the
+stage a failure is reported at with its first error line, the peer columns, and the table/JSON output."""
+from __future__ import annotations
+
+import json
+
+import torch
+import torchvision
+from torch import nn
+
+from fxrel import coverage
+from fxrel.cli import main
+
+
+def test_a_supported_model_passes_every_check_and_zennit_conserves_too():
+    torch.manual_seed(0)
+    report = coverage.check_model(torchvision.models.resnet18(num_classes=10), "tv-resnet18", size=32, peers=True)
+    assert report.passed and report.error == ""
+    assert report.gradient_error < 1e-10 and report.lrp0_error < 1e-10
+    assert report.peers["zennit"] is True       # bias-free ReLU nets: LRP-0 is gradient × input, which conserves
+    assert report.peers["captum"] in (True, False, None)
+
+
+class _Gated(nn.Module):
+    """A squeeze-excitation-like gate (mul of a value by a sigmoid gate): outside the canonical op set so far."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        h = h * torch.sigmoid(h.mean((2, 3), keepdim=True))
+        return self.head(h.mean((2, 3)))
+
+
+def test_an_unsupported_op_fails_at_canonicalisation_with_its_node_named():
+    report = coverage.check_model(_Gated(), "gated", size=8)
+    assert report.results == {"captured": True, "canonical": False, "gradient": None, "lrp0": None, "lrp_eps": None}
+    assert report.error.startswith("canonical: UnsupportedOpError") and "mul" in report.error
+    assert not report.passed
+
+
+def test_constant_free_copy_zeroes_biases_and_running_means_only():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(2, 2))
+    model[1].running_mean.fill_(0.5)
+    bare = coverage.constant_free(model)
+    assert all((m.bias == 0).all() for m in (bare[0], bare[1], bare[2])) and (bare[1].running_mean == 0).all()
+    assert torch.equal(bare[0].weight, model[0].weight) and (model[1].running_mean == 0.5).all()
+
+
+def test_cnn_list_leaves_out_transformers():
+    names = coverage.cnn_models()
+    assert "resnet50" in names and "densenet121" in names and "efficientnet_b0" in names
+    assert not any(n.startswith(("vit_", "deit", "swin", "convnext_v2_no")) and "vit" in n for n in names)
+    assert len(names) > 300
+
+
+def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "cov.json"
+    assert main(["models", "resnet10t", "--json", str(out), "-q"]) == 0
+    text = capsys.readouterr().out
+    assert "1/1 models pass all 5 checks" in text and "resnet10t" in text
+    rows = json.loads(out.read_text())
+    assert rows[0]["name"] == "resnet10t" and rows[0]["passed"] and rows[0]["results"]["lrp0"]
