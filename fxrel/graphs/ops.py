@@ -38,7 +38,8 @@ KINDS: dict[str, str] = {
     CONV: "convolution of any stride/padding/dilation/groups (weights w, optional bias b)",
     LINEAR: "fully connected layer x·wᵀ + b",
     AFFINE: "per-channel affine x·scale + shift (an unfolded BatchNorm)",
-    ACTIVATION: "elementwise activation (relu, relu6/hardtanh, leaky_relu, elu, sigmoid, tanh, silu, gelu)",
+    ACTIVATION: "elementwise activation (relu, relu6/hardtanh, leaky_relu, elu, sigmoid, tanh, silu, gelu, hardswish, "
+                "hardsigmoid, mish)",
     MAXPOOL: "max pooling",
     AVGPOOL: "average / adaptive average pooling and spatial mean",
     ADD: "elementwise sum of two tensors (residual connections)",
@@ -298,6 +299,10 @@ def _gelu_derivative(x, approximate: str):
     return cdf + x * pdf
 
 
+#: autograd's hardsigmoid backward multiplies by 1/6 rounded to float32, in every dtype
+_SIXTH = float(torch.tensor(1 / 6, dtype=torch.float32))
+
+
 def activation_derivative(node: fx.Node, x):
     """``f'(x)`` of an activation node, elementwise, matching autograd's convention at kinks."""
     t = node.target
@@ -309,7 +314,7 @@ def activation_derivative(node: fx.Node, x):
         return ((x > lo) & (x < hi)).to(x.dtype)
     if t is aten.leaky_relu.default:
         slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
-        return torch.where(x > 0, 1.0, slope).to(x.dtype)
+        return (x > 0).to(x.dtype) * (1 - slope) + slope   # in x's dtype (a float32 slope would round)
     if t is aten.elu.default:
         alpha, scale, input_scale = (list(node.args[1:]) + [1.0, 1.0, 1.0])[:3]
         return torch.where(x > 0, scale, alpha * scale * input_scale * torch.exp(x * input_scale)).to(x.dtype)
@@ -324,6 +329,14 @@ def activation_derivative(node: fx.Node, x):
         return s * (1 + x * (1 - s))
     if t is aten.gelu.default:
         return _gelu_derivative(x, node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none"))
+    if t is aten.hardsigmoid.default:
+        return ((x > -3) & (x < 3)).to(x.dtype) * _SIXTH
+    if t is aten.hardswish.default:  # autograd: 0 up to −3 (inclusive), x/3 + ½ below 3, 1 from 3 on
+        return torch.where(x <= -3, 0.0, torch.where(x < 3, x / 3 + 0.5, 1.0)).to(x.dtype)
+    if t is aten.mish.default:
+        softplus = torch.nn.functional.softplus(x)
+        th = torch.tanh(softplus)
+        return th + x * (1 - th * th) * torch.sigmoid(x)
     raise KeyError(t)
 
 
@@ -332,7 +345,8 @@ def _activation_vjp(node, grad, inputs, weight=None):
 
 
 ACTIVATIONS = (aten.relu.default, aten.hardtanh.default, aten.leaky_relu.default, aten.elu.default,
-               aten.sigmoid.default, aten.tanh.default, aten.silu.default, aten.gelu.default)
+               aten.sigmoid.default, aten.tanh.default, aten.silu.default, aten.gelu.default, aten.hardswish.default,
+               aten.hardsigmoid.default, aten.mish.default)
 SHAPE_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
              aten.transpose.int, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
              aten.squeeze.default, aten.clone.default, aten.alias.default, aten.flatten.using_ints)
