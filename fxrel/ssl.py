@@ -88,10 +88,11 @@ def agf_ssl(model: nn.Module, x: torch.Tensor, target: Target = None, references
             combine: str = "difference", batch_size: int = 64, **agf_params: Any) -> torch.Tensor:
     """Alg. 2: AGF of the class :func:`neighbour_targets` picks (``target`` must be left out); ``agf_params`` go to
     the ``agf`` rule set."""
-    if target is not None:
-        raise InputError("agf_ssl chooses its own target class (Alg. 2); leave target=None")
     if references is None:
         raise InputError("agf_ssl needs references=: images (or latent vectors) to find each image's nearest "
-                         "neighbour among")
+                         "neighbour among (a tensor: use the Python API, fxrel.explain(..., method='agf_ssl', "
+                         "references=...))")
+    if target is not None:
+        raise InputError("agf_ssl chooses its own target class (Alg. 2); leave target=None")
     targets = neighbour_targets(model, x, references, combine, batch_size)
     return explain(model, x, targets, method="agf", **agf_params)
