@@ -200,6 +200,43 @@ def _passthrough(c: _Canonicalizer, n: fx.Node):
     return c.emit(target, args, dict(n.kwargs))
 
 
+def _slice_node(c: _Canonicalizer, x: fx.Node, dim: int, start: int, end: int) -> fx.Node:
+    if dim == 0:
+        raise c.unsupported("slicing along the batch axis")
+    return c.emit(aten.slice.Tensor, (c.value(x), dim, start, end, 1))
+
+
+@handles(aten.slice.Tensor)
+def _slice(c: _Canonicalizer, n: fx.Node):
+    """``x[..., start:end]`` along one dim, step 1 (bounds normalised to ``0 ≤ start ≤ end ≤ size``)."""
+    x, dim, start, end, step = (list(n.args) + [0, None, None, 1][len(n.args) - 1:])[:5]
+    shape = x.meta["val"].shape
+    dim %= len(shape)
+    size = shape[dim]
+    if step != 1:
+        raise c.unsupported(f"slice with step {step} (only step 1 is canonical)")
+
+    def bound(v: int | None, default: int) -> int:
+        v = default if v is None else v
+        return min(max(v + size if v < 0 else v, 0), size)
+
+    start = bound(start, 0)
+    return _slice_node(c, x, dim, start, max(bound(end, size), start))
+
+
+@handles(aten.split.Tensor, aten.split_with_sizes.default)
+def _split(c: _Canonicalizer, n: fx.Node):
+    """``split``/``chunk``: one canonical slice per piece (``getitem`` then picks them)."""
+    x, sizes = n.args[0], n.args[1]
+    dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
+    shape = x.meta["val"].shape
+    dim %= len(shape)
+    if isinstance(sizes, int):
+        sizes = [min(sizes, shape[dim] - s) for s in range(0, shape[dim], sizes)]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return tuple(_slice_node(c, x, dim, s, s + k) for s, k in zip(starts, sizes))
+
+
 @handles(aten.mean.dim)
 def _mean(c: _Canonicalizer, n: fx.Node):
     rank = len(n.args[0].meta["val"].shape)

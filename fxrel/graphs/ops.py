@@ -44,7 +44,7 @@ KINDS: dict[str, str] = {
     AVGPOOL: "average / adaptive average pooling and spatial mean",
     ADD: "elementwise sum of two tensors (residual connections)",
     CAT: "concatenation along one dimension",
-    SHAPE: "shape-only op (view, reshape, permute, transpose, squeeze/unsqueeze, clone)",
+    SHAPE: "shape-only op (view, reshape, permute, transpose, squeeze/unsqueeze, clone, slice/split/chunk)",
     PAD: "constant zero padding",
 }
 #: Kinds that are linear in their tensor inputs, apart from a bias: the generic propagation rule applies to them.
@@ -269,6 +269,11 @@ def _shape_vjp(node, grad, inputs, weight=None):
         return [aten.permute.default(grad, inverse)]
     if node.target is aten.transpose.int:
         return [aten.transpose.int(grad, node.args[1], node.args[2])]
+    if node.target is aten.slice.Tensor:  # canonical slices: step 1, not along the batch axis; zeros elsewhere
+        dim, start, end = node.args[1:4]
+        rank = len(_shape(node))
+        pads = [0, 0] * (rank - 1 - dim) + [start, _in_shape(node)[dim] - end]
+        return [aten.constant_pad_nd.default(grad, pads, 0.0)]
     shape = list(_in_shape(node))
     if shape and _shape(node) and shape[0] == _shape(node)[0]:  # the reshape keeps the batch axis: so does its VJP
         shape[0] = -1
@@ -365,6 +370,7 @@ OP_SPECS: dict[Any, OpSpec] = {
     aten.constant_pad_nd.default: OpSpec(PAD, _first, _pad_forward, _pad_vjp),
     **{t: OpSpec(ACTIVATION, _first, _activation_forward, _activation_vjp) for t in ACTIVATIONS},
     **{t: OpSpec(SHAPE, _first, _shape_forward, _shape_vjp) for t in SHAPE_OPS},
+    aten.slice.Tensor: OpSpec(SHAPE, _first, _shape_forward, _shape_vjp),
 }
 
 
