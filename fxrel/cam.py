@@ -42,6 +42,7 @@ from fxrel.errors import InputError, RuleError
 from fxrel.explainer import Explainer, Target
 from fxrel.graphs import ops
 from fxrel.graphs.builder import find_node
+from fxrel.graphs.canonical import cut_nodes
 from fxrel.imageops import resize_maps
 
 __all__ = [
@@ -181,17 +182,21 @@ def default_cam_layer(model: nn.Module | Explainer, x: torch.Tensor) -> str:
     """The canonical node ``layer=None`` picks: the last spatial feature map.
 
     Rule: walk the canonical graph in order to the first node that collapses the spatial dims (output not 4-D,
-    or 4-D with ``H·W = 1``: global pooling, flatten, linear …); the CAM layer is the last node before it with a
+    or 4-D with ``H·W = 1``: global pooling, flatten, linear …) on the main path (a squeeze-excitation gate's pooling
+    is a side branch and is skipped); the CAM layer is the last node before it with a
     4-D output that is not a pooling/reshaping/padding node (so ResNet's final ReLU of ``layer4``, VGG's last
     ReLU before the pooling in ``features``). Returns the node name (usable as ``layer``).
     """
     graph = cam_explainer(model).canonical_graph(x)
     chosen: fx.Node | None = None
+    separating = set(cut_nodes(graph))  # a gate's global pooling (squeeze-excitation) is a side branch
     for node in graph.graph.nodes:
         if node.op != "call_function":
             continue
         if not is_spatial(node):
-            break
+            if node in separating:
+                break
+            continue
         if node.meta.get("fxrel_kind") not in RESAMPLING_KINDS:
             chosen = node
     if chosen is None:

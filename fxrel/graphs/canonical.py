@@ -237,6 +237,29 @@ def _split(c: _Canonicalizer, n: fx.Node):
     return tuple(_slice_node(c, x, dim, s, s + k) for s, k in zip(starts, sizes))
 
 
+def _gates(gate: torch.Size, value: torch.Size) -> bool:
+    """``gate`` broadcasts onto ``value`` along non-batch dims only, and is smaller."""
+    return (len(gate) == len(value) and gate[0] == value[0] and all(g in (v, 1) for g, v in zip(gate, value))
+            and any(g == 1 and v != 1 for g, v in zip(gate[1:], value[1:])))
+
+
+@handles(aten.mul.Tensor)
+def _mul(c: _Canonicalizer, n: fx.Node):
+    """A feature map times a broadcast gate (squeeze-excitation): ``channel_gate(value, gate)``."""
+    a, b = n.args
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or c.is_const(a) or c.is_const(b):
+        raise c.unsupported("product with a constant or parameter (layer scale) is not canonical yet")
+    sa, sb = a.meta["val"].shape, b.meta["val"].shape
+    if _gates(sb, sa):
+        value, gate = a, b
+    elif _gates(sa, sb):
+        value, gate = b, a
+    else:
+        raise c.unsupported(f"product of tensors shaped {tuple(sa)} and {tuple(sb)} (only a feature map times a "
+                            "gate broadcast over its spatial dims is canonical)")
+    return c.emit(ops.channel_gate, (c.value(value), c.value(gate)))
+
+
 @handles(aten.mean.dim)
 def _mean(c: _Canonicalizer, n: fx.Node):
     rank = len(n.args[0].meta["val"].shape)

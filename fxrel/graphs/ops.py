@@ -30,9 +30,9 @@ from fxrel.errors import UnsupportedOpError
 aten = torch.ops.aten
 
 # --- kinds -----------------------------------------------------------------------------------------------------
-INPUT, PARAM, CONV, LINEAR, AFFINE, ACTIVATION, MAXPOOL, AVGPOOL, ADD, CAT, SHAPE, PAD, OUTPUT = (
+INPUT, PARAM, CONV, LINEAR, AFFINE, ACTIVATION, MAXPOOL, AVGPOOL, ADD, CAT, SHAPE, PAD, GATE, OUTPUT = (
     "input", "param", "conv", "linear", "affine", "activation", "maxpool", "avgpool", "add", "cat", "shape",
-    "pad", "output")
+    "pad", "gate", "output")
 #: Kinds of canonical call nodes, with what they are.
 KINDS: dict[str, str] = {
     CONV: "convolution of any stride/padding/dilation/groups (weights w, optional bias b)",
@@ -46,6 +46,7 @@ KINDS: dict[str, str] = {
     CAT: "concatenation along one dimension",
     SHAPE: "shape-only op (view, reshape, permute, transpose, squeeze/unsqueeze, clone, slice/split/chunk)",
     PAD: "constant zero padding",
+    GATE: "a feature map times a gate broadcast over its spatial dims, value ⊙ gate (squeeze-excitation)",
 }
 #: Kinds that are linear in their tensor inputs, apart from a bias: the generic propagation rule applies to them.
 LINEAR_KINDS = frozenset({CONV, LINEAR, AFFINE, AVGPOOL, ADD, CAT, PAD, SHAPE})
@@ -227,6 +228,21 @@ def _add_forward(node, inputs, weight=None, bias=None):
     return inputs[0] + inputs[1]
 
 
+def channel_gate(value: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``value ⊙ gate`` with the gate broadcast over the dims where it has size 1 (squeeze-excitation)."""
+    return value * gate
+
+
+def _gate_forward(node, inputs, weight=None, bias=None):
+    return inputs[0] * inputs[1]
+
+
+def _gate_vjp(node, grad, inputs, weight=None):
+    value, gate = _in_shape(node, 0), _in_shape(node, 1)
+    dims = [d for d in range(1, len(value)) if gate[d] == 1 and value[d] != 1]
+    return [grad * inputs[1], (grad * inputs[0]).sum(dims, keepdim=True)]
+
+
 def _sum_to(grad, shape: torch.Size):
     """Reduce a broadcast gradient back to ``shape``."""
     return aten.sum_to_size.default(grad, list(shape))
@@ -366,6 +382,7 @@ OP_SPECS: dict[Any, OpSpec] = {
     aten.adaptive_avg_pool2d.default: OpSpec(AVGPOOL, _first, _avgpool_forward, _avgpool_vjp),
     aten.mean.dim: OpSpec(AVGPOOL, _first, _avgpool_forward, _avgpool_vjp),
     aten.add.Tensor: OpSpec(ADD, _add_inputs, _add_forward, _add_vjp),
+    channel_gate: OpSpec(GATE, _add_inputs, _gate_forward, _gate_vjp),
     aten.cat.default: OpSpec(CAT, _cat_inputs, _cat_forward, _cat_vjp),
     aten.constant_pad_nd.default: OpSpec(PAD, _first, _pad_forward, _pad_vjp),
     **{t: OpSpec(ACTIVATION, _first, _activation_forward, _activation_vjp) for t in ACTIVATIONS},

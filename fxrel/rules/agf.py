@@ -62,7 +62,7 @@ from fxrel.rules.base import Rule, RuleContext
 from fxrel.rules.composite import Composite, after_last, kind, last, reads_input, where
 from fxrel.rules.factorization import check_options, factorize, max_normalize
 from fxrel.rules.generic import GenericRule, Group, Term, absolute, ones
-from fxrel.rules.gradient import Gradient, Pass
+from fxrel.rules.gradient import GateAsWeight, Gradient, Pass
 from fxrel.rules.lrp import AbsNorm, Norm, ZBox
 from fxrel.rules.methods import Method, StreamSpec, register
 from fxrel.rules.shift import total, uniform_shift
@@ -274,7 +274,7 @@ def agf_composite(factorization: Factorization = Factorization(), ablation: Abla
     pairs += [(kind(ops.CONV), AGFConv(factorization, ablation)), (kind(ops.LINEAR), AGFLinear()),
               (kind(ops.ACTIVATION, ops.AFFINE), Pass()),
               (kind(ops.ADD), Norm(0.0) if residual == "official" else AbsNorm()), (kind(ops.AVGPOOL), Norm(0.0)),
-              (kind(ops.MAXPOOL, ops.CAT, ops.SHAPE, ops.PAD), Gradient())]
+              (kind(ops.MAXPOOL, ops.CAT, ops.SHAPE, ops.PAD), Gradient()), (kind(ops.GATE), GateAsWeight())]
     return Composite(pairs, f"agf[flat={flat}, residual={residual}]")
 
 

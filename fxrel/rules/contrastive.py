@@ -23,7 +23,7 @@ from fxrel.graphs import ops
 from fxrel.rules.base import Rule, RuleContext
 from fxrel.rules.composite import Composite, first, kind, last, where
 from fxrel.rules.generic import divide
-from fxrel.rules.gradient import Gradient, Pass
+from fxrel.rules.gradient import GateAsWeight, Gradient, Pass
 from fxrel.rules.lrp import ZBox, ZPlus, Norm, WSquare
 from fxrel.rules.methods import CONSERVING, Method, StreamSpec, register, seed_gradient, seed_logit
 
@@ -48,7 +48,7 @@ def lrp_preset(preset: str, low: Any = CLRP_LOW, high: Any = CLRP_HIGH) -> Compo
     """
     stabilizer = 1e-9
     zplus = ZPlus(stabilizer, ignore_bias=True)
-    common = [(kind(ops.ACTIVATION), Pass()), (kind(ops.AFFINE), Pass()),
+    common = [(kind(ops.ACTIVATION), Pass()), (kind(ops.AFFINE), Pass()), (kind(ops.GATE), GateAsWeight()),
               (kind(ops.MAXPOOL, ops.CAT, ops.SHAPE, ops.PAD), Gradient())]
     if preset == "zplus_box":
         pairs = [(first(ops.CONV), ZBox(low, high, stabilizer)), (kind(ops.CONV, ops.LINEAR), zplus),
@@ -215,6 +215,7 @@ def excitation_composite() -> Composite:
     eps = 1e-20
     return Composite([(kind(ops.CONV, ops.LINEAR), ZPlus(eps, ignore_bias=True)),
                       (kind(ops.AVGPOOL, ops.ADD), Norm(eps)), (kind(ops.AFFINE), Pass()),
+                      (kind(ops.GATE), GateAsWeight()),
                       (kind(ops.ACTIVATION, ops.MAXPOOL, ops.CAT, ops.SHAPE, ops.PAD), Gradient())],
                      "excitation_backprop")
 

@@ -42,3 +42,17 @@ class DeconvNet(Rule):
 
     def __call__(self, ctx: RuleContext, relevance: Any) -> list[Any]:
         return [relevance.clamp(min=0)]
+
+
+class GateAsWeight(Rule):
+    """A gated feature map ``value ⊙ gate`` with the gate treated as a weight: all the relevance goes to the value
+    (the z-rule ``v·g·R / (v·g) = R``) and none into the gate's branch; ``cotangent=True`` (SRD's cotangent form)
+    sends ``gate ⊙ S`` instead, so the value keeps ``⟨v, g ⊙ S⟩ = ⟨v ⊙ g, S⟩``."""
+
+    kinds = frozenset({ops.GATE})
+
+    def __init__(self, cotangent: bool = False) -> None:
+        self.cotangent = cotangent
+
+    def __call__(self, ctx: RuleContext, relevance: Any) -> list[Any]:
+        return [ctx.vjp(relevance)[0] if self.cotangent else relevance]

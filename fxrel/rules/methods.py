@@ -12,7 +12,7 @@ from fxrel.graphs import ops
 from fxrel.graphs.builder import Seed, Stream
 from fxrel.rules.base import Rule
 from fxrel.rules.composite import Composite, Matcher, first, kind
-from fxrel.rules.gradient import DeconvNet, Gradient, GuidedBackprop, Pass
+from fxrel.rules.gradient import DeconvNet, GateAsWeight, Gradient, GuidedBackprop, Pass
 from fxrel.rules.lrp import IMAGENET_HIGH, IMAGENET_LOW, AlphaBeta, Epsilon, Flat, Gamma, Norm, WSquare, ZBox, ZPlus
 
 
@@ -113,7 +113,7 @@ def make_method(name: str, **params: Any) -> Method:
 
 # --- building blocks of rule sets ------------------------------------------------------------------------------
 _GRAD = Gradient()
-_STRUCTURAL = [(kind(ops.MAXPOOL, ops.CAT, ops.SHAPE, ops.PAD), _GRAD)]
+_STRUCTURAL = [(kind(ops.MAXPOOL, ops.CAT, ops.SHAPE, ops.PAD), _GRAD), (kind(ops.GATE), GateAsWeight())]
 
 
 def _lrp(name: str, layer: Rule, *, linear: Rule | None = None, first_rule: Rule | None = None,

@@ -53,7 +53,7 @@ from fxrel.rules.base import Rule, RuleContext
 from fxrel.rules.composite import Composite, kind, last, reads_input
 from fxrel.rules.generic import (GenericRule, Group, Term, divide, negative, negative_relevance, positive,
                                  positive_relevance)
-from fxrel.rules.gradient import Gradient, Pass
+from fxrel.rules.gradient import GateAsWeight, Gradient, Pass
 from fxrel.rules.lrp import AbsNorm, Norm, ZBox, weights_neg, weights_pos
 from fxrel.rules.methods import Method, register, seed_gradient, seed_logit
 from fxrel.rules.shift import Shifted, total
@@ -158,7 +158,7 @@ def rap_composite(first_prop: str = "official", negative_inputs: bool = False, r
     if first_prop == "official":
         pairs.append((last(ops.LINEAR), FirstPropagation(dense)))
     pairs += [(kind(ops.CONV), conv), (kind(ops.LINEAR), dense), (kind(ops.ACTIVATION, ops.AFFINE), Pass()),
-              (kind(ops.ADD), add_rule), (kind(ops.AVGPOOL), Norm(0.0)),
+              (kind(ops.ADD), add_rule), (kind(ops.AVGPOOL), Norm(0.0)), (kind(ops.GATE), GateAsWeight()),
               (kind(ops.MAXPOOL, ops.CAT, ops.SHAPE, ops.PAD), Gradient())]
     return Composite(pairs, f"rap[{first_prop}, residual={residual}]")
 

@@ -46,9 +46,12 @@ def _last_feature_map(graph: fx.GraphModule) -> fx.Node:
     """:func:`fxrel.cam.default_cam_layer`'s rule — the last spatial feature map before the first node that
     collapses the spatial dims, skipping pooling/reshaping — restricted to nodes that separate the model."""
     maps = set(feature_maps(graph))
+    separating = set(cut_nodes(graph))
     chosen = collapse = None
     for node in (n for n in graph.graph.nodes if n.op == "call_function"):
         if not is_spatial(node):
+            if node not in separating:  # a side branch's global pooling (a squeeze-excitation gate)
+                continue
             collapse = node
             break
         if node.meta.get("fxrel_kind") not in RESAMPLING_KINDS and node in maps:
