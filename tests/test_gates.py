@@ -21,6 +21,28 @@ class _SE(nn.Module):
         return x * gate
 
 
+class _ECA(nn.Module):
+    """timm's efficient channel attention: a 1-D conv across channels, the gate expanded to the map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x.mean((2, 3)).view(x.shape[0], 1, -1)).view(x.shape[0], -1, 1, 1)
+        return x * torch.sigmoid(y).expand_as(x)
+
+
+def test_an_expanded_gate_from_a_1d_conv_is_a_gate_too():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), _ECA(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(6, 4)).eval().double()
+    x, targets = _x(), torch.tensor([1, 3])
+    assert rel_error(fxrel.Explainer(net, "gradient")(x, targets), autograd_input_gradient(net, x, targets)) < 1e-12
+    kinds = [n.meta.get("fxrel_kind") for n in fxrel.Explainer(net, "lrp_0").canonical_graph(x).graph.nodes]
+    assert "gate" in kinds and torch.isfinite(fxrel.explain(net, x, targets, method="lrp_epsilon")).all()
+
+
 def se_net(bias: bool = True) -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=bias), nn.ReLU(), _SE(6, bias),

@@ -243,13 +243,28 @@ def _gates(gate: torch.Size, value: torch.Size) -> bool:
             and any(g == 1 and v != 1 for g, v in zip(gate[1:], value[1:])))
 
 
+def _unexpanded(node: fx.Node) -> torch.Size:
+    """The shape of ``node`` before an ``expand`` (which :func:`_expand` leaves implicit)."""
+    while node.target is aten.expand.default:
+        node = node.args[0]
+    return node.meta["val"].shape
+
+
+@handles(aten.expand.default)
+def _expand(c: _Canonicalizer, n: fx.Node):
+    """``gate.expand_as(x)`` feeding products only (ECA, SE variants): left as an implicit broadcast."""
+    if not n.users or any(u.target is not aten.mul.Tensor for u in n.users):
+        raise c.unsupported("expand whose result is used other than in a product with a feature map")
+    return c.value(n.args[0])
+
+
 @handles(aten.mul.Tensor)
 def _mul(c: _Canonicalizer, n: fx.Node):
     """A feature map times a broadcast gate (squeeze-excitation): ``channel_gate(value, gate)``."""
     a, b = n.args
     if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or c.is_const(a) or c.is_const(b):
         raise c.unsupported("product with a constant or parameter (layer scale) is not canonical yet")
-    sa, sb = a.meta["val"].shape, b.meta["val"].shape
+    sa, sb = _unexpanded(a), _unexpanded(b)
     if _gates(sb, sa):
         value, gate = a, b
     elif _gates(sa, sb):
