@@ -157,9 +157,11 @@ def check_model(model: nn.Module, name: str, size: int | None = None, peers: boo
     except Exception as err:  # one model's failure is a row of the report, not the end of the sweep
         report.results[stage] = False if stage in report.results else None
         report.error = f"{stage}: {first_line(err)}"
-    for check in CHECKS:  # a check that failed is False; the ones after it were not reached (None)
-        if report.results[check] is None and not report.error:
-            report.results[check] = False
+    if not report.error:
+        failed = [c for c in CHECKS if report.results[c] is False]
+        reasons = {"gradient": f"relative error {report.gradient_error:.1e} > 1e-4",
+                   "lrp0": f"|ΣR − y|/|y| = {report.lrp0_error:.1e} > 1e-3", "lrp_eps": "non-finite relevance"}
+        report.error = "; ".join(f"{c}: {reasons[c]}" for c in failed)
     return report
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import torch
 import torchvision
 from torch import nn
@@ -22,7 +24,7 @@ def test_a_supported_model_passes_every_check_and_zennit_conserves_too():
 
 
 class _Gated(nn.Module):
-    """A squeeze-excitation-like gate (mul of a value by a sigmoid gate): outside the canonical op set so far."""
+    """A product of two full feature maps (a spatial gate): outside the canonical op set."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -30,7 +32,7 @@ class _Gated(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.conv(x))
-        h = h * torch.sigmoid(h.mean((2, 3), keepdim=True))
+        h = h * torch.tanh(h)
         return self.head(h.mean((2, 3)))
 
 
@@ -64,3 +66,16 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
     assert "1/1 models pass all 5 checks" in text and "resnet10t" in text
     rows = json.loads(out.read_text())
     assert rows[0]["name"] == "resnet10t" and rows[0]["passed"] and rows[0]["results"]["lrp0"]
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenetv3_small_050", "ecaresnet26t", "cspresnet50",
+                                  "ghostnet_050", "res2net50d"])
+def test_gated_split_and_hard_activation_families_pass_every_check(name):
+    """Squeeze-excitation (also on the 1×1 maps of the last stage at 32 px), ECA's expanded 1-D-conv gate, CSP and
+    Res2Net channel splits, Hardswish/Hardsigmoid: exact gradient, conserving LRP-0, finite LRP-ε."""
+    import timm
+
+    torch.manual_seed(0)
+    report = coverage.check_model(timm.create_model(name, pretrained=False), name)
+    assert report.passed, report.error
+    assert report.gradient_error < 1e-12 and report.lrp0_error < 1e-10

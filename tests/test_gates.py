@@ -59,6 +59,19 @@ def test_gradient_through_the_gate_and_its_branch_equals_autograd():
     assert rel_error(fxrel.Explainer(net, "gradient")(x, targets), autograd_input_gradient(net, x, targets)) < 1e-12
 
 
+def test_a_gate_on_a_one_by_one_map_is_recognised_by_its_sigmoid():
+    """At the smallest inputs the last stage's maps are 1×1, shaped like the gate: the squashed operand is the gate."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, stride=8), nn.ReLU(), _SE(6, True), nn.Flatten(), nn.Linear(6, 4))
+    net = net.eval().double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    assert rel_error(fxrel.Explainer(net, "gradient")(x, [0, 1]), autograd_input_gradient(net, x, torch.tensor([0, 1]))
+                     ) < 1e-12
+    graph = fxrel.Explainer(net, "gradient").canonical_graph(x)
+    gate = next(n for n in graph.graph.nodes if n.meta.get("fxrel_kind") == "gate")
+    assert gate.args[1].meta["fxrel_kind"] == "activation"
+
+
 def test_the_canonical_graph_has_gate_nodes():
     explainer = fxrel.Explainer(se_net(), "lrp_0")
     kinds = [n.meta.get("fxrel_kind") for n in explainer.canonical_graph(_x()).graph.nodes]

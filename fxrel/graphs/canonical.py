@@ -243,6 +243,16 @@ def _gates(gate: torch.Size, value: torch.Size) -> bool:
             and any(g == 1 and v != 1 for g, v in zip(gate[1:], value[1:])))
 
 
+_GATE_ACTIVATIONS = (aten.sigmoid.default, aten.hardsigmoid.default)
+
+
+def _source(node: fx.Node) -> fx.Node:
+    """``node`` behind any ``expand`` and reshaping."""
+    while node.target is aten.expand.default or node.target in ops.SHAPE_OPS:
+        node = node.args[0]
+    return node
+
+
 def _unexpanded(node: fx.Node) -> torch.Size:
     """The shape of ``node`` before an ``expand`` (which :func:`_expand` leaves implicit)."""
     while node.target is aten.expand.default:
@@ -265,10 +275,14 @@ def _mul(c: _Canonicalizer, n: fx.Node):
     if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or c.is_const(a) or c.is_const(b):
         raise c.unsupported("product with a constant or parameter (layer scale) is not canonical yet")
     sa, sb = _unexpanded(a), _unexpanded(b)
+    squashed = [op for op in (a, b) if _source(op).target in _GATE_ACTIVATIONS]
     if _gates(sb, sa):
         value, gate = a, b
     elif _gates(sa, sb):
         value, gate = b, a
+    elif sa == sb and len(sa) == 4 and sa[2] * sa[3] == 1 and len(squashed) == 1:  # 1×1 maps: the squashed one
+        gate = squashed[0]
+        value = b if gate is a else a
     else:
         raise c.unsupported(f"product of tensors shaped {tuple(sa)} and {tuple(sb)} (only a feature map times a "
                             "gate broadcast over its spatial dims is canonical)")

@@ -240,7 +240,8 @@ def _gate_forward(node, inputs, weight=None, bias=None):
 def _gate_vjp(node, grad, inputs, weight=None):
     value, gate = _in_shape(node, 0), _in_shape(node, 1)
     dims = [d for d in range(1, len(value)) if gate[d] == 1 and value[d] != 1]
-    return [grad * inputs[1], (grad * inputs[0]).sum(dims, keepdim=True)]
+    to_gate = grad * inputs[0]
+    return [grad * inputs[1], to_gate.sum(dims, keepdim=True) if dims else to_gate]  # sum([]) would reduce all
 
 
 def _sum_to(grad, shape: torch.Size):
