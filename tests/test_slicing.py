@@ -64,3 +64,26 @@ class _BatchSlice(nn.Module):
 def test_slices_that_are_not_canonical_are_named(model, match):
     with pytest.raises(fxrel.UnsupportedOpError, match=match):
         fxrel.Explainer(model.eval(), "gradient")(torch.randn(2, 3, 6, 6), 0)
+
+
+class _Padded(nn.Module):
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode, self.conv, self.head = mode, nn.Conv2d(3, 4, 3, bias=False), nn.Linear(4, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(torch.nn.functional.pad(x, (1, 1, 2, 0), mode=self.mode)))
+        return self.head(torch.nn.functional.pad(h, (1, 1, 1, 1), mode=self.mode).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate"])
+def test_reflect_and_replicate_padding_have_exact_gradients_and_conserve(mode):
+    """Blur pools pad by reflection (timm's densenetblur, resnetblur): exact VJP, and LRP-0 keeps Σ R = y_t."""
+    torch.manual_seed(0)
+    net = _Padded(mode).eval().double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    targets = torch.tensor([0, 1])
+    assert rel_error(fxrel.Explainer(net, "gradient")(x, targets), autograd_input_gradient(net, x, targets)) < 1e-12
+    r = fxrel.Explainer(net, "lrp_0")(x, targets).flatten(1).sum(1)
+    with torch.no_grad():
+        assert torch.allclose(r, net(x)[[0, 1], [0, 1]], rtol=1e-10)

@@ -312,9 +312,13 @@ def _pad(c: _Canonicalizer, n: fx.Node):
     value = n.args[3] if len(n.args) > 3 else n.kwargs.get("value", 0.0)
     if n.target is aten.constant_pad_nd.default:
         mode, value = "constant", (n.args[2] if len(n.args) > 2 else 0.0)
-    if mode != "constant" or (value or 0.0) != 0.0 or any(p < 0 for p in n.args[1]):
-        raise c.unsupported(f"padding mode={mode} value={value} (only non-negative zero padding is canonical)")
-    return c.emit(aten.constant_pad_nd.default, (c.value(n.args[0]), list(n.args[1]), 0.0))
+    pads = list(n.args[1])
+    if mode in ("reflect", "replicate") and len(pads) == 4 and all(p >= 0 for p in pads):
+        return c.emit(aten.pad.default, (c.value(n.args[0]), pads, mode))   # blur pools: a linear resampling
+    if mode != "constant" or (value or 0.0) != 0.0 or any(p < 0 for p in pads):
+        raise c.unsupported(f"padding mode={mode} value={value} (zero padding and 2-D reflect/replicate padding are "
+                            "canonical)")
+    return c.emit(aten.constant_pad_nd.default, (c.value(n.args[0]), pads, 0.0))
 
 
 @handles(aten.dropout.default, aten.detach.default, aten.lift_fresh_copy.default)

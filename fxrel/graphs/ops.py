@@ -45,7 +45,7 @@ KINDS: dict[str, str] = {
     ADD: "elementwise sum of two tensors (residual connections)",
     CAT: "concatenation along one dimension",
     SHAPE: "shape-only op (view, reshape, permute, transpose, squeeze/unsqueeze, clone, slice/split/chunk)",
-    PAD: "constant zero padding",
+    PAD: "padding: constant zero, or 2-D reflect/replicate (a linear resampling)",
     GATE: "a feature map times a gate broadcast over its spatial dims, value ⊙ gate (squeeze-excitation)",
 }
 #: Kinds that are linear in their tensor inputs, apart from a bias: the generic propagation rule applies to them.
@@ -301,6 +301,16 @@ def _pad_forward(node, inputs, weight=None, bias=None):
     return aten.constant_pad_nd.default(inputs[0], node.args[1], 0.0)
 
 
+def _mode_pad_forward(node, inputs, weight=None, bias=None):
+    return aten.pad.default(inputs[0], node.args[1], node.args[2])
+
+
+def _mode_pad_vjp(node, grad, inputs, weight=None):
+    backward = {"reflect": aten.reflection_pad2d_backward.default,
+                "replicate": aten.replication_pad2d_backward.default}[node.args[2]]
+    return [backward(grad, inputs[0], node.args[1])]
+
+
 def _pad_vjp(node, grad, inputs, weight=None):
     pads = list(node.args[1])
     return [aten.constant_pad_nd.default(grad, [-p for p in pads], 0.0)]
@@ -386,6 +396,7 @@ OP_SPECS: dict[Any, OpSpec] = {
     channel_gate: OpSpec(GATE, _add_inputs, _gate_forward, _gate_vjp),
     aten.cat.default: OpSpec(CAT, _cat_inputs, _cat_forward, _cat_vjp),
     aten.constant_pad_nd.default: OpSpec(PAD, _first, _pad_forward, _pad_vjp),
+    aten.pad.default: OpSpec(PAD, _first, _mode_pad_forward, _mode_pad_vjp),
     **{t: OpSpec(ACTIVATION, _first, _activation_forward, _activation_vjp) for t in ACTIVATIONS},
     **{t: OpSpec(SHAPE, _first, _shape_forward, _shape_vjp) for t in SHAPE_OPS},
     aten.slice.Tensor: OpSpec(SHAPE, _first, _shape_forward, _shape_vjp),
