@@ -21,6 +21,7 @@ import torch
 
 import fxrel
 from bench_lrp import measure
+from fxrel.coverage import relative_error as error
 from fxrel.random_weights import calibrate_batchnorm
 from fxrel.text import format_table
 
@@ -35,11 +36,6 @@ def build(name: str, size: int, device: torch.device, dtype: torch.dtype) -> tor
     model = getattr(torchvision.models, name)(weights=None, num_classes=10, **extra)
     calibrate_batchnorm(model, size, 1)
     return model.eval().requires_grad_(False).to(device, dtype)
-
-
-def error(a: torch.Tensor, b: torch.Tensor) -> float:
-    scale = b.abs().max().item()
-    return (a - b).abs().max().item() / scale if scale > 0 else (a - b).abs().max().item()
 
 
 def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:

@@ -104,7 +104,8 @@ def constant_free(model: nn.Module) -> nn.Module:
     return clone
 
 
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a − b| / max |b| (the absolute difference when b vanishes)."""
     scale = b.abs().max().item()
     return (a - b).abs().max().item() / scale if scale > 0 else (a - b).abs().max().item()
 
@@ -141,7 +142,7 @@ def check_model(model: nn.Module, name: str, size: int | None = None, peers: boo
         report.run_s = time.perf_counter() - start
         xg = x.clone().requires_grad_()
         (reference,) = torch.autograd.grad(model(xg)[0, target], xg)
-        report.gradient_error = _relative(ours, reference)
+        report.gradient_error = relative_error(ours, reference)
         report.results["gradient"] = report.gradient_error <= 1e-4
         stage = "lrp0"
         bare = constant_free(model)

@@ -20,7 +20,7 @@ from fxrel.ssl import neighbour_targets
 from tests.helpers import object_masses, random_targets, rel_error, two_objects
 from tests.strategies import cnn_architectures
 from tests.test_models import build
-from tests.test_rap import _grad, _sdiv, _z_beta
+from tests.test_rap import _grad, _pooled_z_rule, _sdiv, _z_beta
 
 
 def small_net(classes: int = 5) -> nn.Sequential:
@@ -282,9 +282,7 @@ def agf_reference(net: nn.Sequential, x: torch.Tensor, target: int) -> torch.Ten
         elif isinstance(m, nn.ReLU):
             phi = phi * (a > 0).double()
         elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
-            v = a.clone().requires_grad_()
-            z = m(v)
-            phi = (a * _grad(z, v, _sdiv(phi, z))).detach()
+            phi = _pooled_z_rule(m, a, phi)
         elif isinstance(m, nn.Flatten):
             phi = phi.reshape(a.shape)
     return phi
@@ -331,8 +329,7 @@ def test_residual_net_equals_the_literal_equations():
     grad_pre1 = pre1.grad
     pre1, h, pre2, summed, out = (t.detach() for t in (pre1, h, pre2, summed, out))
     phi = pooled.detach() * pooled.grad                                              # Eq. 8 at the classifier
-    o = out.clone().requires_grad_()
-    phi = (o * _grad(o.mean((2, 3)), o, _sdiv(phi, o.mean((2, 3))))).detach()        # average pooling: z-rule
+    phi = _pooled_z_rule(lambda t: t.mean((2, 3)), out, phi)                          # average pooling: z-rule
     phi = phi * (summed > 0).double()                                                 # ReLU
     to_branch, to_skip = pre2 * _sdiv(phi, summed), s.detach() * _sdiv(phi, summed)   # signed z-split at the sum
     phi = _influence(lambda v, w: F.conv2d(v, w, None, 1, 1), block.conv2.weight, h, to_branch)  # conv2: flat

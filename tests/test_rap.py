@@ -168,6 +168,13 @@ def _first_prop(layer, a, r):
     return c.abs() * c.sum() / c.abs().sum()
 
 
+def _pooled_z_rule(pool, a, r):
+    """The official pooling rule: ``a ⊙ ∇pool(a)ᵀ sdiv(r, pool(a))`` by autograd."""
+    v = a.clone().requires_grad_()
+    z = pool(v)
+    return (a * _grad(z, v, _sdiv(r, z))).detach()
+
+
 def _z_beta(conv, a, r):
     """§3.2 with the image's own min and max."""
     t = torch.zeros_like(a, requires_grad=True)
@@ -199,9 +206,7 @@ def rap_reference(net: nn.Sequential, x: torch.Tensor, target: int) -> torch.Ten
         elif isinstance(m, nn.Conv2d):
             r = _rap_layer(lambda v, w, m=m: F.conv2d(v, w, None, m.stride, m.padding), m.weight, a, r, linear=False)
         elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
-            v = a.clone().requires_grad_()
-            z = m(v)
-            r = (a * _grad(z, v, _sdiv(r, z))).detach()
+            r = _pooled_z_rule(m, a, r)
         elif isinstance(m, nn.Flatten):
             r = r.reshape(a.shape)
     return r
