@@ -537,7 +537,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             bar.set_description(name)
             bar.update()
 
-        rows = coverage.coverage(names, peers=args.peers, progress=step)
+        rows = coverage.coverage(names, peers=args.peers, progress=step, journal=args.journal)
     print(coverage.table(rows, peers=args.peers))
     if args.markdown:
         print(f"wrote {write_text(args.markdown, coverage.table(rows, markdown=True, peers=args.peers))}")
@@ -650,6 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", action="store_true", help="add zennit and captum columns")
     p.add_argument("--markdown", metavar="FILE.md", help="also write the table as markdown")
     p.add_argument("--json", metavar="FILE.json", help="also write every row as JSON")
+    p.add_argument("--journal", metavar="FILE.jsonl",
+                   help="append each row as soon as it is done and skip models already there (resumable sweeps)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_models)
     return parser

@@ -19,9 +19,11 @@ on the same constant-free copy; ``-`` marks a peer that refuses the model. :func
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -204,21 +206,56 @@ def _zennit_lrp0(model: nn.Module, x: torch.Tensor, target: int) -> torch.Tensor
     return relevance
 
 
+def from_dict(row: dict) -> ModelReport:
+    """The :class:`ModelReport` of one :func:`to_json` / journal row."""
+    fields = {k: row[k] for k in ModelReport.__dataclass_fields__ if k in row}
+    return ModelReport(**fields)
+
+
+def read_journal(path: str | Path) -> dict[str, ModelReport]:
+    """The rows a previous sweep appended to ``path`` (JSON lines), by model name; ``{}`` when there is none.
+
+    A truncated last line (a sweep killed while writing) is ignored, so that model is checked again."""
+    path = Path(path)
+    rows: dict[str, ModelReport] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = from_dict(json.loads(line))
+            except (json.JSONDecodeError, TypeError):
+                continue
+            rows[row.name] = row
+    return rows
+
+
 def coverage(models: Iterable[str] | None = None, peers: bool = False,
-             progress: Callable[[str], None] | None = None) -> list[ModelReport]:
-    """The report for timm ``models`` (default: every CNN in ``timm.list_models()``), one row per model."""
+             progress: Callable[[str], None] | None = None,
+             journal: str | Path | None = None) -> list[ModelReport]:
+    """The report for timm ``models`` (default: every CNN in ``timm.list_models()``), one row per model.
+
+    With ``journal`` (a JSON-lines file) each row is appended as soon as its model is done, and models already in
+    the journal are not checked again: a sweep of the whole zoo can be interrupted and resumed."""
     import timm
 
     names = list(models) if models is not None else cnn_models()
+    done = read_journal(journal) if journal is not None else {}
     rows = []
     for name in names:
-        torch.manual_seed(0)
-        try:
-            model = timm.create_model(name, pretrained=False)
-        except Exception as err:
-            rows.append(ModelReport(name, error=f"create: {first_line(err)}"))
+        if name in done:
+            rows.append(done[name])
         else:
-            rows.append(check_model(model, name, peers=peers))
+            torch.manual_seed(0)
+            try:
+                model = timm.create_model(name, pretrained=False)
+            except Exception as err:
+                rows.append(ModelReport(name, error=f"create: {first_line(err)}"))
+            else:
+                rows.append(check_model(model, name, peers=peers))
+                del model
+            if journal is not None:
+                with open(journal, "a") as handle:
+                    handle.write(json.dumps(asdict(rows[-1])) + "\n")
+            gc.collect()
         if progress is not None:
             progress(name)
     return rows
