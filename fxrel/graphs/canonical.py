@@ -14,6 +14,7 @@ naming the node, its target and its source line.
 """
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any, Callable
 
@@ -67,18 +68,30 @@ class _Canonicalizer:
         self.env: dict[fx.Node, Any] = {}
         self.current: fx.Node | None = None
         self.n_params = 0
+        self.consts: dict[fx.Node, Any] = {}
 
     # -- helpers used by handlers ---------------------------------------------------------------------------------
     def const(self, node: Any) -> torch.Tensor | None:
-        """The concrete tensor behind a ``get_attr`` argument (``None`` stays ``None``)."""
+        """The concrete tensor behind a parameter/buffer argument or a folded constant (``None`` stays ``None``)."""
         if node is None:
             return None
-        if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        if not self.is_const(node):
             raise self.unsupported(f"expected a parameter, got a computed value {node}")
-        return getattr(self.src, node.target)
+        return self.consts[node]
 
     def is_const(self, node: Any) -> bool:
-        return isinstance(node, fx.Node) and node.op == "get_attr"
+        return isinstance(node, fx.Node) and node in self.consts
+
+    def fold(self, node: fx.Node) -> bool:
+        """Evaluate ``node`` now if it computes from parameters and constants only (NFNet's weight standardisation,
+        a layer scale's reshape); record the result as a constant and return True."""
+        inputs = node.all_input_nodes
+        if not all(self.is_const(a) for a in inputs) or not _is_tensors(node.meta.get("val")):
+            return False
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: self.consts[a])
+        with torch.no_grad():
+            self.consts[node] = node.target(*args, **kwargs)
+        return True
 
     def param(self, value: torch.Tensor | None, name: str) -> fx.Node | None:
         """Register ``value`` as an attribute of the canonical module and return its ``get_attr`` node."""
@@ -92,6 +105,9 @@ class _Canonicalizer:
         return node
 
     def value(self, node: Any) -> Any:
+        if self.is_const(node):
+            raise self.unsupported(f"the constant '{node.name}' (a parameter, buffer or a value computed from them) "
+                                   "is used where a computed feature map is expected")
         return self.env[node] if isinstance(node, fx.Node) else node
 
     def emit(self, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
@@ -118,11 +134,13 @@ class _Canonicalizer:
                 new.meta["fxrel_kind"] = ops.INPUT
                 self.env[node] = new
             elif node.op == "get_attr":
-                self.env[node] = node  # resolved lazily by handlers through const()
+                self.consts[node] = getattr(self.src, node.target)  # resolved by handlers through const()
             elif node.op == "output":
                 out = self.graph.output(self.value(node.args[0]))
                 out.meta["fxrel_kind"] = ops.OUTPUT
             elif node.op == "call_function":
+                if self.fold(node):
+                    continue
                 handler = HANDLERS.get(node.target)
                 if handler is None:
                     raise self.unsupported("no canonicalisation rule for this op")
@@ -131,6 +149,12 @@ class _Canonicalizer:
                 raise self.unsupported(f"unexpected fx op '{node.op}'")
         gm = fx.GraphModule(self.root, self.graph, self.src.__class__.__name__)
         return gm
+
+
+def _is_tensors(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return bool(value) and all(_is_tensors(v) for v in value)
+    return isinstance(value, torch.Tensor)
 
 
 # --- handlers ----------------------------------------------------------------------------------------------------
@@ -243,12 +267,13 @@ def _gates(gate: torch.Size, value: torch.Size) -> bool:
             and any(g == 1 and v != 1 for g, v in zip(gate[1:], value[1:])))
 
 
-_GATE_ACTIVATIONS = (aten.sigmoid.default, aten.hardsigmoid.default)
+#: what squashes a gate into [0, 1]: a product of two same-shaped tensors gates the other one
+_GATE_ACTIVATIONS = (aten.sigmoid.default, aten.hardsigmoid.default, aten.softmax.int, aten._softmax.default)
 
 
 def _source(node: fx.Node) -> fx.Node:
-    """``node`` behind any ``expand`` and reshaping."""
-    while node.target is aten.expand.default or node.target in ops.SHAPE_OPS:
+    """``node`` behind any ``expand``, reshaping and nearest upsampling."""
+    while node.target in (aten.expand.default, aten.upsample_nearest2d.vec) or node.target in ops.SHAPE_OPS:
         node = node.args[0]
     return node
 
@@ -268,25 +293,161 @@ def _expand(c: _Canonicalizer, n: fx.Node):
     return c.value(n.args[0])
 
 
-@handles(aten.mul.Tensor)
+def _operand(c: _Canonicalizer, node: Any, like: fx.Node) -> torch.Tensor | None:
+    """A constant operand (a Python number, a parameter or a folded constant) as a tensor in ``like``'s dtype, or
+    ``None`` for a computed tensor."""
+    if isinstance(node, fx.Node) and not c.is_const(node):
+        return None
+    dtype = like.meta["val"].dtype
+    return c.const(node).to(dtype) if isinstance(node, fx.Node) else torch.tensor(node, dtype=dtype)
+
+
+def _affine(c: _Canonicalizer, x: fx.Node, scale: torch.Tensor | None, shift: torch.Tensor | None):
+    """``x·scale + shift`` with constant ``scale``/``shift`` as a canonical ``channel_affine`` (layer scale, NFNet's
+    α/β gains, ``x + 0``); an identity is dropped."""
+    if shift is not None and not bool((shift != 0).any()):
+        shift = None
+    if scale is None or (scale.numel() == 1 and float(scale) == 1.0):
+        if shift is None:
+            return c.value(x)
+        scale = torch.ones((), dtype=shift.dtype)
+    return c.emit(ops.channel_affine, (c.value(x), c.param(scale, "scale"), c.param(shift, "shift")))
+
+
+@handles(aten.mul.Tensor, aten.div.Tensor)
 def _mul(c: _Canonicalizer, n: fx.Node):
-    """A feature map times a broadcast gate (squeeze-excitation): ``channel_gate(value, gate)``."""
-    a, b = n.args
-    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or c.is_const(a) or c.is_const(b):
-        raise c.unsupported("product with a constant or parameter (layer scale) is not canonical yet")
+    """A product with a constant is an affine (``x·s``, ``x/s``); a feature map times a broadcast gate
+    (squeeze-excitation) is ``channel_gate(value, gate)``."""
+    a, b = n.args[:2]
+    if n.target is aten.div.Tensor:
+        divisor = _operand(c, b, n)
+        if divisor is None or _operand(c, a, n) is not None or n.kwargs.get("rounding_mode"):
+            raise c.unsupported("division by a computed tensor (only division by a constant is canonical)")
+        return _affine(c, a, 1 / divisor, None)
+    for value, other in ((a, b), (b, a)):
+        scale = _operand(c, other, n)
+        if scale is not None and _operand(c, value, n) is None:
+            return _affine(c, value, scale, None)
     sa, sb = _unexpanded(a), _unexpanded(b)
     squashed = [op for op in (a, b) if _source(op).target in _GATE_ACTIVATIONS]
     if _gates(sb, sa):
         value, gate = a, b
     elif _gates(sa, sb):
         value, gate = b, a
-    elif sa == sb and len(sa) == 4 and sa[2] * sa[3] == 1 and len(squashed) == 1:  # 1×1 maps: the squashed one
+    elif sa == sb and len(squashed) == 1:  # same shapes (1×1 maps, GhostNetV2's upsampled gate): the squashed one
         gate = squashed[0]
         value = b if gate is a else a
     else:
         raise c.unsupported(f"product of tensors shaped {tuple(sa)} and {tuple(sb)} (only a feature map times a "
-                            "gate broadcast over its spatial dims is canonical)")
+                            "gate broadcast over some of its dims, or times a same-shaped sigmoid/softmax gate, "
+                            "is canonical)")
     return c.emit(ops.channel_gate, (c.value(value), c.value(gate)))
+
+
+def _normalized(c: _Canonicalizer, x: fx.Node, dims: list[int], eps: float, weight: torch.Tensor | None,
+                bias: torch.Tensor | None) -> fx.Node:
+    """``(x − μ)/σ · γ + β`` over ``dims`` as ``affine(gate(center(x), inv_std(center(x))))``: the mean subtraction
+    is linear, 1/σ a statistic gating it (the LN-rule keeps it constant), γ, β a per-channel affine."""
+    centered = c.emit(ops.center, (x, dims))
+    normalized = c.emit(ops.channel_gate, (centered, c.emit(ops.inv_std, (centered, dims, eps))))
+    if weight is None and bias is None:
+        return normalized
+    weight = torch.ones_like(bias) if weight is None else weight
+    return c.emit(ops.channel_affine, (normalized, c.param(weight, "scale"), c.param(bias, "shift")))
+
+
+@handles(aten.layer_norm.default)
+def _layer_norm(c: _Canonicalizer, n: fx.Node):
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    a = dict(zip(names, n.args), **n.kwargs)
+    rank = len(a["input"].meta["val"].shape)
+    dims = list(range(rank - len(a["normalized_shape"]), rank))
+    return _normalized(c, c.value(a["input"]), dims, a.get("eps", 1e-5), c.const(a.get("weight")),
+                       c.const(a.get("bias")))
+
+
+@handles(aten.group_norm.default)
+def _group_norm(c: _Canonicalizer, n: fx.Node):
+    """GroupNorm: the channels viewed as ``[N, G, C/G·H·W]``, normalised over the last axis, viewed back."""
+    names = ("input", "num_groups", "weight", "bias", "eps")
+    a = dict(zip(names, n.args), **n.kwargs)
+    shape = list(a["input"].meta["val"].shape)
+    grouped = c.emit(aten.view.default, (c.value(a["input"]), [shape[0], a["num_groups"], -1]))
+    normalized = c.emit(aten.view.default, (_normalized(c, grouped, [2], a.get("eps", 1e-5), None, None), shape))
+    weight, bias = c.const(a.get("weight")), c.const(a.get("bias"))
+    if weight is None and bias is None:
+        return normalized
+    view = (-1,) + (1,) * (len(shape) - 2)
+    weight = torch.ones_like(bias) if weight is None else weight
+    bias = None if bias is None else bias.reshape(view)
+    return c.emit(ops.channel_affine, (normalized, c.param(weight.reshape(view), "scale"), c.param(bias, "shift")))
+
+
+@handles(aten.stack.default)
+def _stack(c: _Canonicalizer, n: fx.Node):
+    """``stack`` = ``unsqueeze`` of each tensor, then ``cat`` (SKNet's branches)."""
+    tensors = n.args[0]
+    dim = (n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)) % (len(tensors[0].meta["val"].shape) + 1)
+    if dim == 0:
+        raise c.unsupported("stacking along the batch axis")
+    return c.emit(aten.cat.default, ([c.emit(aten.unsqueeze.default, (c.value(t), dim)) for t in tensors], dim))
+
+
+@handles(aten.sum.dim_IntList)
+def _sum(c: _Canonicalizer, n: fx.Node):
+    """A sum over spatial axes is a mean times their size; over a short non-batch axis (SKNet's branch axis), the
+    sum of its slices."""
+    x, dims = n.args[0], n.args[1]
+    keepdim = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+    shape = x.meta["val"].shape
+    dims = sorted({d % len(shape) for d in (dims or range(len(shape)))})
+    if n.kwargs.get("dtype") is not None:
+        raise c.unsupported("sum with a dtype conversion")
+    if ops.is_spatial_mean(dims, len(shape)):
+        mean = c.emit(aten.mean.dim, (c.value(x), dims, keepdim))
+        count = math.prod(shape[d] for d in dims)
+        return c.emit(ops.channel_affine, (mean, c.param(torch.tensor(float(count), dtype=x.meta["val"].dtype),
+                                                         "scale"), None))
+    if len(dims) != 1 or dims[0] == 0 or shape[dims[0]] > 16:
+        raise c.unsupported(f"sum over dims {dims} of a tensor shaped {tuple(shape)} (spatial sums and sums over a "
+                            "non-batch axis of ≤ 16 entries are canonical)")
+    dim = dims[0]
+    parts = [c.emit(aten.slice.Tensor, (c.value(x), dim, i, i + 1, 1)) for i in range(shape[dim])]
+    if not keepdim:
+        parts = [c.emit(aten.squeeze.dim, (p, dim)) for p in parts]
+    total = parts[0]
+    for part in parts[1:]:
+        total = c.emit(aten.add.Tensor, (total, part))
+    return total
+
+
+@handles(aten.softmax.int, aten._softmax.default)
+def _softmax(c: _Canonicalizer, n: fx.Node):
+    """Softmax weights (SKNet's branch attention, global-context attention pooling): a statistic that gates."""
+    return c.emit(aten.softmax.int, (c.value(n.args[0]), n.args[1]))
+
+
+@handles(aten.matmul.default, aten.bmm.default)
+def _matmul(c: _Canonicalizer, n: fx.Node):
+    """``values @ weights`` with softmax attention weights shaped ``[…, K, 1]`` (global-context attention pooling)
+    is the gate ``values ⊙ weightsᵀ`` summed over ``K``: the weights are a gate (the AH-rule keeps them constant)."""
+    a, b = n.args
+    weights_last = b.meta["val"].shape[-1] == 1 and _source(b).target in (aten.softmax.int, aten._softmax.default)
+    if not weights_last or c.is_const(a) or len(a.meta["val"].shape) < 3:
+        raise c.unsupported("product of two computed matrices (only a feature map times softmax attention "
+                            "weights shaped [..., K, 1] is canonical)")
+    gate = c.emit(aten.transpose.int, (c.value(b), -1, -2))
+    gated = c.emit(ops.channel_gate, (c.value(a), gate))
+    rank = len(a.meta["val"].shape)
+    count = a.meta["val"].shape[-1]
+    mean = c.emit(aten.mean.dim, (gated, [rank - 1], True))
+    return c.emit(ops.channel_affine, (mean, c.param(torch.tensor(float(count), dtype=a.meta["val"].dtype), "scale"),
+                                       None))
+
+
+@handles(aten.upsample_nearest2d.vec)
+def _upsample(c: _Canonicalizer, n: fx.Node):
+    return c.emit(aten.upsample_nearest2d.vec, (c.value(n.args[0]), *n.args[1:]))
 
 
 @handles(aten.mean.dim)
@@ -297,13 +458,22 @@ def _mean(c: _Canonicalizer, n: fx.Node):
     return _passthrough(c, n)
 
 
-@handles(aten.add.Tensor)
+@handles(aten.add.Tensor, aten.sub.Tensor)
 def _add(c: _Canonicalizer, n: fx.Node):
-    a, b = n.args
+    """A sum of two computed tensors (residual connections); a constant added or subtracted is an affine shift."""
+    a, b = n.args[:2]
     alpha = n.kwargs.get("alpha", 1)
-    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or c.is_const(a) or c.is_const(b) or alpha != 1:
-        raise c.unsupported("add with a constant or alpha≠1 (only sums of two computed tensors are canonical)")
-    return c.emit(aten.add.Tensor, (c.value(a), c.value(b)))
+    sign = -1 if n.target is aten.sub.Tensor else 1
+    ca, cb = _operand(c, a, n), _operand(c, b, n)
+    if ca is None and cb is None:
+        if alpha != 1 or sign != 1:
+            raise c.unsupported("difference or alpha≠1 of two computed tensors (only sums are canonical)")
+        return c.emit(aten.add.Tensor, (c.value(a), c.value(b)))
+    if ca is not None and cb is not None:
+        raise c.unsupported("sum of two constants that was not folded")
+    if cb is not None:
+        return _affine(c, a, None, cb * (sign * alpha))
+    return _affine(c, b, torch.tensor(float(sign * alpha), dtype=ca.dtype), ca)
 
 
 @handles(aten.pad.default, aten.constant_pad_nd.default)
@@ -334,6 +504,15 @@ def _drop(c: _Canonicalizer, n: fx.Node):
 
 
 # --- folding -----------------------------------------------------------------------------------------------------
+def _per_channel(value: torch.Tensor, channels: int, rank: int) -> torch.Tensor | None:
+    """``value`` as a ``[channels]`` vector when it broadcasts over a layer's output only along the channel axis
+    (dim 1 of a conv output, the last dim of a linear one, or a scalar); else None."""
+    if value.numel() == 1:
+        return value.reshape(1).expand(channels).clone()
+    dims = [d for d, size in enumerate(value.shape, start=rank - value.dim()) if size != 1]
+    return value.flatten() if value.numel() == channels and len(dims) == 1 and dims[0] in (1, rank - 1) else None
+
+
 def fold_affine(gm: fx.GraphModule) -> int:
     """Fold every per-channel affine into the conv/linear directly before it; return how many were folded.
 
@@ -347,13 +526,16 @@ def fold_affine(gm: fx.GraphModule) -> int:
         if not (isinstance(prev, fx.Node) and prev.meta.get("fxrel_kind") in (ops.CONV, ops.LINEAR)
                 and len(prev.users) == 1):
             continue
-        scale = getattr(gm, node.args[1].target).flatten()
-        shift = getattr(gm, node.args[2].target).flatten()
         w_node, b_node = prev.args[1], prev.args[2]
         weight = getattr(gm, w_node.target)
+        channels = weight.shape[0]
+        rank = len(prev.meta["val"].shape) if "val" in prev.meta else weight.dim()
+        scale = _per_channel(getattr(gm, node.args[1].target), channels, rank)
+        shift = (_per_channel(getattr(gm, node.args[2].target), channels, rank) if node.args[2] is not None
+                 else torch.zeros_like(scale))
+        if scale is None or shift is None:
+            continue  # an affine over other axes than the layer's output channels; keep it
         bias = getattr(gm, b_node.target) if b_node is not None else torch.zeros_like(shift)
-        if prev.meta["fxrel_kind"] == ops.LINEAR and weight.shape[0] != scale.numel():
-            continue  # an affine over a non-feature axis; keep it
         new_w = weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1))
         new_b = bias * scale + shift
         setattr(gm, w_node.target, new_w)

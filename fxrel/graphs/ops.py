@@ -30,9 +30,9 @@ from fxrel.errors import UnsupportedOpError
 aten = torch.ops.aten
 
 # --- kinds -----------------------------------------------------------------------------------------------------
-INPUT, PARAM, CONV, LINEAR, AFFINE, ACTIVATION, MAXPOOL, AVGPOOL, ADD, CAT, SHAPE, PAD, GATE, OUTPUT = (
-    "input", "param", "conv", "linear", "affine", "activation", "maxpool", "avgpool", "add", "cat", "shape",
-    "pad", "gate", "output")
+(INPUT, PARAM, CONV, LINEAR, AFFINE, ACTIVATION, MAXPOOL, AVGPOOL, ADD, CAT, SHAPE, PAD, GATE, CENTER, STAT,
+ OUTPUT) = ("input", "param", "conv", "linear", "affine", "activation", "maxpool", "avgpool", "add", "cat", "shape",
+            "pad", "gate", "center", "stat", "output")
 #: Kinds of canonical call nodes, with what they are.
 KINDS: dict[str, str] = {
     CONV: "convolution of any stride/padding/dilation/groups (weights w, optional bias b)",
@@ -45,11 +45,16 @@ KINDS: dict[str, str] = {
     ADD: "elementwise sum of two tensors (residual connections)",
     CAT: "concatenation along one dimension",
     SHAPE: "shape-only op (view, reshape, permute, transpose, squeeze/unsqueeze, clone, slice/split/chunk)",
-    PAD: "padding: constant zero, or 2-D reflect/replicate (a linear resampling)",
-    GATE: "a feature map times a gate broadcast over its spatial dims, value ⊙ gate (squeeze-excitation)",
+    PAD: "copying resampling: zero padding, 2-D reflect/replicate padding, nearest upsampling (every output is a "
+         "copy of one input, or zero)",
+    GATE: "a value times a gate broadcast over some of its dims, value ⊙ gate (squeeze-excitation, 1/σ of a "
+          "normalisation, attention weights)",
+    CENTER: "centering x − mean(x) over a group of dims (the mean subtraction of Layer/GroupNorm)",
+    STAT: "a statistic that only ever feeds a gate: 1/σ = (mean(x²) + ε)^(−1/2) of a normalisation, softmax "
+          "attention weights; rules treat it as a constant (no relevance flows into it), gradients pass exactly",
 }
 #: Kinds that are linear in their tensor inputs, apart from a bias: the generic propagation rule applies to them.
-LINEAR_KINDS = frozenset({CONV, LINEAR, AFFINE, AVGPOOL, ADD, CAT, PAD, SHAPE})
+LINEAR_KINDS = frozenset({CONV, LINEAR, AFFINE, AVGPOOL, ADD, CAT, PAD, SHAPE, CENTER})
 #: Kinds with parameters (weight, bias).
 PARAM_KINDS = frozenset({CONV, LINEAR, AFFINE})
 
@@ -244,6 +249,46 @@ def _gate_vjp(node, grad, inputs, weight=None):
     return [grad * inputs[1], to_gate.sum(dims, keepdim=True) if dims else to_gate]  # sum([]) would reduce all
 
 
+def center(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    """``x − mean(x)`` over ``dims`` (LayerNorm/GroupNorm's mean subtraction; a symmetric linear map)."""
+    return x - x.mean(dims, keepdim=True)
+
+
+def _center_forward(node, inputs, weight=None, bias=None):
+    return center(inputs[0], node.args[1])
+
+
+def _center_vjp(node, grad, inputs, weight=None):
+    return [center(grad, node.args[1])]   # the centering matrix is symmetric
+
+
+def inv_std(x: torch.Tensor, dims: list[int], eps: float) -> torch.Tensor:
+    """``(mean(x²) + ε)^(−1/2)`` over ``dims`` (kept as size 1): 1/σ of an already centred ``x``."""
+    return torch.rsqrt((x * x).mean(dims, keepdim=True) + eps)
+
+
+def _inv_std_forward(node, inputs, weight=None, bias=None):
+    return inv_std(inputs[0], *node.args[1:])
+
+
+def _inv_std_vjp(node, grad, inputs, weight=None):
+    """``∂r/∂x_i = −r³ x_i / n`` with ``n`` the number of elements averaged."""
+    x, dims = inputs[0], node.args[1]
+    shape = _in_shape(node)
+    count = math.prod(shape[d] for d in dims)
+    r = inv_std(x, *node.args[1:])
+    return [grad * r * r * r * x / -count]
+
+
+def _softmax_forward(node, inputs, weight=None, bias=None):
+    return aten.softmax.int(inputs[0], node.args[1])
+
+
+def _softmax_vjp(node, grad, inputs, weight=None):
+    s = aten.softmax.int(inputs[0], node.args[1])
+    return [s * (grad - (grad * s).sum(node.args[1], keepdim=True))]
+
+
 def _sum_to(grad, shape: torch.Size):
     """Reduce a broadcast gradient back to ``shape``."""
     return aten.sum_to_size.default(grad, list(shape))
@@ -309,6 +354,16 @@ def _mode_pad_vjp(node, grad, inputs, weight=None):
     backward = {"reflect": aten.reflection_pad2d_backward.default,
                 "replicate": aten.replication_pad2d_backward.default}[node.args[2]]
     return [backward(grad, inputs[0], node.args[1])]
+
+
+def _upsample_forward(node, inputs, weight=None, bias=None):
+    return aten.upsample_nearest2d.vec(inputs[0], *node.args[1:])
+
+
+def _upsample_vjp(node, grad, inputs, weight=None):
+    scales = node.args[2] if len(node.args) > 2 and node.args[2] is not None else (None, None)
+    input_size = [grad.size(0), *_in_shape(node)[1:]]   # the batch axis of the cotangent, which may hold several
+    return [aten.upsample_nearest2d_backward.default(grad, list(_shape(node)[2:]), input_size, *scales)]
 
 
 def _pad_vjp(node, grad, inputs, weight=None):
@@ -397,6 +452,10 @@ OP_SPECS: dict[Any, OpSpec] = {
     aten.cat.default: OpSpec(CAT, _cat_inputs, _cat_forward, _cat_vjp),
     aten.constant_pad_nd.default: OpSpec(PAD, _first, _pad_forward, _pad_vjp),
     aten.pad.default: OpSpec(PAD, _first, _mode_pad_forward, _mode_pad_vjp),
+    aten.upsample_nearest2d.vec: OpSpec(PAD, _first, _upsample_forward, _upsample_vjp),
+    center: OpSpec(CENTER, _first, _center_forward, _center_vjp),
+    inv_std: OpSpec(STAT, _first, _inv_std_forward, _inv_std_vjp),
+    aten.softmax.int: OpSpec(STAT, _first, _softmax_forward, _softmax_vjp),
     **{t: OpSpec(ACTIVATION, _first, _activation_forward, _activation_vjp) for t in ACTIVATIONS},
     **{t: OpSpec(SHAPE, _first, _shape_forward, _shape_vjp) for t in SHAPE_OPS},
     aten.slice.Tensor: OpSpec(SHAPE, _first, _shape_forward, _shape_vjp),

@@ -21,9 +21,12 @@ from torch import fx
 from fxrel.errors import RuleError
 from fxrel.graphs import ops
 from fxrel.rules.base import Rule
+from fxrel.rules.gradient import Gradient
 from fxrel.text import format_table
 
 Matcher = Callable[[fx.Node, "MatchInfo"], bool]
+#: the rule of statistic nodes (1/σ, softmax weights) that no pair of a composite matches
+_STATISTIC = Gradient()
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,8 @@ class Composite:
             if getattr(matcher, "strict", False):
                 raise RuleError(f"rule {rule!r} was assigned to node '{node.name}' of kind '{node_kind}', "
                                 "which it cannot handle")
+        if node_kind == ops.STAT:  # statistics only gate: constants for relevance, the exact VJP for gradients
+            return _STATISTIC
         raise RuleError(f"composite '{self.name}' has no rule for node '{node.name}' of kind '{node_kind}' "
                         f"(module '{node.meta.get('fxrel_module', '')}')")
 

@@ -52,14 +52,14 @@ def lrp_preset(preset: str, low: Any = CLRP_LOW, high: Any = CLRP_HIGH) -> Compo
               (kind(ops.MAXPOOL, ops.CAT, ops.SHAPE, ops.PAD), Gradient())]
     if preset == "zplus_box":
         pairs = [(first(ops.CONV), ZBox(low, high, stabilizer)), (kind(ops.CONV, ops.LINEAR), zplus),
-                 (kind(ops.ADD), Norm(stabilizer)), (kind(ops.AVGPOOL), Gradient())]
+                 (kind(ops.ADD), Norm(stabilizer)), (kind(ops.AVGPOOL, ops.CENTER), Gradient())]
     elif preset == "rap":
         pairs = [(first(ops.CONV), ZBox("image", "image", stabilizer)), (kind(ops.CONV, ops.LINEAR), zplus),
-                 (kind(ops.ADD, ops.AVGPOOL), Norm(stabilizer))]
+                 (kind(ops.ADD, ops.AVGPOOL, ops.CENTER), Norm(stabilizer))]
     elif preset == "deep_taylor":
         pairs = [(first(), ZBox(low, high, stabilizer)),
                  (where(lambda n: n.meta.get("fxrel_kind") in (ops.CONV, ops.LINEAR) and _has_relu_user(n)), zplus),
-                 (kind(ops.CONV, ops.LINEAR), WSquare(stabilizer)), (kind(ops.ADD, ops.AVGPOOL), Gradient())]
+                 (kind(ops.CONV, ops.LINEAR), WSquare(stabilizer)), (kind(ops.ADD, ops.AVGPOOL, ops.CENTER), Gradient())]
     else:
         raise RuleError(f"unknown LRP preset '{preset}'; use zplus_box, rap or deep_taylor")
     return Composite(pairs + common, f"lrp[{preset}]")
@@ -214,7 +214,7 @@ def excitation_composite() -> Composite:
     BatchNorm as the identity."""
     eps = 1e-20
     return Composite([(kind(ops.CONV, ops.LINEAR), ZPlus(eps, ignore_bias=True)),
-                      (kind(ops.AVGPOOL, ops.ADD), Norm(eps)), (kind(ops.AFFINE), Pass()),
+                      (kind(ops.AVGPOOL, ops.ADD, ops.CENTER), Norm(eps)), (kind(ops.AFFINE), Pass()),
                       (kind(ops.GATE), GateAsWeight()),
                       (kind(ops.ACTIVATION, ops.MAXPOOL, ops.CAT, ops.SHAPE, ops.PAD), Gradient())],
                      "excitation_backprop")

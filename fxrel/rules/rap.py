@@ -158,7 +158,7 @@ def rap_composite(first_prop: str = "official", negative_inputs: bool = False, r
     if first_prop == "official":
         pairs.append((last(ops.LINEAR), FirstPropagation(dense)))
     pairs += [(kind(ops.CONV), conv), (kind(ops.LINEAR), dense), (kind(ops.ACTIVATION, ops.AFFINE), Pass()),
-              (kind(ops.ADD), add_rule), (kind(ops.AVGPOOL), Norm(0.0)), (kind(ops.GATE), GateAsWeight()),
+              (kind(ops.ADD), add_rule), (kind(ops.AVGPOOL, ops.CENTER), Norm(0.0)), (kind(ops.GATE), GateAsWeight()),
               (kind(ops.MAXPOOL, ops.CAT, ops.SHAPE, ops.PAD), Gradient())]
     return Composite(pairs, f"rap[{first_prop}, residual={residual}]")
 

@@ -87,7 +87,7 @@ def sectional_composite() -> Composite:
         (kind(ops.CONV), Shifted(section, doubling=True)),
         (kind(ops.ACTIVATION, ops.AFFINE), Pass()),
         (kind(ops.ADD), GenericRule((Group((Term(_positive_plus_tiny),)),), 0.0, "PositiveSplit(eps=1e-9)")),
-        (kind(ops.AVGPOOL), GenericRule((Group((Term(_plus_tiny),)),), 0.0, "Norm(x+1e-9)")),
+        (kind(ops.AVGPOOL, ops.CENTER), GenericRule((Group((Term(_plus_tiny),)),), 0.0, "Norm(x+1e-9)")),
         (kind(ops.MAXPOOL, ops.CAT, ops.SHAPE, ops.PAD), Gradient()),
         (kind(ops.GATE), GateAsWeight()),
         (lambda node, info: True, NotDecomposed()),

@@ -159,7 +159,7 @@ def srd_composite(bias_norm: str = "piece") -> Composite:
         (kind(ops.ACTIVATION), PreActivation()),
         (kind(ops.CONV), ConvSharing(bias_norm)),
         (kind(ops.AFFINE, ops.LINEAR), OnePiece()),
-        (kind(ops.ADD, ops.CAT, ops.PAD, ops.SHAPE, ops.MAXPOOL, ops.AVGPOOL), Gradient()),
+        (kind(ops.ADD, ops.CAT, ops.PAD, ops.SHAPE, ops.MAXPOOL, ops.AVGPOOL, ops.CENTER), Gradient()),
         (kind(ops.GATE), GateAsWeight(cotangent=True)),
         (lambda node, info: True, NotDecomposed("SRD")),
     ], f"srd[bias_norm={bias_norm}]")
