@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import operator
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -105,6 +106,8 @@ class _Canonicalizer:
         return node
 
     def value(self, node: Any) -> Any:
+        if isinstance(self.env.get(node) if isinstance(node, fx.Node) else None, _Pending):
+            raise self.unsupported(f"'{node.name}' is part of a normalising statistic that does not end in rsqrt")
         if self.is_const(node):
             raise self.unsupported(f"the constant '{node.name}' (a parameter, buffer or a value computed from them) "
                                    "is used where a computed feature map is expected")
@@ -450,9 +453,65 @@ def _upsample(c: _Canonicalizer, n: fx.Node):
     return c.emit(aten.upsample_nearest2d.vec, (c.value(n.args[0]), *n.args[1:]))
 
 
+@dataclass(frozen=True)
+class _Pending:
+    """Part of a hand-written normaliser, ``rsqrt(mean(x²) + ε)`` or ``rsqrt(var(x) + ε)`` (timm's RmsNorm2d,
+    SimpleNorm): nothing is emitted until ``rsqrt`` closes the pattern as one ``inv_std`` statistic."""
+
+    x: fx.Node
+    dims: tuple[int, ...] = ()
+    squared: bool = False              #: x² not yet averaged
+    correction: int | None = None      #: a variance with this correction (None: a mean of squares)
+    eps: float = 0.0
+
+
+def _pending(c: _Canonicalizer, node: Any) -> _Pending | None:
+    value = c.env.get(node) if isinstance(node, fx.Node) else None
+    return value if isinstance(value, _Pending) else None
+
+
+@handles(aten.pow.Tensor_Scalar)
+def _pow(c: _Canonicalizer, n: fx.Node):
+    if n.args[1] != 2:
+        raise c.unsupported(f"power {n.args[1]} (only the square inside a normaliser's rsqrt(mean(x²) + ε) is "
+                            "canonical)")
+    c.value(n.args[0])
+    return _Pending(n.args[0], squared=True)
+
+
+@handles(aten.var.dim, aten.var.correction)
+def _var(c: _Canonicalizer, n: fx.Node):
+    x, dims = n.args[0], n.args[1]
+    if n.target is aten.var.dim:
+        correction = int(n.args[2] if len(n.args) > 2 else n.kwargs.get("unbiased", True))
+        keepdim = n.args[3] if len(n.args) > 3 else n.kwargs.get("keepdim", False)
+    else:
+        correction, keepdim = n.kwargs.get("correction", 1), n.kwargs.get("keepdim", False)
+    if not keepdim or dims is None:
+        raise c.unsupported("variance without keepdim (only rsqrt(var(x, dims, keepdim=True) + ε) is canonical)")
+    c.value(x)
+    rank = len(x.meta["val"].shape)
+    return _Pending(x, tuple(d % rank for d in dims), correction=int(correction))
+
+
+@handles(aten.rsqrt.default)
+def _rsqrt(c: _Canonicalizer, n: fx.Node):
+    pending = _pending(c, n.args[0])
+    if pending is None or pending.squared:
+        raise c.unsupported("rsqrt of something other than a normaliser's mean(x²) + ε or var(x) + ε")
+    args = (c.value(pending.x), list(pending.dims), pending.eps)
+    return c.emit(ops.inv_std, args if pending.correction is None else (*args, pending.correction))
+
+
 @handles(aten.mean.dim)
 def _mean(c: _Canonicalizer, n: fx.Node):
     rank = len(n.args[0].meta["val"].shape)
+    pending = _pending(c, n.args[0])
+    if pending is not None and pending.squared:
+        keepdim = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+        if not keepdim:
+            raise c.unsupported("mean of squares without keepdim (only rsqrt(mean(x², keepdim=True) + ε) is canonical)")
+        return _Pending(pending.x, tuple(d % rank for d in n.args[1]))
     if not ops.is_spatial_mean(n.args[1], rank):
         raise c.unsupported(f"mean over dims {n.args[1]} (only spatial means are canonical)")
     return _passthrough(c, n)
@@ -464,6 +523,9 @@ def _add(c: _Canonicalizer, n: fx.Node):
     a, b = n.args[:2]
     alpha = n.kwargs.get("alpha", 1)
     sign = -1 if n.target is aten.sub.Tensor else 1
+    pending = _pending(c, a)
+    if pending is not None and not pending.squared and sign == 1 and isinstance(b, (int, float)):
+        return _Pending(pending.x, pending.dims, correction=pending.correction, eps=pending.eps + b)
     ca, cb = _operand(c, a, n), _operand(c, b, n)
     if ca is None and cb is None:
         if alpha != 1 or sign != 1:

@@ -262,9 +262,11 @@ def _center_vjp(node, grad, inputs, weight=None):
     return [center(grad, node.args[1])]   # the centering matrix is symmetric
 
 
-def inv_std(x: torch.Tensor, dims: list[int], eps: float) -> torch.Tensor:
-    """``(mean(x²) + ε)^(−1/2)`` over ``dims`` (kept as size 1): 1/σ of an already centred ``x``."""
-    return torch.rsqrt((x * x).mean(dims, keepdim=True) + eps)
+def inv_std(x: torch.Tensor, dims: list[int], eps: float, correction: int | None = None) -> torch.Tensor:
+    """``(m + ε)^(−1/2)`` over ``dims`` (kept as size 1) with ``m = mean(x²)`` (RMSNorm; 1/σ of an already centred
+    ``x``), or with ``correction`` given, ``m`` = the variance ``Σ(x − x̄)²/(n − correction)``."""
+    m = (x * x).mean(dims, keepdim=True) if correction is None else x.var(dims, correction=correction, keepdim=True)
+    return torch.rsqrt(m + eps)
 
 
 def _inv_std_forward(node, inputs, weight=None, bias=None):
@@ -272,11 +274,14 @@ def _inv_std_forward(node, inputs, weight=None, bias=None):
 
 
 def _inv_std_vjp(node, grad, inputs, weight=None):
-    """``∂r/∂x_i = −r³ x_i / n`` with ``n`` the number of elements averaged."""
+    """``∂r/∂x_i = −r³ x_i / n``, or ``−r³ (x_i − x̄)/(n − correction)`` for a variance."""
     x, dims = inputs[0], node.args[1]
+    correction = node.args[3] if len(node.args) > 3 else None
     shape = _in_shape(node)
     count = math.prod(shape[d] for d in dims)
     r = inv_std(x, *node.args[1:])
+    if correction is not None:
+        x, count = center(x, dims), count - correction
     return [grad * r * r * r * x / -count]
 
 

@@ -1,0 +1,221 @@
+"""Normalisations, constants and the other ops of timm's ConvNeXt/NFNet/SKNet/HRNet families as canonical ops.
+
+* LayerNorm (channels-last, as ConvNeXt), GroupNorm, hand-written RMSNorm ``x·rsqrt(mean(x²) + ε)`` and SimpleNorm
+  ``x·rsqrt(var(x) + ε)`` become ``affine(gate(center(x), inv_std(·)))``: the gradient is exact, and LRP-0 is the
+  LN-rule — gradient × input of the same net with every 1/σ detached (Ali et al. 2022) — which conserves;
+* parameter-only computations are folded (NFNet's weight standardisation), products and sums with constants are
+  affines (folded into the conv before them where per-channel);
+* nearest upsampling, softmax gates, ``stack`` and branch sums keep the gradient exact and LRP-0 conserving;
+* what stays outside the op set is named in the error.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxrel
+from fxrel.coverage import constant_free
+from fxrel.errors import UnsupportedOpError
+from tests.helpers import autograd_input_gradient, rel_error
+
+
+class _Norm(nn.Module):
+    """One of the normalisations over channels of an NCHW map; ``detach`` detaches 1/σ (the LN-rule's reference)."""
+
+    def __init__(self, kind: str, channels: int, affine: bool) -> None:
+        super().__init__()
+        self.kind, self.detach = kind, False
+        self.weight = nn.Parameter(1 + 0.3 * torch.randn(channels)) if affine else None
+        self.bias = nn.Parameter(0.1 * torch.randn(channels)) if affine else None
+
+    def _scaled(self, x: torch.Tensor, m: torch.Tensor, eps: float) -> torch.Tensor:
+        r = torch.rsqrt(m + eps)
+        return x * (r.detach() if self.detach else r)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.detach or self.kind in ("rms", "simple"):
+            x, m = self._reference(x)
+            y = self._scaled(x, m, 1e-5)
+        elif self.kind == "layer":
+            y = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], eps=1e-5).permute(0, 3, 1, 2)
+        else:
+            y = F.group_norm(x, 2, eps=1e-5)
+        return y if self.weight is None else y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+    def _reference(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the normalised tensor before scaling, its mean square / variance), spelled out."""
+        if self.kind == "rms":
+            return x, x.pow(2).mean(1, keepdim=True)
+        if self.kind == "simple":
+            return x, x.var(1, keepdim=True)
+        if self.kind == "layer":
+            centered = x - x.mean(1, keepdim=True)
+            return centered, centered.pow(2).mean(1, keepdim=True)
+        grouped = x.reshape(x.shape[0], 2, -1)
+        centered = grouped - grouped.mean(2, keepdim=True)
+        m = centered.pow(2).mean(2, keepdim=True)
+        return centered.reshape(x.shape), m.expand(-1, -1, centered.shape[2]).reshape(x.shape)
+
+
+def norm_net(kind: str, bias: bool = True) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=bias), _Norm(kind, 8, affine=True), nn.ReLU(),
+                         nn.Conv2d(8, 8, 1, bias=bias), _Norm(kind, 8, affine=False), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5, bias=bias)).eval().double()
+
+
+def _x(n: int = 2, size: int = 6) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
+KINDS = ["layer", "group", "rms", "simple"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradient_through_every_normalisation_equals_autograd(kind):
+    net, x, targets = norm_net(kind), _x(), torch.tensor([1, 4])
+    assert rel_error(fxrel.Explainer(net, "gradient")(x, targets), autograd_input_gradient(net, x, targets)) < 1e-12
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lrp0_is_the_ln_rule_gradient_x_input_with_sigma_detached_and_conserves(kind):
+    net, x, targets = norm_net(kind, bias=False), _x(), torch.tensor([1, 4])
+    for norm in (net[1], net[4]):
+        if norm.bias is not None:
+            nn.init.zeros_(norm.bias)
+    relevance = fxrel.Explainer(net, "lrp_0")(x, targets)
+    for norm in (net[1], net[4]):
+        norm.detach = True
+    reference = x * autograd_input_gradient(net, x, targets)
+    assert rel_error(relevance, reference) < 1e-10
+    with torch.no_grad():
+        logits = net(x).gather(1, targets[:, None]).squeeze(1)
+    assert torch.allclose(relevance.sum((1, 2, 3)), logits, rtol=1e-10, atol=1e-12)
+
+
+def test_a_layer_norm_is_centering_a_statistic_gate_and_an_affine():
+    graph = fxrel.Explainer(norm_net("layer"), "lrp_0").canonical_graph(_x())
+    kinds = [n.meta.get("fxrel_kind") for n in graph.graph.nodes]
+    assert kinds.count("center") == 2 and kinds.count("stat") == 2 and kinds.count("gate") == 2
+    assert "affine" in kinds   # the first norm's γ, β (it follows the gate, not a conv: not folded)
+
+
+class _StdConv(nn.Conv2d):
+    """NFNet's ScaledStdConv2d: the weight standardised in the forward pass, from parameters only."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.full((self.out_channels, 1, 1, 1), 1.5))
+
+    def standardized(self) -> torch.Tensor:
+        return F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0,
+                            eps=1e-6).reshape_as(self.weight) * self.gain * 0.3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.standardized(), self.bias, self.stride, self.padding)
+
+
+class _Scaled(nn.Module):
+    """Products and sums with constants: NFNet's β and α gains, a layer scale, ``x + 0`` (MobileOne)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.gamma = nn.Conv2d(6, 6, 3, padding=1), nn.Parameter(torch.rand(6) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = 0 + self.conv(x * 0.5)
+        h = h.mul(self.gamma.reshape(1, -1, 1, 1)) / 2.0
+        return torch.relu(h - 0.0) * 1.7 + x
+
+
+def test_parameter_computations_fold_and_constant_products_become_affines():
+    torch.manual_seed(0)
+    net = nn.Sequential(_StdConv(3, 6, 3, padding=1), nn.ReLU(), _Scaled(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(6, 4)).eval().double()
+    x, targets = _x(), torch.tensor([0, 3])
+    assert rel_error(fxrel.Explainer(net, "gradient")(x, targets), autograd_input_gradient(net, x, targets)) < 1e-12
+    graph = fxrel.Explainer(net, "gradient").canonical_graph(x)
+    convs = [n for n in graph.graph.nodes if n.meta.get("fxrel_kind") == "conv"]
+    assert torch.allclose(getattr(graph, convs[0].args[1].target), net[0].standardized(), atol=1e-14)
+    affines = [n for n in graph.graph.nodes if n.meta.get("fxrel_kind") == "affine"]
+    # x·0.5 (before the conv) and the ·1.7 after the ReLU stay; γ and /2 fold into the conv, +0 and −0 vanish
+    assert len(affines) == 2
+    bare = constant_free(net)
+    with torch.no_grad():
+        logits = bare(x).gather(1, targets[:, None]).squeeze(1)
+    assert torch.allclose(fxrel.Explainer(bare, "lrp_0")(x, targets).sum((1, 2, 3)), logits, rtol=1e-10)
+
+
+class _Upsampled(nn.Module):
+    """HRNet's fuse layer and GhostNetV2's gate: nearest upsampling by a factor and to a size, a same-shaped
+    sigmoid gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.low, self.gate = nn.Conv2d(6, 6, 3, stride=2, padding=1), nn.Conv2d(6, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low = self.low(x)
+        gate = F.interpolate(torch.sigmoid(self.gate(F.avg_pool2d(x, 2))), size=x.shape[-2:], mode="nearest")
+        return x * gate + F.interpolate(low, scale_factor=2.0, mode="nearest")
+
+
+class _Selective(nn.Module):
+    """SKNet's selective kernel: stacked branches, softmax attention over the branch axis, the weighted sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(6, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=2, dilation=2)
+        self.attn = nn.Conv2d(6, 12, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branches = torch.stack([torch.relu(self.a(x)), torch.relu(self.b(x))], dim=1)
+        attn = self.attn(branches.sum(1).mean((2, 3), keepdim=True)).view(x.shape[0], 2, 6, 1, 1).softmax(1)
+        return (branches * attn).sum(1)
+
+
+class _GlobalContext(nn.Module):
+    """GCNet's attention pooling: softmax weights over positions, ``values @ weights``, added back broadcast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn, self.transform = nn.Conv2d(6, 1, 1), nn.Conv2d(6, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        weights = self.attn(x).view(n, 1, h * w).softmax(-1).unsqueeze(3)
+        context = (x.view(n, c, h * w).unsqueeze(1) @ weights).view(n, c, 1, 1)
+        return x + self.transform(context)
+
+
+@pytest.mark.parametrize("block", [_Upsampled, _Selective, _GlobalContext])
+def test_resampling_and_attention_gates_keep_the_gradient_exact_and_lrp0_conserving(block):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), block(), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(6, 4)).eval().double()
+    x, targets = _x(size=8), torch.tensor([2, 1])
+    assert rel_error(fxrel.Explainer(net, "gradient")(x, targets), autograd_input_gradient(net, x, targets)) < 1e-12
+    bare = constant_free(net)
+    with torch.no_grad():
+        logits = bare(x).gather(1, targets[:, None]).squeeze(1)
+    relevance = fxrel.Explainer(bare, "lrp_0")(x, targets)
+    assert torch.allclose(relevance.sum((1, 2, 3)), logits, rtol=1e-10, atol=1e-12)
+
+
+class _Divided(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / (x.mean((2, 3), keepdim=True) + 1)
+
+
+class _Cubed(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(3).mean(1, keepdim=True) + 1)
+
+
+@pytest.mark.parametrize("block, what", [(_Divided, "division by a computed tensor"), (_Cubed, "power 3")])
+def test_ops_outside_the_set_are_named(block, what):
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), block(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    with pytest.raises(UnsupportedOpError, match=what):
+        fxrel.Explainer(net, "gradient").canonical_graph(torch.randn(1, 3, 8, 8))
