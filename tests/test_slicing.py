@@ -87,3 +87,39 @@ def test_reflect_and_replicate_padding_have_exact_gradients_and_conserve(mode):
     r = fxrel.Explainer(net, "lrp_0")(x, targets).flatten(1).sum(1)
     with torch.no_grad():
         assert torch.allclose(r, net(x)[[0, 1], [0, 1]], rtol=1e-10)
+
+
+class _SamePooled(nn.Module):
+    """NASNet/PNASNet: TF 'SAME' max-pooling as −∞ padding then pooling, and a crop as negative zero padding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3, bias=False), nn.Linear(4, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)   # signed: the −∞ padding must not win anywhere
+        h = torch.nn.functional.max_pool2d(torch.nn.functional.pad(h, (0, 1, 0, 1), value=-float("inf")), 3, 2)
+        h = torch.nn.functional.pad(torch.relu(h), (0, -1, -1, 0))
+        return self.head(h.mean((2, 3)))
+
+
+def test_minus_infinity_padding_before_max_pooling_and_cropping_are_canonical():
+    torch.manual_seed(0)
+    net = _SamePooled().eval().double()
+    x = torch.randn(2, 3, 10, 10, dtype=torch.float64)
+    targets = torch.tensor([1, 0])
+    assert rel_error(fxrel.Explainer(net, "gradient")(x, targets), autograd_input_gradient(net, x, targets)) < 1e-12
+    r = fxrel.Explainer(net, "lrp_0")(x, targets).flatten(1).sum(1)
+    with torch.no_grad():
+        assert torch.allclose(r, net(x)[[0, 1], [1, 0]], rtol=1e-10)
+
+
+class _InfPadded(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (1, 1, 1, 1), value=-float("inf")).mean((2, 3))
+
+
+def test_minus_infinity_padding_elsewhere_is_named():
+    with pytest.raises(fxrel.errors.UnsupportedOpError, match="−∞ padding before"):
+        fxrel.Explainer(nn.Sequential(nn.Conv2d(3, 2, 1), _InfPadded()).eval(), "gradient").canonical_graph(
+            torch.randn(1, 3, 4, 4))

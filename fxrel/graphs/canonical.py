@@ -547,10 +547,13 @@ def _pad(c: _Canonicalizer, n: fx.Node):
     pads = list(n.args[1])
     if mode in ("reflect", "replicate") and len(pads) == 4 and all(p >= 0 for p in pads):
         return c.emit(aten.pad.default, (c.value(n.args[0]), pads, mode))   # blur pools: a linear resampling
-    if mode != "constant" or (value or 0.0) != 0.0 or any(p < 0 for p in pads):
-        raise c.unsupported(f"padding mode={mode} value={value} (zero padding and 2-D reflect/replicate padding are "
-                            "canonical)")
-    return c.emit(aten.constant_pad_nd.default, (c.value(n.args[0]), pads, 0.0))
+    value = float(value or 0.0)
+    pooled = bool(n.users) and all(u.target in (aten.max_pool2d.default, aten.max_pool2d_with_indices.default)
+                                   for u in n.users)
+    if mode != "constant" or not (value == 0.0 or (value == -math.inf and pooled)):
+        raise c.unsupported(f"padding mode={mode} value={value} (zero padding or cropping, −∞ padding before "
+                            "max-pooling (TF 'SAME') and 2-D reflect/replicate padding are canonical)")
+    return c.emit(aten.constant_pad_nd.default, (c.value(n.args[0]), pads, value))
 
 
 @handles(aten.dropout.default, aten.detach.default, aten.lift_fresh_copy.default)
@@ -632,6 +635,8 @@ def mark_nonnegative(gm: fx.GraphModule) -> None:
         if kind == ops.ACTIVATION:
             lower = node.args[1] if node.target is aten.hardtanh.default and len(node.args) > 1 else None
             value = node.target in _NONNEGATIVE_ACTIVATIONS or (lower is not None and lower >= 0)
+        elif node.target is aten.constant_pad_nd.default and node.args[2] < 0:  # −∞ padding before a max-pool
+            value = False
         elif kind in _SIGN_PRESERVING:
             value = all(a.meta.get("fxrel_nonnegative", False) for a in ops.tensor_inputs(node))
         else:

@@ -45,8 +45,8 @@ KINDS: dict[str, str] = {
     ADD: "elementwise sum of two tensors (residual connections)",
     CAT: "concatenation along one dimension",
     SHAPE: "shape-only op (view, reshape, permute, transpose, squeeze/unsqueeze, clone, slice/split/chunk)",
-    PAD: "copying resampling: zero padding, 2-D reflect/replicate padding, nearest upsampling (every output is a "
-         "copy of one input, or zero)",
+    PAD: "copying resampling: zero padding (−∞ before a max-pool), 2-D reflect/replicate padding, nearest "
+         "upsampling (every output is a copy of one input, or the constant)",
     GATE: "a value times a gate broadcast over some of its dims, value ⊙ gate (squeeze-excitation, 1/σ of a "
           "normalisation, attention weights)",
     CENTER: "centering x − mean(x) over a group of dims (the mean subtraction of Layer/GroupNorm)",
@@ -348,7 +348,7 @@ def _shape_vjp(node, grad, inputs, weight=None):
 
 
 def _pad_forward(node, inputs, weight=None, bias=None):
-    return aten.constant_pad_nd.default(inputs[0], node.args[1], 0.0)
+    return aten.constant_pad_nd.default(inputs[0], node.args[1], node.args[2])
 
 
 def _mode_pad_forward(node, inputs, weight=None, bias=None):
