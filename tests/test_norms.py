@@ -190,7 +190,22 @@ class _GlobalContext(nn.Module):
         return x + self.transform(context)
 
 
-@pytest.mark.parametrize("block", [_Upsampled, _Selective, _GlobalContext])
+class _ResponseNormalized(nn.Module):
+    """ConvNeXt-V2's GlobalResponseNorm (timm's, NCHW) with non-zero γ, β, so that its statistic matters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers.grn import GlobalResponseNorm
+
+        self.grn = GlobalResponseNorm(6, channels_last=False)
+        nn.init.normal_(self.grn.weight)
+        nn.init.normal_(self.grn.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.grn(x)
+
+
+@pytest.mark.parametrize("block", [_Upsampled, _Selective, _GlobalContext, _ResponseNormalized])
 def test_resampling_and_attention_gates_keep_the_gradient_exact_and_lrp0_conserving(block):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), block(), nn.ReLU(), nn.AdaptiveAvgPool2d(1),

@@ -288,6 +288,12 @@ def _unexpanded(node: fx.Node) -> torch.Size:
     return node.meta["val"].shape
 
 
+def _is_statistic(c: _Canonicalizer, node: fx.Node) -> bool:
+    """``node`` was canonicalised to a statistic (1/σ, a response scale, softmax weights)."""
+    value = c.env.get(node)
+    return isinstance(value, fx.Node) and value.meta.get("fxrel_kind") == ops.STAT
+
+
 @handles(aten.expand.default)
 def _expand(c: _Canonicalizer, n: fx.Node):
     """``gate.expand_as(x)`` feeding products only (ECA, SE variants): left as an implicit broadcast."""
@@ -322,6 +328,8 @@ def _mul(c: _Canonicalizer, n: fx.Node):
     """A product with a constant is an affine (``x·s``, ``x/s``); a feature map times a broadcast gate
     (squeeze-excitation) is ``channel_gate(value, gate)``."""
     a, b = n.args[:2]
+    if n.target is aten.div.Tensor and _pending(c, a) is not None and _pending(c, b) is not None:
+        return _response_scale(c, _pending(c, a), _pending(c, b))
     if n.target is aten.div.Tensor:
         divisor = _operand(c, b, n)
         if divisor is None or _operand(c, a, n) is not None or n.kwargs.get("rounding_mode"):
@@ -332,7 +340,7 @@ def _mul(c: _Canonicalizer, n: fx.Node):
         if scale is not None and _operand(c, value, n) is None:
             return _affine(c, value, scale, None)
     sa, sb = _unexpanded(a), _unexpanded(b)
-    squashed = [op for op in (a, b) if _source(op).target in _GATE_ACTIVATIONS]
+    squashed = [op for op in (a, b) if _source(op).target in _GATE_ACTIVATIONS or _is_statistic(c, _source(op))]
     if _gates(sb, sa):
         value, gate = a, b
     elif _gates(sa, sb):
@@ -456,13 +464,16 @@ def _upsample(c: _Canonicalizer, n: fx.Node):
 @dataclass(frozen=True)
 class _Pending:
     """Part of a hand-written normaliser, ``rsqrt(mean(x²) + ε)`` or ``rsqrt(var(x) + ε)`` (timm's RmsNorm2d,
-    SimpleNorm): nothing is emitted until ``rsqrt`` closes the pattern as one ``inv_std`` statistic."""
+    SimpleNorm), or ``‖x‖ / (mean_c ‖x‖ + ε)`` (GlobalResponseNorm): nothing is emitted until ``rsqrt`` (or the
+    division) closes the pattern as one ``inv_std`` (``response_scale``) statistic."""
 
     x: fx.Node
     dims: tuple[int, ...] = ()
     squared: bool = False              #: x² not yet averaged
     correction: int | None = None      #: a variance with this correction (None: a mean of squares)
     eps: float = 0.0
+    norm: bool = False                 #: ‖x‖₂ over ``dims`` (ConvNeXt-V2's GRN), awaiting ``/ (mean_c ‖x‖ + ε)``
+    channel_dims: tuple[int, ...] = () #: the mean of that norm, over these dims
 
 
 def _pending(c: _Canonicalizer, node: Any) -> _Pending | None:
@@ -494,6 +505,37 @@ def _var(c: _Canonicalizer, n: fx.Node):
     return _Pending(x, tuple(d % rank for d in dims), correction=int(correction))
 
 
+@handles(aten.linalg_vector_norm.default)
+def _vector_norm(c: _Canonicalizer, n: fx.Node):
+    x, order, dims = (list(n.args) + [2, None][len(n.args) - 1:])[:3]
+    keepdim = n.args[3] if len(n.args) > 3 else n.kwargs.get("keepdim", False)
+    if order != 2 or dims is None or not keepdim:
+        raise c.unsupported("vector norm other than ‖x‖₂ over given dims with keepdim (GlobalResponseNorm's)")
+    c.value(x)
+    rank = len(x.meta["val"].shape)
+    return _Pending(x, tuple(d % rank for d in dims), norm=True)
+
+
+def _response_scale(c: _Canonicalizer, numerator: _Pending, denominator: _Pending):
+    """``‖x‖ / (mean_c ‖x‖ + ε)``: the division that closes a GRN statistic."""
+    if not (numerator.norm and not numerator.channel_dims and denominator.channel_dims
+            and denominator.x is numerator.x and denominator.dims == numerator.dims):
+        raise c.unsupported("division of statistics other than GlobalResponseNorm's ‖x‖ / (mean_c ‖x‖ + ε)")
+    return c.emit(ops.response_scale, (c.value(numerator.x), list(numerator.dims), list(denominator.channel_dims),
+                                       denominator.eps))
+
+
+@handles(aten.addcmul.default)
+def _addcmul(c: _Canonicalizer, n: fx.Node):
+    """``a + value·b·t`` with constants ``a``, ``b`` and a computed ``t`` (GRN's affine): an affine of ``t``."""
+    a, b, t = n.args[:3]
+    value = n.kwargs.get("value", 1)
+    shift, scale = _operand(c, a, n), _operand(c, b, n)
+    if shift is None or scale is None or _operand(c, t, n) is not None:
+        raise c.unsupported("addcmul of computed tensors (only constant + constant·tensor is canonical)")
+    return _affine(c, t, scale * value, shift)
+
+
 @handles(aten.rsqrt.default)
 def _rsqrt(c: _Canonicalizer, n: fx.Node):
     pending = _pending(c, n.args[0])
@@ -507,6 +549,11 @@ def _rsqrt(c: _Canonicalizer, n: fx.Node):
 def _mean(c: _Canonicalizer, n: fx.Node):
     rank = len(n.args[0].meta["val"].shape)
     pending = _pending(c, n.args[0])
+    if pending is not None and pending.norm:
+        keepdim = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+        if not keepdim:
+            raise c.unsupported("mean of a norm without keepdim")
+        return _Pending(pending.x, pending.dims, norm=True, channel_dims=tuple(d % rank for d in n.args[1]))
     if pending is not None and pending.squared:
         keepdim = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
         if not keepdim:
@@ -525,7 +572,8 @@ def _add(c: _Canonicalizer, n: fx.Node):
     sign = -1 if n.target is aten.sub.Tensor else 1
     pending = _pending(c, a)
     if pending is not None and not pending.squared and sign == 1 and isinstance(b, (int, float)):
-        return _Pending(pending.x, pending.dims, correction=pending.correction, eps=pending.eps + b)
+        return _Pending(pending.x, pending.dims, correction=pending.correction, eps=pending.eps + b,
+                        norm=pending.norm, channel_dims=pending.channel_dims)
     ca, cb = _operand(c, a, n), _operand(c, b, n)
     if ca is None and cb is None:
         if alpha != 1 or sign != 1:

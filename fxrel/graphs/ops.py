@@ -50,8 +50,9 @@ KINDS: dict[str, str] = {
     GATE: "a value times a gate broadcast over some of its dims, value ⊙ gate (squeeze-excitation, 1/σ of a "
           "normalisation, attention weights)",
     CENTER: "centering x − mean(x) over a group of dims (the mean subtraction of Layer/GroupNorm)",
-    STAT: "a statistic that only ever feeds a gate: 1/σ = (mean(x²) + ε)^(−1/2) of a normalisation, softmax "
-          "attention weights; rules treat it as a constant (no relevance flows into it), gradients pass exactly",
+    STAT: "a statistic that only ever feeds a gate: 1/σ = (mean(x²) + ε)^(−1/2) of a normalisation, ConvNeXt-V2's "
+          "response scale ‖x‖/(mean ‖x‖ + ε), softmax attention weights; rules treat it as a constant (no relevance "
+          "flows into it), gradients pass exactly",
 }
 #: Kinds that are linear in their tensor inputs, apart from a bias: the generic propagation rule applies to them.
 LINEAR_KINDS = frozenset({CONV, LINEAR, AFFINE, AVGPOOL, ADD, CAT, PAD, SHAPE, CENTER})
@@ -285,6 +286,26 @@ def _inv_std_vjp(node, grad, inputs, weight=None):
     return [grad * r * r * r * x / -count]
 
 
+def response_scale(x: torch.Tensor, dims: list[int], channel_dims: list[int], eps: float) -> torch.Tensor:
+    """ConvNeXt-V2's global response normalisation scale ``n = g / (mean_c g + ε)``, ``g = ‖x‖₂`` over ``dims``."""
+    g = torch.linalg.vector_norm(x, 2, dims, keepdim=True)
+    return g / (g.mean(channel_dims, keepdim=True) + eps)
+
+
+def _response_scale_forward(node, inputs, weight=None, bias=None):
+    return response_scale(inputs[0], *node.args[1:])
+
+
+def _response_scale_vjp(node, grad, inputs, weight=None):
+    """``(x/g) ⊙ (u − mean_c(u ⊙ n)) / (mean_c g + ε)`` for the incoming ``u``; ``x/g`` is 0 where ``g = 0``."""
+    x, dims, channel_dims, eps = inputs[0], *node.args[1:]
+    g = torch.linalg.vector_norm(x, 2, dims, keepdim=True)
+    denominator = g.mean(channel_dims, keepdim=True) + eps
+    n = g / denominator
+    direction = torch.where(g == 0, 0.0, x / torch.where(g == 0, 1.0, g))
+    return [direction * (grad - (grad * n).mean(channel_dims, keepdim=True)) / denominator]
+
+
 def _softmax_forward(node, inputs, weight=None, bias=None):
     return aten.softmax.int(inputs[0], node.args[1])
 
@@ -460,6 +481,7 @@ OP_SPECS: dict[Any, OpSpec] = {
     aten.upsample_nearest2d.vec: OpSpec(PAD, _first, _upsample_forward, _upsample_vjp),
     center: OpSpec(CENTER, _first, _center_forward, _center_vjp),
     inv_std: OpSpec(STAT, _first, _inv_std_forward, _inv_std_vjp),
+    response_scale: OpSpec(STAT, _first, _response_scale_forward, _response_scale_vjp),
     aten.softmax.int: OpSpec(STAT, _first, _softmax_forward, _softmax_vjp),
     **{t: OpSpec(ACTIVATION, _first, _activation_forward, _activation_vjp) for t in ACTIVATIONS},
     **{t: OpSpec(SHAPE, _first, _shape_forward, _shape_vjp) for t in SHAPE_OPS},
