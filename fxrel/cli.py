@@ -527,7 +527,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from fxrel import coverage
 
-    names = list(args.names) or coverage.cnn_models(args.pattern)
+    names = list(args.names) or (list(coverage.SAMPLE) if args.sample else coverage.cnn_models(args.pattern))
     if args.limit:
         names = names[:args.limit]
     if not names:
@@ -647,6 +647,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "timm.list_models(--pattern))")
     p.add_argument("--pattern", default="*", help="timm.list_models pattern when no names are given")
     p.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N models")
+    p.add_argument("--sample", action="store_true",
+                   help="the fixed sample of 30 models across families that CI runs (fxrel.coverage.SAMPLE)")
     p.add_argument("--peers", action="store_true", help="add zennit and captum columns")
     p.add_argument("--markdown", metavar="FILE.md", help="also write the table as markdown")
     p.add_argument("--json", metavar="FILE.json", help="also write every row as JSON")

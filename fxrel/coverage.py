@@ -36,13 +36,46 @@ PEERS = ("zennit", "captum")
 #: name fragments of timm's transformer and attention-hybrid families: not CNNs
 NOT_CNN = ("vit", "deit", "swin", "beit", "cait", "coat", "convit", "crossvit", "eva", "levit", "mvit", "pit_",
            "tnt", "twins", "xcit", "volo", "gcvit", "maxvit", "maxxvit", "coatnet", "efficientformer", "edgenext",
-           "mobilevit", "poolformer", "metaformer", "davit", "fastvit", "hiera", "hgnet", "nest", "sequencer",
+           "mobilevit", "poolformer", "metaformer", "davit", "fastvit", "hiera", "hgnet", "nest_", "sequencer",
            "mixer", "resmlp", "gmlp", "gmixer", "convmixer", "focalnet", "inception_next", "nextvit", "rdnet",
            "repvit", "samvit", "sam2", "tiny_vit", "vitamin", "aimv2", "naflex", "mambaout", "caformer",
-           "convformer", "cspvit", "halonet", "lambda", "botnet", "sebotnet", "haloregnet", "lamhalobotnet",
+           "convformer", "cspvit", "halonet", "halonext", "lambda", "botnet", "botnext", "sebotnet", "haloregnet", "lamhalobotnet",
            "efficientvit", "shvit", "starnet", "swiftformer", "pvt_", "visformer", "iformer", "lowformer",
            "efficientvim", "csatv2", "test_")
 SIZES = (32, 64, 96, 128, 160, 224)
+#: a fixed sample across families, the small member of each (CI runs it): what each one exercises
+SAMPLE = (
+    "resnet10t",            # plain residual blocks, stem pooling
+    "resnetv2_18",          # pre-activation: BatchNorm left unfolded
+    "seresnext26ts",        # squeeze-excitation, grouped convs, SiLU
+    "ecaresnet26t",         # ECA's expanded 1-D-conv gate
+    "efficientnet_b0",      # depthwise convs, SE on 1×1 maps
+    "tf_mixnet_s",          # TF 'SAME' padding, mixed kernels by channel split
+    "mobilenetv3_small_050",  # Hardswish, Hardsigmoid gates
+    "ghostnet_050",         # ghost modules: cat and slice
+    "ghostnetv2_100",       # nearest-upsampled sigmoid gate (DFC attention)
+    "cspresnet50",          # cross-stage partial splits
+    "res2net50d",           # Res2Net split/concat hierarchy
+    "densenetblur121d",     # dense concatenation, reflect-padded blur pooling
+    "vgg11",                # plain conv stack with a conv head
+    "regnetx_002",          # group convs
+    "dla34",                # deep layer aggregation trees
+    "dpn68",                # dual path: sum and concat paths
+    "repvgg_a0",            # three-branch blocks
+    "mobileone_s0",         # ``0 + x`` branch sums
+    "lcnet_035",            # PP-LCNet
+    "hardcorenas_a",        # NAS blocks
+    "rexnet_100",           # channel-padding residuals
+    "xception41",           # separable convs
+    "inception_v3",         # Inception branches, 96 px
+    "convnext_atto",        # LayerNorm (channels last), layer scale
+    "convnext_atto_rms",    # hand-written RMSNorm
+    "convnextv2_atto",      # GlobalResponseNorm
+    "nf_resnet26",          # weight standardisation in the graph, scalar gains
+    "skresnet18",           # selective kernel: stack, softmax over branches
+    "gcresnext26ts",        # global-context attention pooling (softmax, matmul)
+    "hrnet_w18_small",      # multi-resolution fusion with nearest upsampling
+)
 
 
 @dataclass
@@ -156,7 +189,7 @@ def check_model(model: nn.Module, name: str, size: int | None = None, peers: boo
         report.lrp0_error = abs(total - logit) / max(abs(logit), 1e-12)
         report.results["lrp0"] = report.lrp0_error <= 1e-3
         stage = "lrp_eps"
-        report.results["lrp_eps"] = bool(torch.isfinite(Explainer(model, "lrp_epsilon")(x, target)).all())
+        report.results["lrp_eps"] = bool(torch.isfinite(explainer.using("lrp_epsilon")(x, target)).all())
         if peers:
             report.peers = {peer: _peer_conserves(peer, bare, x, target, logit) for peer in PEERS}
     except Exception as err:  # one model's failure is a row of the report, not the end of the sweep

@@ -105,6 +105,15 @@ class Explainer:
         self._graphs: dict[tuple, RelevanceGraph] = {}
         self._runners: dict[tuple, Any] = {}
 
+    def using(self, method: str | Method, **params: Any) -> "Explainer":
+        """Another method on the same model, sharing the captured canonical graphs already built (no second
+        capture); the rule overrides, start, stops and compile setting are kept."""
+        other = Explainer(self.model, method, rules=self.rules, start=self.start, stops=self.stops,
+                          compile=self.compile, fold_batchnorm=self.fold_batchnorm, **params)
+        self._follow_parameters()
+        other._stamp, other._canonical = self._stamp, self._canonical
+        return other
+
     # -- building ---------------------------------------------------------------------------------------------------
     @staticmethod
     def _signature(x: torch.Tensor) -> tuple:

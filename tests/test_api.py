@@ -174,6 +174,18 @@ def test_explainer_caches_per_signature(net, monkeypatch):
     assert len(cached) == 1
 
 
+def test_another_method_on_the_same_explainer_reuses_its_capture(net, monkeypatch):
+    x = torch.randn(2, 3, 8, 8)
+    gradient = fxrel.Explainer(net, "gradient")
+    gradient(x, 1)
+    import fxrel.explainer as module_under_test
+    monkeypatch.setattr(module_under_test, "capture", lambda *a, **k: pytest.fail("captured again"))
+    lrp = gradient.using("lrp_epsilon", epsilon=1e-3)
+    assert lrp.canonical_graph(x) is gradient.canonical_graph(x)
+    monkeypatch.undo()
+    assert torch.equal(lrp(x, 1), fxrel.Explainer(net, "lrp_epsilon", epsilon=1e-3)(x, 1))
+
+
 def test_compiled_equals_eager_without_graph_breaks(net):
     x = torch.randn(2, 3, 8, 8)
     eager = fxrel.Explainer(net, "epsilon_gamma_box", low=-3.0, high=3.0)

@@ -611,7 +611,8 @@ def _identity(c: _Canonicalizer, n: fx.Node):
     return c.value(n.args[0])
 
 
-@handles(torch._assert, aten._assert_async.msg, aten._assert_scalar.default, aten.sym_constrain_range_for_size.default)
+@handles(torch._assert, aten._assert_async.msg, aten._assert_scalar.default, aten.sym_constrain_range_for_size.default,
+         aten._assert_tensor_metadata.default)
 def _drop(c: _Canonicalizer, n: fx.Node):
     return None
 
