@@ -39,7 +39,8 @@ NOT_CNN = ("vit", "deit", "swin", "beit", "cait", "coat", "convit", "crossvit", 
            "mobilevit", "poolformer", "metaformer", "davit", "fastvit", "hiera", "hgnet", "nest_", "sequencer",
            "mixer", "resmlp", "gmlp", "gmixer", "convmixer", "focalnet", "inception_next", "nextvit", "rdnet",
            "repvit", "samvit", "sam2", "tiny_vit", "vitamin", "aimv2", "naflex", "mambaout", "caformer",
-           "convformer", "cspvit", "halonet", "halonext", "lambda", "botnet", "botnext", "sebotnet", "haloregnet", "lamhalobotnet",
+           "convformer", "cspvit", "halonet", "halonext", "lambda", "botnet", "botnext", "sebotnet", "haloregnet",
+           "lamhalobotnet",
            "efficientvit", "shvit", "starnet", "swiftformer", "pvt_", "visformer", "iformer", "lowformer",
            "efficientvim", "csatv2", "test_")
 SIZES = (32, 64, 96, 128, 160, 224)

@@ -273,7 +273,8 @@ def agf_composite(factorization: Factorization = Factorization(), ablation: Abla
         pairs.append((where(_pointwise_or_residual), Influence()))
     pairs += [(kind(ops.CONV), AGFConv(factorization, ablation)), (kind(ops.LINEAR), AGFLinear()),
               (kind(ops.ACTIVATION, ops.AFFINE), Pass()),
-              (kind(ops.ADD), Norm(0.0) if residual == "official" else AbsNorm()), (kind(ops.AVGPOOL, ops.CENTER), Norm(0.0)),
+              (kind(ops.ADD), Norm(0.0) if residual == "official" else AbsNorm()),
+              (kind(ops.AVGPOOL, ops.CENTER), Norm(0.0)),
               (kind(ops.MAXPOOL, ops.CAT, ops.SHAPE, ops.PAD), Gradient()), (kind(ops.GATE), GateAsWeight())]
     return Composite(pairs, f"agf[flat={flat}, residual={residual}]")
 

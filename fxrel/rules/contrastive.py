@@ -59,7 +59,8 @@ def lrp_preset(preset: str, low: Any = CLRP_LOW, high: Any = CLRP_HIGH) -> Compo
     elif preset == "deep_taylor":
         pairs = [(first(), ZBox(low, high, stabilizer)),
                  (where(lambda n: n.meta.get("fxrel_kind") in (ops.CONV, ops.LINEAR) and _has_relu_user(n)), zplus),
-                 (kind(ops.CONV, ops.LINEAR), WSquare(stabilizer)), (kind(ops.ADD, ops.AVGPOOL, ops.CENTER), Gradient())]
+                 (kind(ops.CONV, ops.LINEAR), WSquare(stabilizer)),
+                 (kind(ops.ADD, ops.AVGPOOL, ops.CENTER), Gradient())]
     else:
         raise RuleError(f"unknown LRP preset '{preset}'; use zplus_box, rap or deep_taylor")
     return Composite(pairs + common, f"lrp[{preset}]")
