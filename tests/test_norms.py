@@ -234,3 +234,31 @@ def test_ops_outside_the_set_are_named(block, what):
     net = nn.Sequential(nn.Conv2d(3, 4, 3), block(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
     with pytest.raises(UnsupportedOpError, match=what):
         fxrel.Explainer(net, "gradient").canonical_graph(torch.randn(1, 3, 8, 8))
+
+
+class _ChannelsLastNorm(nn.Module):
+    """ConvNeXt's LayerNorm: permute to channels-last, ``nn.LayerNorm`` (γ, β shaped ``[C]``), permute back."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+        nn.init.normal_(self.norm.bias, std=0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def zoo_blocks_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), _ChannelsLastNorm(6), nn.GELU(), _GlobalContext(),
+                         _Selective(), nn.GroupNorm(2, 6), _ResponseNormalized(), _Upsampled(), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4)).eval().double()
+
+
+@pytest.mark.parametrize("method", sorted(set(fxrel.methods()) - {"agf_ssl"}))   # agf_ssl needs reference images
+def test_every_method_runs_through_the_new_blocks(method):
+    """All rule sets (and the CAMs and wrappers over them) handle the center/stat kinds and channels-last affines:
+    finite relevance, shaped like the input or a map of it."""
+    net, x = zoo_blocks_net(), _x(size=8)
+    relevance = fxrel.explain(net, x, torch.tensor([0, 3]), method=method)
+    assert relevance.shape[0] == 2 and relevance.shape[-2:] == x.shape[-2:] and torch.isfinite(relevance).all()

@@ -92,8 +92,9 @@ class OnePiece(Rule):
         (grad,) = ctx.vjp(relevance)
         if ctx.bias is None:
             return [grad]
-        shift = ctx.bias.view(1, -1, *([1] * (len(ctx.node.meta["tensor_meta"].shape) - 2)))
-        return [grad + to_cotangent(ctx.inputs[0], _pfv(shift.expand_as(relevance), relevance))]
+        # the bias broadcasts from the right: a per-channel (C, 1, 1), a linear layer's (C,), LayerNorm's channels-last
+        # (C,), or a scalar
+        return [grad + to_cotangent(ctx.inputs[0], _pfv(ctx.bias.expand_as(relevance), relevance))]
 
 
 def _tap_kernel(shape: torch.Size) -> torch.Tensor:
