@@ -528,6 +528,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     from fxrel import coverage
 
     names = list(args.names) or (list(coverage.SAMPLE) if args.sample else coverage.cnn_models(args.pattern))
+    if args.reverse:
+        names = names[::-1]
     if args.limit:
         names = names[:args.limit]
     if not names:
@@ -649,6 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N models")
     p.add_argument("--sample", action="store_true",
                    help="the fixed sample of 30 models across families that CI runs (fxrel.coverage.SAMPLE)")
+    p.add_argument("--reverse", action="store_true",
+                   help="check the models last to first (a second process sharing the --journal meets the first)")
     p.add_argument("--peers", action="store_true", help="add zennit and captum columns")
     p.add_argument("--markdown", metavar="FILE.md", help="also write the table as markdown")
     p.add_argument("--json", metavar="FILE.json", help="also write every row as JSON")

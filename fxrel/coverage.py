@@ -290,13 +290,14 @@ def coverage(models: Iterable[str] | None = None, peers: bool = False,
     """The report for timm ``models`` (default: every CNN in ``timm.list_models()``), one row per model.
 
     With ``journal`` (a JSON-lines file) each row is appended as soon as its model is done, and models already in
-    the journal are not checked again: a sweep of the whole zoo can be interrupted and resumed."""
+    the journal are not checked again: a sweep of the whole zoo can be interrupted and resumed, or split between
+    processes that share the journal (``fxrel models --journal J`` in one, ``--reverse`` in another)."""
     import timm
 
     names = list(models) if models is not None else cnn_models()
-    done = read_journal(journal) if journal is not None else {}
     rows = []
     for name in names:
+        done = read_journal(journal) if journal is not None else {}  # re-read: sweeps may share a journal
         if name in done:
             rows.append(done[name])
         else:
