@@ -276,11 +276,17 @@ def explain(model: nn.Module, x: torch.Tensor, target: Target = None, method: st
 
         if method in POST_HOC:
             return POST_HOC[method].run(model, x, target, **kwargs)
+    return cached_explainer(model, method, **kwargs)(x, target)
+
+
+def cached_explainer(model: nn.Module, method: str | Method = "gradient", **kwargs: Any) -> Explainer:
+    """The :class:`Explainer` for (model, method, parameters), built once and kept while the model lives (what
+    :func:`explain` and the helpers that only need a model's canonical graph use)."""
     key = (method if isinstance(method, str) else id(method), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
     per_model = _CACHE.setdefault(model, {})
     if key not in per_model:
         per_model[key] = Explainer(model, method, **kwargs)
-    return per_model[key](x, target)
+    return per_model[key]
 
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxrel.errors import InputError
-from fxrel.explainer import Explainer, Target, explain
+from fxrel.explainer import Target, cached_explainer, explain
 from fxrel.graphs import ops
 
 COMBINE = ("difference", "sum", "none")
@@ -30,7 +30,7 @@ COMBINE = ("difference", "sum", "none")
 def classifier_layer(model: nn.Module, x: torch.Tensor) -> tuple[str, nn.Module]:
     """The model's last parametrised layer (name, module), found in its captured graph; it must be a linear layer
     (``φ_τ``)."""
-    canonical = Explainer(model, "gradient").canonical_graph(x[:1])
+    canonical = cached_explainer(model).canonical_graph(x[:1])
     layers = [n for n in canonical.graph.nodes if n.meta.get("fxrel_kind") in (ops.CONV, ops.LINEAR)]
     if not layers or layers[-1].meta.get("fxrel_kind") != ops.LINEAR:
         raise InputError("the self-supervised variant needs a model whose last layer is a linear classifier "

@@ -89,3 +89,11 @@ def test_bad_input_is_named():
     gelu = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
     with pytest.raises(fxrel.UnsupportedOpError, match="ReLU"):
         apop_predict(gelu, torch.zeros(1, 3, 6, 6))
+
+
+def test_repeated_predictions_reuse_one_capture(monkeypatch):
+    net, x = small_net(), _x()
+    first = apop_predict(net, x, "zeros")
+    import fxrel.explainer as module_under_test
+    monkeypatch.setattr(module_under_test, "capture", lambda *a, **k: pytest.fail("captured again"))
+    assert torch.equal(apop_predict(net, x, "zeros"), first)
