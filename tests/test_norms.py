@@ -205,6 +205,36 @@ class _ResponseNormalized(nn.Module):
         return self.grn(x)
 
 
+class _Evo(nn.Module):
+    """timm's EvoNorm2dS0 / S0a: ``x·σ(v·x) / group_std(x)·γ + β``, the group std computed in float32."""
+
+    def __init__(self, variant: str) -> None:
+        super().__init__()
+        from timm.layers import evo_norm
+
+        self.norm = getattr(evo_norm, f"EvoNorm2d{variant}")(6, groups=2)
+        for p in (self.norm.v, self.norm.weight, self.norm.bias):
+            nn.init.normal_(p, std=0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+
+def test_evonorm_group_std_is_a_gate_of_the_grouped_value():
+    """The float32 statistic is kept in the input's dtype by the canonical graph: agreement to float32 precision."""
+    for variant in ("S0", "S0a"):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), _Evo(variant), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                            nn.Linear(6, 4)).eval().double()
+        x, targets = _x(size=8), torch.tensor([2, 1])
+        assert rel_error(fxrel.Explainer(net, "gradient")(x, targets), autograd_input_gradient(net, x, targets)) < 1e-5
+        bare = constant_free(net)
+        with torch.no_grad():
+            logits = bare(x).gather(1, targets[:, None]).squeeze(1)
+        relevance = fxrel.Explainer(bare, "lrp_0")(x, targets)
+        assert torch.allclose(relevance.sum((1, 2, 3)), logits, rtol=1e-5)
+
+
 @pytest.mark.parametrize("block", [_Upsampled, _Selective, _GlobalContext, _ResponseNormalized])
 def test_resampling_and_attention_gates_keep_the_gradient_exact_and_lrp0_conserving(block):
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -221,6 +221,8 @@ def _getitem(c: _Canonicalizer, n: fx.Node):
 @handles(*ops.ACTIVATIONS, *ops.SHAPE_OPS, aten.max_pool2d.default, aten.avg_pool2d.default,
          aten.adaptive_avg_pool2d.default, aten.cat.default)
 def _passthrough(c: _Canonicalizer, n: fx.Node):
+    if n.target in ops.SHAPE_OPS and _pending(c, n.args[0]) is not None:   # a statistic reshaped for a division
+        return _reshaped(c, n)
     target = aten.view.default if n.target is aten._unsafe_view.default else n.target
     args = tuple([c.value(a) for a in n.args[0]] if i == 0 and isinstance(n.args[0], (list, tuple)) else c.value(a)
                  for i, a in enumerate(n.args))
@@ -297,6 +299,8 @@ def _is_statistic(c: _Canonicalizer, node: fx.Node) -> bool:
 @handles(aten.expand.default)
 def _expand(c: _Canonicalizer, n: fx.Node):
     """``gate.expand_as(x)`` feeding products only (ECA, SE variants): left as an implicit broadcast."""
+    if _pending(c, n.args[0]) is not None:
+        return _reshaped(c, n)
     if not n.users or any(u.target is not aten.mul.Tensor for u in n.users):
         raise c.unsupported("expand whose result is used other than in a product with a feature map")
     return c.value(n.args[0])
@@ -330,6 +334,8 @@ def _mul(c: _Canonicalizer, n: fx.Node):
     a, b = n.args[:2]
     if n.target is aten.div.Tensor and _pending(c, a) is not None and _pending(c, b) is not None:
         return _response_scale(c, _pending(c, a), _pending(c, b))
+    if n.target is aten.div.Tensor and _pending(c, b) is not None and _pending(c, b).root:
+        return _divided_by_std(c, a, _pending(c, b))
     if n.target is aten.div.Tensor:
         divisor = _operand(c, b, n)
         if divisor is None or _operand(c, a, n) is not None or n.kwargs.get("rounding_mode"):
@@ -474,6 +480,8 @@ class _Pending:
     eps: float = 0.0
     norm: bool = False                 #: ‖x‖₂ over ``dims`` (ConvNeXt-V2's GRN), awaiting ``/ (mean_c ‖x‖ + ε)``
     channel_dims: tuple[int, ...] = () #: the mean of that norm, over these dims
+    root: bool = False                 #: ``sqrt(var(x) + ε)``, awaiting ``value / ·`` (EvoNorm's group std)
+    view: tuple[int, ...] | None = None  #: the shape it was expanded and reshaped to for that division
 
 
 def _pending(c: _Canonicalizer, node: Any) -> _Pending | None:
@@ -525,6 +533,41 @@ def _response_scale(c: _Canonicalizer, numerator: _Pending, denominator: _Pendin
                                        denominator.eps))
 
 
+def _reshaped(c: _Canonicalizer, n: fx.Node) -> _Pending:
+    return replace(_pending(c, n.args[0]), view=tuple(n.meta["val"].shape))
+
+
+@handles(aten.sqrt.default)
+def _sqrt(c: _Canonicalizer, n: fx.Node):
+    pending = _pending(c, n.args[0])
+    if pending is None or pending.squared or pending.norm or pending.root:
+        raise c.unsupported("sqrt of something other than a normaliser's var(x) + ε or mean(x²) + ε")
+    return replace(pending, root=True)
+
+
+def _divided_by_std(c: _Canonicalizer, value: fx.Node, std: _Pending) -> fx.Node:
+    """``value / sqrt(var(x_g) + ε)`` with ``x_g`` the groups of a tensor shaped like ``value`` (EvoNorm-S0's
+    ``group_std``): ``value`` viewed in those groups, gated by the group's 1/σ, viewed back."""
+    grouped, shape = std.x.meta["val"].shape, value.meta["val"].shape
+    if std.view != tuple(shape) or grouped.numel() != shape.numel():
+        raise c.unsupported(f"division by a standard deviation shaped {std.view} over groups shaped "
+                            f"{tuple(grouped)} of a tensor shaped {tuple(shape)}")
+    args = (c.value(std.x), list(std.dims), std.eps)
+    scale = c.emit(ops.inv_std, args if std.correction is None else (*args, std.correction))
+    in_groups = c.emit(aten.view.default, (c.value(value), list(grouped)))
+    return c.emit(aten.view.default, (c.emit(ops.channel_gate, (in_groups, scale)), list(shape)))
+
+
+@handles(aten._to_copy.default)
+def _to_copy(c: _Canonicalizer, n: fx.Node):
+    """A floating-point dtype cast (EvoNorm's float32 statistics): the canonical graph keeps the input's dtype."""
+    dtype = n.kwargs.get("dtype")
+    if set(n.kwargs) - {"dtype", "layout", "device", "memory_format"} or (dtype is not None
+                                                                          and not dtype.is_floating_point):
+        raise c.unsupported(f"copy with {n.kwargs} (only floating-point dtype casts are canonical)")
+    return _pending(c, n.args[0]) or c.value(n.args[0])
+
+
 @handles(aten.addcmul.default)
 def _addcmul(c: _Canonicalizer, n: fx.Node):
     """``a + value·b·t`` with constants ``a``, ``b`` and a computed ``t`` (GRN's affine): an affine of ``t``."""
@@ -539,7 +582,7 @@ def _addcmul(c: _Canonicalizer, n: fx.Node):
 @handles(aten.rsqrt.default)
 def _rsqrt(c: _Canonicalizer, n: fx.Node):
     pending = _pending(c, n.args[0])
-    if pending is None or pending.squared:
+    if pending is None or pending.squared or pending.root or pending.norm:
         raise c.unsupported("rsqrt of something other than a normaliser's mean(x²) + ε or var(x) + ε")
     args = (c.value(pending.x), list(pending.dims), pending.eps)
     return c.emit(ops.inv_std, args if pending.correction is None else (*args, pending.correction))
@@ -571,9 +614,8 @@ def _add(c: _Canonicalizer, n: fx.Node):
     alpha = n.kwargs.get("alpha", 1)
     sign = -1 if n.target is aten.sub.Tensor else 1
     pending = _pending(c, a)
-    if pending is not None and not pending.squared and sign == 1 and isinstance(b, (int, float)):
-        return _Pending(pending.x, pending.dims, correction=pending.correction, eps=pending.eps + b,
-                        norm=pending.norm, channel_dims=pending.channel_dims)
+    if pending is not None and not (pending.squared or pending.root) and sign == 1 and isinstance(b, (int, float)):
+        return replace(pending, eps=pending.eps + b)
     ca, cb = _operand(c, a, n), _operand(c, b, n)
     if ca is None and cb is None:
         if alpha != 1 or sign != 1:
