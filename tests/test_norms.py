@@ -266,6 +266,56 @@ def test_ops_outside_the_set_are_named(block, what):
         fxrel.Explainer(net, "gradient").canonical_graph(torch.randn(1, 3, 8, 8))
 
 
+class _Attention(nn.Module):
+    """Self-attention over positions (CPUBone's hybrid stage): 1×1-conv q, k, v, two heads,
+    ``scaled_dot_product_attention``; ``detach`` detaches the attention weights (the AH-rule's reference)."""
+
+    def __init__(self, channels: int = 6, bias: bool = True) -> None:
+        super().__init__()
+        self.qkv, self.detach = nn.Conv2d(channels, 3 * channels, 1, bias=bias), False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        q, k, v = self.qkv(x).reshape(n, 3, 2, c // 2, h * w).transpose(-1, -2).unbind(1)
+        if self.detach:
+            weights = torch.softmax(q @ k.transpose(-1, -2) / (c // 2) ** 0.5, -1).detach()
+            out = weights @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        return x + out.transpose(-1, -2).reshape(n, c, h, w)
+
+
+def attention_net(bias: bool = True) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=bias), nn.ReLU(), _Attention(bias=bias), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4, bias=bias)).eval().double()
+
+
+def test_attention_gradient_is_exact_and_lrp0_is_the_ah_rule():
+    """Exact gradient through q, k and v; LRP-0 = gradient × input of the same bias-free net with the attention
+    weights detached (Ali et al. 2022's AH-rule), which conserves."""
+    net, x, targets = attention_net(), _x(size=6), torch.tensor([2, 1])
+    assert rel_error(fxrel.Explainer(net, "gradient")(x, targets), autograd_input_gradient(net, x, targets)) < 1e-12
+    bare = attention_net(bias=False)
+    relevance = fxrel.Explainer(bare, "lrp_0")(x, targets)
+    with torch.no_grad():
+        logits = bare(x).gather(1, targets[:, None]).squeeze(1)
+    bare[2].detach = True
+    assert rel_error(relevance, x * autograd_input_gradient(bare, x, targets)) < 1e-10
+    assert torch.allclose(relevance.sum((1, 2, 3)), logits, rtol=1e-10)
+
+
+def test_masked_attention_is_named():
+    class Causal(_Attention):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q = x.flatten(2).transpose(-1, -2)
+            return F.scaled_dot_product_attention(q, q, q, is_causal=True).transpose(-1, -2).reshape(x.shape)
+
+    net = nn.Sequential(nn.Conv2d(3, 6, 1), Causal()).eval()
+    with pytest.raises(UnsupportedOpError, match="causal masking"):
+        fxrel.Explainer(net, "gradient").canonical_graph(torch.randn(1, 3, 4, 4))
+
+
 class _ChannelsLastNorm(nn.Module):
     """ConvNeXt's LayerNorm: permute to channels-last, ``nn.LayerNorm`` (γ, β shaped ``[C]``), permute back."""
 
@@ -281,14 +331,14 @@ class _ChannelsLastNorm(nn.Module):
 def zoo_blocks_net() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), _ChannelsLastNorm(6), nn.GELU(), _GlobalContext(),
-                         _Selective(), nn.GroupNorm(2, 6), _ResponseNormalized(), _Upsampled(), nn.ReLU(),
+                         _Selective(), nn.GroupNorm(2, 6), _ResponseNormalized(), _Upsampled(), _Attention(), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4)).eval().double()
 
 
 @pytest.mark.parametrize("method", sorted(set(fxrel.methods()) - {"agf_ssl"}))   # agf_ssl needs reference images
 def test_every_method_runs_through_the_new_blocks(method):
-    """All rule sets (and the CAMs and wrappers over them) handle the center/stat kinds and channels-last affines:
-    finite relevance, shaped like the input or a map of it."""
+    """All rule sets (and the CAMs and wrappers over them) handle the center/stat/attend kinds and channels-last
+    affines: finite relevance, shaped like the input or a map of it."""
     net, x = zoo_blocks_net(), _x(size=8)
     relevance = fxrel.explain(net, x, torch.tensor([0, 3]), method=method)
     assert relevance.shape[0] == 2 and relevance.shape[-2:] == x.shape[-2:] and torch.isfinite(relevance).all()

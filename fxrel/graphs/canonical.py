@@ -266,6 +266,15 @@ def _split(c: _Canonicalizer, n: fx.Node):
     return tuple(_slice_node(c, x, dim, s, s + k) for s, k in zip(starts, sizes))
 
 
+@handles(aten.unbind.int)
+def _unbind(c: _Canonicalizer, n: fx.Node):
+    """``unbind``: one squeezed canonical slice per index (``getitem`` picks them; attention's q, k, v)."""
+    x = n.args[0]
+    dim = (n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)) % len(x.meta["val"].shape)
+    return tuple(c.emit(aten.squeeze.dim, (_slice_node(c, x, dim, i, i + 1), dim))
+                 for i in range(x.meta["val"].shape[dim]))
+
+
 def _gates(gate: torch.Size, value: torch.Size) -> bool:
     """``gate`` broadcasts onto ``value`` along non-batch dims only, and is smaller."""
     return (len(gate) == len(value) and gate[0] == value[0] and all(g in (v, 1) for g, v in zip(gate, value))
@@ -460,6 +469,19 @@ def _matmul(c: _Canonicalizer, n: fx.Node):
     mean = c.emit(aten.mean.dim, (gated, [rank - 1], True))
     return c.emit(ops.channel_affine, (mean, c.param(torch.tensor(float(count), dtype=a.meta["val"].dtype), "scale"),
                                        None))
+
+
+@handles(aten.scaled_dot_product_attention.default)
+def _attention(c: _Canonicalizer, n: fx.Node):
+    """Scaled dot-product attention (conv/attention hybrids): ``attend(v, attention_weights(q, k))``, the weights a
+    statistic that relevance rules keep constant (the AH-rule); no mask, causal masking, dropout or grouped heads."""
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    a = dict(zip(names, n.args), **n.kwargs)
+    if a.get("attn_mask") is not None or a.get("dropout_p") or a.get("is_causal") or a.get("enable_gqa"):
+        raise c.unsupported("attention with a mask, dropout, causal masking or grouped heads")
+    scale = a.get("scale") or 1 / math.sqrt(a["query"].meta["val"].shape[-1])
+    weights = c.emit(ops.attention_weights, (c.value(a["query"]), c.value(a["key"]), scale))
+    return c.emit(ops.attend, (c.value(a["value"]), weights))
 
 
 @handles(aten.upsample_nearest2d.vec)

@@ -30,9 +30,9 @@ from fxrel.errors import UnsupportedOpError
 aten = torch.ops.aten
 
 # --- kinds -----------------------------------------------------------------------------------------------------
-(INPUT, PARAM, CONV, LINEAR, AFFINE, ACTIVATION, MAXPOOL, AVGPOOL, ADD, CAT, SHAPE, PAD, GATE, CENTER, STAT,
+(INPUT, PARAM, CONV, LINEAR, AFFINE, ACTIVATION, MAXPOOL, AVGPOOL, ADD, CAT, SHAPE, PAD, GATE, CENTER, STAT, ATTEND,
  OUTPUT) = ("input", "param", "conv", "linear", "affine", "activation", "maxpool", "avgpool", "add", "cat", "shape",
-            "pad", "gate", "center", "stat", "output")
+            "pad", "gate", "center", "stat", "attend", "output")
 #: Kinds of canonical call nodes, with what they are.
 KINDS: dict[str, str] = {
     CONV: "convolution of any stride/padding/dilation/groups (weights w, optional bias b)",
@@ -53,6 +53,8 @@ KINDS: dict[str, str] = {
     STAT: "a statistic that only ever feeds a gate: 1/σ = (mean(x²) + ε)^(−1/2) of a normalisation, ConvNeXt-V2's "
           "response scale ‖x‖/(mean ‖x‖ + ε), softmax attention weights; rules treat it as a constant (no relevance "
           "flows into it), gradients pass exactly",
+    ATTEND: "attention: values mixed by attention weights, weights @ values (the weights a stat: relevance rules "
+            "keep them constant, the AH-rule)",
 }
 #: Kinds that are linear in their tensor inputs, apart from a bias: the generic propagation rule applies to them.
 LINEAR_KINDS = frozenset({CONV, LINEAR, AFFINE, AVGPOOL, ADD, CAT, PAD, SHAPE, CENTER})
@@ -306,6 +308,36 @@ def _response_scale_vjp(node, grad, inputs, weight=None):
     return [direction * (grad - (grad * n).mean(channel_dims, keepdim=True)) / denominator]
 
 
+def attention_weights(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """``softmax(q kᵀ · scale)`` over the keys (scaled dot-product attention's weights)."""
+    return torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * scale, -1)
+
+
+def _attention_weights_forward(node, inputs, weight=None, bias=None):
+    return attention_weights(inputs[0], inputs[1], node.args[2])
+
+
+def _attention_weights_vjp(node, grad, inputs, weight=None):
+    q, k = inputs
+    a = attention_weights(q, k, node.args[2])
+    logits_grad = a * (grad - (grad * a).sum(-1, keepdim=True)) * node.args[2]
+    return [torch.matmul(logits_grad, k), torch.matmul(logits_grad.transpose(-2, -1), q)]
+
+
+def attend(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``weights @ values``: each query's output, the weighted mean of the values."""
+    return torch.matmul(weights, values)
+
+
+def _attend_forward(node, inputs, weight=None, bias=None):
+    return attend(inputs[0], inputs[1])
+
+
+def _attend_vjp(node, grad, inputs, weight=None):
+    values, weights = inputs
+    return [torch.matmul(weights.transpose(-2, -1), grad), torch.matmul(grad, values.transpose(-2, -1))]
+
+
 def _softmax_forward(node, inputs, weight=None, bias=None):
     return aten.softmax.int(inputs[0], node.args[1])
 
@@ -483,6 +515,8 @@ OP_SPECS: dict[Any, OpSpec] = {
     inv_std: OpSpec(STAT, _first, _inv_std_forward, _inv_std_vjp),
     response_scale: OpSpec(STAT, _first, _response_scale_forward, _response_scale_vjp),
     aten.softmax.int: OpSpec(STAT, _first, _softmax_forward, _softmax_vjp),
+    attention_weights: OpSpec(STAT, _add_inputs, _attention_weights_forward, _attention_weights_vjp),
+    attend: OpSpec(ATTEND, _add_inputs, _attend_forward, _attend_vjp),
     **{t: OpSpec(ACTIVATION, _first, _activation_forward, _activation_vjp) for t in ACTIVATIONS},
     **{t: OpSpec(SHAPE, _first, _shape_forward, _shape_vjp) for t in SHAPE_OPS},
     aten.slice.Tensor: OpSpec(SHAPE, _first, _shape_forward, _shape_vjp),

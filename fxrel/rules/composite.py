@@ -21,12 +21,12 @@ from torch import fx
 from fxrel.errors import RuleError
 from fxrel.graphs import ops
 from fxrel.rules.base import Rule
-from fxrel.rules.gradient import Gradient
+from fxrel.rules.gradient import AttentionAsWeights, Gradient
 from fxrel.text import format_table
 
 Matcher = Callable[[fx.Node, "MatchInfo"], bool]
-#: the rule of statistic nodes (1/σ, softmax weights) that no pair of a composite matches
-_STATISTIC = Gradient()
+#: the rules of statistic nodes (1/σ, softmax weights) and of attention that no pair of a composite matches
+_STATISTIC, _ATTENTION = Gradient(), AttentionAsWeights()
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,8 @@ class Composite:
                                 "which it cannot handle")
         if node_kind == ops.STAT:  # statistics only gate: constants for relevance, the exact VJP for gradients
             return _STATISTIC
+        if node_kind == ops.ATTEND:  # attention weights as constants (the AH-rule)
+            return _ATTENTION
         raise RuleError(f"composite '{self.name}' has no rule for node '{node.name}' of kind '{node_kind}' "
                         f"(module '{node.meta.get('fxrel_module', '')}')")
 

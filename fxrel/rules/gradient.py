@@ -5,6 +5,7 @@ from typing import Any
 
 from fxrel.graphs import ops
 from fxrel.rules.base import Rule, RuleContext
+from fxrel.rules.generic import divide
 
 
 class Gradient(Rule):
@@ -56,3 +57,20 @@ class GateAsWeight(Rule):
 
     def __call__(self, ctx: RuleContext, relevance: Any) -> list[Any]:
         return [ctx.vjp(relevance)[0] if self.cotangent else relevance]
+
+
+class AttentionAsWeights(Rule):
+    """Attention ``z = a v`` with the weights ``a`` as constants (the AH-rule, Ali et al. 2022): the z-rule of the
+    linear map ``v ↦ a v``, ``R_v = v ⊙ aᵀ(R / z)`` (zero-safe), which keeps ``Σ R``; none into the weights'
+    branch. ``cotangent=True`` (SRD's cotangent form) sends ``aᵀ S``."""
+
+    kinds = frozenset({ops.ATTEND})
+
+    def __init__(self, cotangent: bool = False) -> None:
+        self.cotangent = cotangent
+
+    def __call__(self, ctx: RuleContext, relevance: Any) -> list[Any]:
+        values, weights = ctx.inputs
+        if self.cotangent:
+            return [weights.transpose(-2, -1) @ relevance]
+        return [values * (weights.transpose(-2, -1) @ divide(relevance, ctx.output, 0.0))]

@@ -51,7 +51,7 @@ from fxrel.graphs.builder import Stream
 from fxrel.rules.base import Rule, RuleContext
 from fxrel.rules.composite import Composite, kind
 from fxrel.rules.generic import divide
-from fxrel.rules.gradient import GateAsWeight, Gradient
+from fxrel.rules.gradient import AttentionAsWeights, GateAsWeight, Gradient
 from fxrel.rules.methods import register
 from fxrel.rules.rgam import class_gradients
 from fxrel.rules.rsp import SectionalMethod
@@ -161,7 +161,7 @@ def srd_composite(bias_norm: str = "piece") -> Composite:
         (kind(ops.CONV), ConvSharing(bias_norm)),
         (kind(ops.AFFINE, ops.LINEAR), OnePiece()),
         (kind(ops.ADD, ops.CAT, ops.PAD, ops.SHAPE, ops.MAXPOOL, ops.AVGPOOL, ops.CENTER), Gradient()),
-        (kind(ops.GATE), GateAsWeight(cotangent=True)),
+        (kind(ops.GATE), GateAsWeight(cotangent=True)), (kind(ops.ATTEND), AttentionAsWeights(cotangent=True)),
         (lambda node, info: True, NotDecomposed("SRD")),
     ], f"srd[bias_norm={bias_norm}]")
 
