@@ -2,8 +2,15 @@
 
 The pass is a single walk over the captured graph with one small handler per ATen target. It
 
-* turns every convolution into ``aten.convolution`` and BatchNorm into a per-channel ``channel_affine``;
-* drops no-ops (eval-mode dropout, ``_assert`` nodes, identity copies);
+* evaluates every node that computes from parameters and constants alone (NFNet's weight standardisation, a layer
+  scale's reshape) and keeps the result as a constant;
+* turns every convolution into ``aten.convolution``, BatchNorm and products/sums with constants into
+  ``channel_affine``;
+* turns Layer/Group/RMS/Simple/EvoNorm into ``affine(gate(center(x), stat))``, ConvNeXt-V2's response
+  normalisation, softmax branch attention and attention pooling into gates, and scaled dot-product attention into
+  ``attend(v, attention_weights(q, k))`` — statistics are recognised from their op pattern (``rsqrt(mean(x²) + ε)``
+  …) while it is walked, emitting nothing until the pattern closes;
+* drops no-ops (eval-mode dropout, ``_assert`` nodes, identity copies, dtype casts);
 * records on every node: ``fxrel_kind``, the module it came from (``fxrel_module``), its source line
   (``fxrel_source``), the original ATen target (``fxrel_origin``), and, after shape propagation, ``tensor_meta``.
 
