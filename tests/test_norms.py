@@ -342,3 +342,14 @@ def test_every_method_runs_through_the_new_blocks(method):
     net, x = zoo_blocks_net(), _x(size=8)
     relevance = fxrel.explain(net, x, torch.tensor([0, 3]), method=method)
     assert relevance.shape[0] == 2 and relevance.shape[-2:] == x.shape[-2:] and torch.isfinite(relevance).all()
+
+
+def test_the_new_blocks_compile_without_graph_breaks():
+    net, x = zoo_blocks_net(), _x(size=8)
+    eager = fxrel.Explainer(net, "lrp_epsilon")
+    graph = eager.relevance_graph(x)
+    mask = torch.zeros(2, 4, dtype=x.dtype)
+    mask[:, 1] = 1
+    explanation = torch._dynamo.explain(graph.module)(x, mask)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    assert rel_error(fxrel.Explainer(net, "lrp_epsilon", compile=True)(x, 1), eager(x, 1)) < 1e-12
