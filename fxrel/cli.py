@@ -539,7 +539,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             bar.set_description(name)
             bar.update()
 
-        rows = coverage.coverage(names, peers=args.peers, progress=step, journal=args.journal)
+        rows = coverage.coverage(names, peers=args.peers, progress=step, journal=args.journal, isolate=args.isolate)
     print(coverage.table(rows, peers=args.peers))
     if args.markdown:
         print(f"wrote {write_text(args.markdown, coverage.table(rows, markdown=True, peers=args.peers))}")
@@ -653,6 +653,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the fixed sample of 30 models across families that CI runs (fxrel.coverage.SAMPLE)")
     p.add_argument("--reverse", action="store_true",
                    help="check the models last to first (a second process sharing the --journal meets the first)")
+    p.add_argument("--isolate", action="store_true",
+                   help="check each model in its own process (one killed for memory is a failed row, the sweep "
+                        "goes on)")
     p.add_argument("--peers", action="store_true", help="add zennit and captum columns")
     p.add_argument("--markdown", metavar="FILE.md", help="also write the table as markdown")
     p.add_argument("--json", metavar="FILE.json", help="also write every row as JSON")

@@ -21,6 +21,10 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -295,36 +299,66 @@ def read_journal(path: str | Path) -> dict[str, ModelReport]:
 
 def coverage(models: Iterable[str] | None = None, peers: bool = False,
              progress: Callable[[str], None] | None = None,
-             journal: str | Path | None = None) -> list[ModelReport]:
+             journal: str | Path | None = None, isolate: bool = False) -> list[ModelReport]:
     """The report for timm ``models`` (default: every CNN in ``timm.list_models()``), one row per model.
 
     With ``journal`` (a JSON-lines file) each row is appended as soon as its model is done, and models already in
     the journal are not checked again: a sweep of the whole zoo can be interrupted and resumed, or split between
-    processes that share the journal (``fxrel models --journal J`` in one, ``--reverse`` in another)."""
-    import timm
-
+    processes that share the journal (``fxrel models --journal J`` in one, ``--reverse`` in another).
+    ``isolate`` checks each model in its own process, so that one the machine cannot hold (killed for memory) is a
+    failed row, not the end of the sweep."""
     names = list(models) if models is not None else cnn_models()
     rows = []
-    for name in names:
-        done = read_journal(journal) if journal is not None else {}  # re-read: sweeps may share a journal
-        if name in done:
-            rows.append(done[name])
-        else:
-            torch.manual_seed(0)
-            try:
-                model = timm.create_model(name, pretrained=False)
-            except Exception as err:
-                rows.append(ModelReport(name, error=f"create: {first_line(err)}"))
+    with tempfile.TemporaryDirectory() as scratch:
+        if isolate and journal is None:
+            journal = Path(scratch) / "journal.jsonl"
+        for name in names:
+            done = read_journal(journal) if journal is not None else {}  # re-read: sweeps may share a journal
+            if name in done:
+                rows.append(done[name])
             else:
-                rows.append(check_model(model, name, peers=peers))
-                del model
-            if journal is not None:
-                with open(journal, "a") as handle:
-                    handle.write(json.dumps(asdict(rows[-1])) + "\n")
-            gc.collect()
-        if progress is not None:
-            progress(name)
+                rows.append(_isolated(name, peers, journal) if isolate else _checked(name, peers))
+                if journal is not None and name not in read_journal(journal):
+                    with open(journal, "a") as handle:
+                        handle.write(json.dumps(asdict(rows[-1])) + "\n")
+                gc.collect()
+            if progress is not None:
+                progress(name)
     return rows
+
+
+def _checked(name: str, peers: bool) -> ModelReport:
+    import timm
+
+    torch.manual_seed(0)
+    try:
+        model = timm.create_model(name, pretrained=False)
+    except Exception as err:
+        return ModelReport(name, error=f"create: {first_line(err)}")
+    return check_model(model, name, peers=peers)
+
+
+def _first_to_go() -> None:
+    """In the child: ask Linux's out-of-memory killer to pick this process before any other."""
+    try:
+        Path("/proc/self/oom_score_adj").write_text("1000")
+    except OSError:
+        pass
+
+
+def _isolated(name: str, peers: bool, journal: str | Path) -> ModelReport:
+    """Check one model in a child process that appends its row to ``journal``; a child that dies is a failed row."""
+    command = [sys.executable, "-m", "fxrel.cli", "models", name, "--journal", str(journal), "-q",
+               *(["--peers"] if peers else [])]
+    result = subprocess.run(command, capture_output=True, text=True, preexec_fn=_first_to_go)
+    row = read_journal(journal).get(name)
+    if row is not None:
+        return row
+    how = (f"killed by {signal.Signals(-result.returncode).name}" if result.returncode < 0
+           else f"exit status {result.returncode}")
+    last = (result.stderr.strip().splitlines() or [""])[-1][:200]
+    memory = " (out of memory)" if result.returncode == -signal.SIGKILL else ""
+    return ModelReport(name, error=f"process: {how}{memory} {last}".strip())
 
 
 def _mark(value: bool | None) -> str:

@@ -94,3 +94,13 @@ def test_a_journal_keeps_finished_rows_and_a_resumed_sweep_skips_them(tmp_path, 
     assert [(r.name, r.passed, r.gradient_error) for r in again] == [(r.name, r.passed, r.gradient_error)
                                                                        for r in first]
     assert set(coverage.read_journal(journal)) == {"resnet10t", "no_such_model"}
+
+
+def test_an_isolated_model_whose_process_is_killed_is_a_failed_row(tmp_path, monkeypatch):
+    import subprocess
+
+    killed = subprocess.CompletedProcess([], -9, "", "loading weights\n")
+    monkeypatch.setattr(coverage.subprocess, "run", lambda *a, **k: killed)
+    (row,) = coverage.coverage(["resnet10t"], isolate=True, journal=tmp_path / "j.jsonl")
+    assert not row.passed and row.error == "process: killed by SIGKILL (out of memory) loading weights"
+    assert coverage.read_journal(tmp_path / "j.jsonl")["resnet10t"].error == row.error
