@@ -405,8 +405,8 @@ def _group_norm(c: _Canonicalizer, n: fx.Node):
     names = ("input", "num_groups", "weight", "bias", "eps")
     a = dict(zip(names, n.args), **n.kwargs)
     shape = list(a["input"].meta["val"].shape)
-    grouped = c.emit(aten.view.default, (c.value(a["input"]), [shape[0], a["num_groups"], -1]))
-    normalized = c.emit(aten.view.default, (_normalized(c, grouped, [2], a.get("eps", 1e-5), None, None), shape))
+    grouped = c.emit(aten.reshape.default, (c.value(a["input"]), [shape[0], a["num_groups"], -1]))
+    normalized = c.emit(aten.reshape.default, (_normalized(c, grouped, [2], a.get("eps", 1e-5), None, None), shape))
     weight, bias = c.const(a.get("weight")), c.const(a.get("bias"))
     if weight is None and bias is None:
         return normalized
@@ -583,8 +583,8 @@ def _divided_by_std(c: _Canonicalizer, value: fx.Node, std: _Pending) -> fx.Node
                             f"{tuple(grouped)} of a tensor shaped {tuple(shape)}")
     args = (c.value(std.x), list(std.dims), std.eps)
     scale = c.emit(ops.inv_std, args if std.correction is None else (*args, std.correction))
-    in_groups = c.emit(aten.view.default, (c.value(value), list(grouped)))
-    return c.emit(aten.view.default, (c.emit(ops.channel_gate, (in_groups, scale)), list(shape)))
+    in_groups = c.emit(aten.reshape.default, (c.value(value), list(grouped)))
+    return c.emit(aten.reshape.default, (c.emit(ops.channel_gate, (in_groups, scale)), list(shape)))
 
 
 @handles(aten._to_copy.default)
