@@ -305,6 +305,36 @@ def test_attention_gradient_is_exact_and_lrp0_is_the_ah_rule():
     assert torch.allclose(relevance.sum((1, 2, 3)), logits, rtol=1e-10)
 
 
+class _MultiQuery(nn.Module):
+    """MobileNetV4's multi-query attention: two query heads share one key/value head (broadcast)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.kv = nn.Conv2d(6, 6, 1), nn.Conv2d(6, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        q = self.q(x).reshape(n, 2, 3, h * w).transpose(-1, -2)
+        k, v = self.kv(x).reshape(n, 1, 2, 3, h * w).transpose(-1, -2).unbind(2)
+        return x + F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(n, c, h, w)
+
+
+def test_multi_query_attention_sums_over_the_shared_head():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), _MultiQuery(), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(6, 4)).eval().double()
+    x, targets = _x(size=6), torch.tensor([2, 1])
+    assert rel_error(fxrel.Explainer(net, "gradient")(x, targets), autograd_input_gradient(net, x, targets)) < 1e-12
+    bare = constant_free(net)
+    with torch.no_grad():
+        logits = bare(x).gather(1, targets[:, None]).squeeze(1)
+    for method in ("lrp_0", "srd"):
+        relevance = fxrel.Explainer(bare, method)(x, targets)
+        assert relevance.shape == x.shape and torch.isfinite(relevance).all()
+    relevance = fxrel.Explainer(bare, "lrp_0")(x, targets)
+    assert torch.allclose(relevance.sum((1, 2, 3)), logits, rtol=1e-10)
+
+
 def test_masked_attention_is_named():
     class Causal(_Attention):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

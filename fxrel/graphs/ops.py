@@ -317,11 +317,20 @@ def _attention_weights_forward(node, inputs, weight=None, bias=None):
     return attention_weights(inputs[0], inputs[1], node.args[2])
 
 
+def unbroadcast(t, node: fx.Node, i: int):
+    """``t`` summed over the non-batch dims along which input ``i`` of ``node`` was broadcast (multi-query
+    attention shares one key/value head among all query heads)."""
+    shape = _in_shape(node, i)
+    dims = [d for d in range(1, len(shape)) if shape[d] == 1]
+    return t.sum(dims, keepdim=True) if dims else t
+
+
 def _attention_weights_vjp(node, grad, inputs, weight=None):
     q, k = inputs
     a = attention_weights(q, k, node.args[2])
     logits_grad = a * (grad - (grad * a).sum(-1, keepdim=True)) * node.args[2]
-    return [torch.matmul(logits_grad, k), torch.matmul(logits_grad.transpose(-2, -1), q)]
+    return [unbroadcast(torch.matmul(logits_grad, k), node, 0),
+            unbroadcast(torch.matmul(logits_grad.transpose(-2, -1), q), node, 1)]
 
 
 def attend(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -335,7 +344,8 @@ def _attend_forward(node, inputs, weight=None, bias=None):
 
 def _attend_vjp(node, grad, inputs, weight=None):
     values, weights = inputs
-    return [torch.matmul(weights.transpose(-2, -1), grad), torch.matmul(grad, values.transpose(-2, -1))]
+    return [unbroadcast(torch.matmul(weights.transpose(-2, -1), grad), node, 0),
+            unbroadcast(torch.matmul(grad, values.transpose(-2, -1)), node, 1)]
 
 
 def _softmax_forward(node, inputs, weight=None, bias=None):

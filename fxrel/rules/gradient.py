@@ -72,5 +72,5 @@ class AttentionAsWeights(Rule):
     def __call__(self, ctx: RuleContext, relevance: Any) -> list[Any]:
         values, weights = ctx.inputs
         if self.cotangent:
-            return [weights.transpose(-2, -1) @ relevance]
-        return [values * (weights.transpose(-2, -1) @ divide(relevance, ctx.output, 0.0))]
+            return [ops.unbroadcast(weights.transpose(-2, -1) @ relevance, ctx.node, 0)]
+        return [ops.unbroadcast(values * (weights.transpose(-2, -1) @ divide(relevance, ctx.output, 0.0)), ctx.node, 0)]
