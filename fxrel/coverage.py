@@ -166,6 +166,9 @@ def check_model(model: nn.Module, name: str, size: int | None = None, peers: boo
                         generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
             logits = model(x)
+        if not (isinstance(logits, torch.Tensor) and logits.dim() == 2):
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"the output {shape} is not a batch of class logits (a feature encoder?)")
         target = int(logits.argmax(1))
         stage = "captured"
         start = time.perf_counter()

@@ -150,7 +150,7 @@ def test_parameter_computations_fold_and_constant_products_become_affines():
 
 class _Upsampled(nn.Module):
     """HRNet's fuse layer and GhostNetV2's gate: nearest upsampling by a factor and to a size, a same-shaped
-    sigmoid gate."""
+    sigmoid gate; MobileNetV5's bilinear upsampling."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -159,7 +159,8 @@ class _Upsampled(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         low = self.low(x)
         gate = F.interpolate(torch.sigmoid(self.gate(F.avg_pool2d(x, 2))), size=x.shape[-2:], mode="nearest")
-        return x * gate + F.interpolate(low, scale_factor=2.0, mode="nearest")
+        return (x * gate + F.interpolate(low, scale_factor=2.0, mode="nearest")
+                + F.interpolate(low, size=x.shape[-2:], mode="bilinear", align_corners=False))
 
 
 class _Selective(nn.Module):

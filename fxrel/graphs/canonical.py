@@ -491,9 +491,9 @@ def _attention(c: _Canonicalizer, n: fx.Node):
     return c.emit(ops.attend, (c.value(a["value"]), weights))
 
 
-@handles(aten.upsample_nearest2d.vec)
+@handles(aten.upsample_nearest2d.vec, aten.upsample_bilinear2d.vec)
 def _upsample(c: _Canonicalizer, n: fx.Node):
-    return c.emit(aten.upsample_nearest2d.vec, (c.value(n.args[0]), *n.args[1:]))
+    return c.emit(n.target, (c.value(n.args[0]), *n.args[1:]))
 
 
 @dataclass(frozen=True)

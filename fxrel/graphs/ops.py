@@ -41,7 +41,7 @@ KINDS: dict[str, str] = {
     ACTIVATION: "elementwise activation (relu, relu6/hardtanh, leaky_relu, elu, sigmoid, tanh, silu, gelu, hardswish, "
                 "hardsigmoid, mish)",
     MAXPOOL: "max pooling",
-    AVGPOOL: "average / adaptive average pooling and spatial mean",
+    AVGPOOL: "average / adaptive average pooling, spatial mean, bilinear upsampling (convex combinations)",
     ADD: "elementwise sum of two tensors (residual connections)",
     CAT: "concatenation along one dimension",
     SHAPE: "shape-only op (view, reshape, permute, transpose, squeeze/unsqueeze, clone, slice/split/chunk)",
@@ -434,6 +434,17 @@ def _upsample_vjp(node, grad, inputs, weight=None):
     return [aten.upsample_nearest2d_backward.default(grad, list(_shape(node)[2:]), input_size, *scales)]
 
 
+def _bilinear_forward(node, inputs, weight=None, bias=None):
+    return aten.upsample_bilinear2d.vec(inputs[0], *node.args[1:])
+
+
+def _bilinear_vjp(node, grad, inputs, weight=None):
+    _, align_corners, scales = node.args[1:4]
+    input_size = [grad.size(0), *_in_shape(node)[1:]]
+    return [aten.upsample_bilinear2d_backward.default(grad, list(_shape(node)[2:]), input_size, align_corners,
+                                                      *(scales or (None, None)))]
+
+
 def _pad_vjp(node, grad, inputs, weight=None):
     pads = list(node.args[1])
     return [aten.constant_pad_nd.default(grad, [-p for p in pads], 0.0)]
@@ -521,6 +532,7 @@ OP_SPECS: dict[Any, OpSpec] = {
     aten.constant_pad_nd.default: OpSpec(PAD, _first, _pad_forward, _pad_vjp),
     aten.pad.default: OpSpec(PAD, _first, _mode_pad_forward, _mode_pad_vjp),
     aten.upsample_nearest2d.vec: OpSpec(PAD, _first, _upsample_forward, _upsample_vjp),
+    aten.upsample_bilinear2d.vec: OpSpec(AVGPOOL, _first, _bilinear_forward, _bilinear_vjp),
     center: OpSpec(CENTER, _first, _center_forward, _center_vjp),
     inv_std: OpSpec(STAT, _first, _inv_std_forward, _inv_std_vjp),
     response_scale: OpSpec(STAT, _first, _response_scale_forward, _response_scale_vjp),
