@@ -20,6 +20,22 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return diff / scale if scale > 0 else diff
 
 
+def assert_exact_and_conserving(net: nn.Module, x: torch.Tensor, targets: torch.Tensor, *, gradient_tol: float = 1e-12,
+                                rtol: float = 1e-10, atol: float = 0.0) -> None:
+    """The ``gradient`` rule set equals autograd (relative ``gradient_tol``), and LRP-0 on the copy with every
+    additive constant removed sums to that copy's target logits (``rtol``)."""
+    import fxrel
+    from fxrel.coverage import constant_free
+
+    assert rel_error(fxrel.Explainer(net, "gradient")(x, targets), autograd_input_gradient(net, x, targets)) \
+        < gradient_tol
+    bare = constant_free(net)
+    with torch.no_grad():
+        logits = bare(x).gather(1, targets[:, None]).squeeze(1)
+    relevance = fxrel.Explainer(bare, "lrp_0")(x, targets)
+    assert torch.allclose(relevance.flatten(1).sum(1), logits, rtol=rtol, atol=atol)
+
+
 def random_targets(model: torch.nn.Module, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
     with torch.no_grad():
         classes = model(x).shape[1]

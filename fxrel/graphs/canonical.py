@@ -426,6 +426,13 @@ def _stack(c: _Canonicalizer, n: fx.Node):
     return c.emit(aten.cat.default, ([c.emit(aten.unsqueeze.default, (c.value(t), dim)) for t in tensors], dim))
 
 
+def _spatial_sum(c: _Canonicalizer, x: fx.Node, dims: list[int], keepdim: bool, count: int,
+                 dtype: torch.dtype) -> fx.Node:
+    """A sum over spatial dims as their mean (a canonical average pooling) times their size ``count``."""
+    mean = c.emit(aten.mean.dim, (x, dims, keepdim))
+    return c.emit(ops.channel_affine, (mean, c.param(torch.tensor(float(count), dtype=dtype), "scale"), None))
+
+
 @handles(aten.sum.dim_IntList)
 def _sum(c: _Canonicalizer, n: fx.Node):
     """A sum over spatial axes is a mean times their size; over a short non-batch axis (SKNet's branch axis), the
@@ -437,10 +444,7 @@ def _sum(c: _Canonicalizer, n: fx.Node):
     if n.kwargs.get("dtype") is not None:
         raise c.unsupported("sum with a dtype conversion")
     if ops.is_spatial_mean(dims, len(shape)):
-        mean = c.emit(aten.mean.dim, (c.value(x), dims, keepdim))
-        count = math.prod(shape[d] for d in dims)
-        return c.emit(ops.channel_affine, (mean, c.param(torch.tensor(float(count), dtype=x.meta["val"].dtype),
-                                                         "scale"), None))
+        return _spatial_sum(c, c.value(x), dims, keepdim, math.prod(shape[d] for d in dims), x.meta["val"].dtype)
     if len(dims) != 1 or dims[0] == 0 or shape[dims[0]] > 16:
         raise c.unsupported(f"sum over dims {dims} of a tensor shaped {tuple(shape)} (spatial sums and sums over a "
                             "non-batch axis of ≤ 16 entries are canonical)")
@@ -473,9 +477,7 @@ def _matmul(c: _Canonicalizer, n: fx.Node):
     gated = c.emit(ops.channel_gate, (c.value(a), gate))
     rank = len(a.meta["val"].shape)
     count = a.meta["val"].shape[-1]
-    mean = c.emit(aten.mean.dim, (gated, [rank - 1], True))
-    return c.emit(ops.channel_affine, (mean, c.param(torch.tensor(float(count), dtype=a.meta["val"].dtype), "scale"),
-                                       None))
+    return _spatial_sum(c, gated, [rank - 1], True, count, a.meta["val"].dtype)
 
 
 @handles(aten.scaled_dot_product_attention.default)
