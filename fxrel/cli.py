@@ -94,20 +94,22 @@ def _model_label(spec: str) -> str:
 
 
 def is_demo(spec: str) -> bool:
-    return spec.startswith("demo-")
+    """A trained scene classifier shipped with fxrel (``demo-*`` or ``zoo-*``): inputs in [0, 1], 64 px."""
+    return spec.startswith(("demo-", "zoo-"))
 
 
 def build_model(spec: str, num_classes: int | None = None):
-    """``demo-NAME`` → a trained demo model shipped with fxrel (``fxrel.demo``); ``tv:NAME`` → torchvision
-    (``weights=None``); ``timm:NAME`` or ``NAME`` → timm (``pretrained=False``)."""
+    """``demo-NAME`` / ``zoo-NAME`` → a trained scene classifier shipped with fxrel (``fxrel.demo``,
+    ``fxrel.zoo``); ``tv:NAME`` → torchvision (``weights=None``); ``timm:NAME`` or ``NAME`` → timm
+    (``pretrained=False``)."""
     if is_demo(spec):
-        from fxrel.demo import DEMO_MODELS, demo_model
+        from fxrel.zoo import SCENE_MODELS, scene_model
 
-        if spec not in DEMO_MODELS:
-            raise CLIError(f"unknown demo model '{spec}'; the demo models are {', '.join(DEMO_MODELS)}")
+        if spec not in SCENE_MODELS:
+            raise CLIError(f"unknown scene model '{spec}'; the demo and zoo models are {', '.join(SCENE_MODELS)}")
         if num_classes not in (None, 10):
-            raise CLIError("the demo models have 10 classes; --num-classes cannot change that")
-        return demo_model(spec)
+            raise CLIError("the demo and zoo models have 10 classes; --num-classes cannot change that")
+        return scene_model(spec)
     source, sep, name = spec.partition(":")
     if not sep:
         source, name = "timm", spec
@@ -483,9 +485,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     from fxrel import evaluation
-    from fxrel.demo import DEMO_MODELS, demo_model, make_scenes
+    from fxrel.demo import DEMO_MODELS, make_scenes
+    from fxrel.zoo import SCENE_MODELS, ZOO_MODELS, scene_model
 
-    model_names = _csv(args.models, DEMO_MODELS, DEMO_MODELS, "models")
+    groups = {"demo": DEMO_MODELS, "zoo": ZOO_MODELS}
+    model_names = [name for item in _csv(args.models, DEMO_MODELS, (*groups, *SCENE_MODELS), "models")
+                   for name in groups.get(item, (item,))]
     methods = _demo_methods(args.methods, evaluation.DEFAULT_METHODS)
     metric_names = _csv(args.metrics, evaluation.DEFAULT_METRICS, list(evaluation.METRICS), "metrics")
     rank, world = evaluation.distributed_world()
@@ -495,7 +500,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     scenes = make_scenes(args.images, seed=args.seed, split="test", size=args.size)
-    models = {name: demo_model(name, device=device) for name in model_names}
+    models = {name: scene_model(name, device=device) for name in model_names}
     total = int(scenes.labels.sum())   # (image, class) pairs
     chunks = -(-total // (world * args.batch_size)) + (world > 1)   # per process (shards differ by a pair or so)
     with _progress(chunks * len(methods) * len(models), "fxrel eval", args.quiet or rank != 0) as bar:
@@ -519,6 +524,43 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.markdown:
         markdown = header + "\n\n" + result.table(markdown=True)
         print(f"wrote {write_text(args.markdown, markdown)}")
+    if args.json:
+        print(f"wrote {write_text(args.json, json.dumps(result.to_json(), indent=1))}")
+    return EXIT_OK
+
+
+def cmd_fidelity(args: argparse.Namespace) -> int:
+    import json
+
+    from fxrel import evaluation, fidelity
+    from fxrel.demo import make_scenes
+    from fxrel.zoo import SCENE_MODELS, ZOO_MODELS, scene_model
+
+    model_names = _csv(args.models, ZOO_MODELS, SCENE_MODELS, "models")
+    seeds = _csv(args.methods, fidelity.SEED_METHODS, fidelity.SEED_METHODS, "methods")
+    methods = fidelity.methods_to_run(seeds)
+    metric_names = _csv(args.metrics, fidelity.FIDELITY_METRICS, list(evaluation.METRICS), "metrics")
+    scenes = make_scenes(args.images, seed=args.seed, split="test")
+    device = _device(args.device)
+    models = {name: scene_model(name, device=device) for name in model_names}
+    chunks = -(-int(scenes.labels.sum()) // args.batch_size)
+    with _progress(chunks * len(methods) * len(models), "fxrel fidelity", args.quiet) as bar:
+        def step(description: str) -> None:
+            bar.set_description(description)
+            bar.update()
+
+        result = evaluation.evaluate(models, scenes, methods, metric_names, batch_size=args.batch_size,
+                                     device=device, progress=step)
+    header = (f"{len(scenes)} test scenes (seed {args.seed}, 64 px), {int(scenes.labels.sum())} (image, class) pairs, "
+              f"{int((scenes.labels.sum(1) > 1).sum())} scenes with several objects; every method with its default "
+              "parameters")
+    verdicts = fidelity.verdict_table(result, model_names, seeds)
+    print(header)
+    print(result.table())
+    print(verdicts)
+    if args.markdown:
+        text = f"{header}\n\n{result.table(markdown=True)}\n\n## The bar\n\n{verdicts}\n"
+        print(f"wrote {write_text(args.markdown, text)}")
     if args.json:
         print(f"wrote {write_text(args.json, json.dumps(result.to_json(), indent=1))}")
     return EXIT_OK
@@ -578,6 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fxrel", description="Explain CNN image classifiers with relevance graphs.")
     from fxrel import __version__
     from fxrel.evaluation import DEFAULT_METHODS
+    from fxrel.fidelity import SEED_METHODS
 
     parser.add_argument("--version", action="version", version=f"fxrel {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -619,12 +662,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("eval", help="methods × metrics table on the demo models (torchrun for several processes)",
+    p = sub.add_parser("eval", help="methods × metrics table on the demo or zoo models (torchrun for several processes)",
                        description="Evaluate explanation methods with localisation, faithfulness, complexity, "
                                    "robustness and randomisation metrics on generated test scenes with ground "
-                                   "truth, for the trained demo models. Under torchrun each process takes a "
+                                   "truth, for the trained demo or evaluation-zoo models. Under torchrun each process takes a "
                                    "DistributedSampler shard and rank 0 prints the gathered table.")
-    p.add_argument("--models", metavar="A,B,…", help="demo models (default: all four)")
+    p.add_argument("--models", metavar="A,B,…", help="demo or zoo models, or 'demo' / 'zoo' for all of one set "
+                                                      "(default: the four demo models)")
     p.add_argument("--methods", metavar="A,B,…", help="methods, name[key=value,…] (e.g. agf[residual=official]) "
                    "or ucag:BASE (default: " + ", ".join(DEFAULT_METHODS) + ")")
     p.add_argument("--metrics", metavar="A,B,…", help="metrics (default: all but randomisation, the cascading "
@@ -639,6 +683,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE.json", help="also write the means as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("fidelity", help="the seed methods against LRP-ε+♭ and their papers' bases on the zoo",
+                       description="Evaluate every seed method (default parameters) on the evaluation zoo next to "
+                                   "epsilon_plus_flat and the bases its paper compares against (pointing game, "
+                                   "energy pointing game, class discrimination, correlation of two classes' maps, "
+                                   "insertion, deletion) and say, per model, whether it meets the bar of "
+                                   "fxrel.fidelity.")
+    p.add_argument("--models", metavar="A,B,…", help="zoo or demo models (default: the six zoo models)")
+    p.add_argument("--methods", metavar="A,B,…", help="seed methods (default: " + ", ".join(SEED_METHODS) + ")")
+    p.add_argument("--metrics", metavar="A,B,…", help="metrics (default: pointing_game, energy_pointing_game, "
+                   "discrimination, class_correlation, insertion, deletion; the bar needs the first three)")
+    p.add_argument("--images", type=_positive_int, default=40, metavar="N", help="test scenes (default 40)")
+    p.add_argument("--seed", type=int, default=1, metavar="N", help="scene seed (default 1)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="pairs per batch (16)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
+    p.add_argument("--markdown", metavar="FILE.md", help="also write the tables as markdown")
+    p.add_argument("--json", metavar="FILE.json", help="also write the means as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_fidelity)
 
     p = sub.add_parser("models", help="coverage report: which timm models fxrel explains, with peer columns",
                        description="Per timm model (random weights, batch 1, float64, the smallest input it "

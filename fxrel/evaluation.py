@@ -39,14 +39,6 @@ DEFAULT_METHODS = (
 )
 
 
-def _input_params(name: str, low: float, high: float) -> dict:
-    """Parameters that depend on the input domain: the z^B bounds of the methods that have them."""
-    import fxrel
-
-    defaults = fxrel.methods(detail=True)[name]["defaults"]
-    return {"low": low, "high": high} if "low" in defaults else {}
-
-
 def _parsed(spec: str, whole: str) -> tuple[str, dict]:
     """(name, parameters) of ``name`` / ``name[key=value,…]``, the parameters checked against the method's."""
     import fxrel
@@ -70,27 +62,24 @@ def _parsed(spec: str, whole: str) -> tuple[str, dict]:
     return name, params
 
 
-def method_fn(spec: str, low: float = 0.0, high: float = 1.0, ucag_weighting: str = "sigmoid") -> MapFn:
+def method_fn(spec: str, ucag_weighting: str = "sigmoid") -> MapFn:
     """The map function ``(model, x, targets) → [N, H, W]`` of a method spec: a name from ``fxrel.methods()``, with
     parameters as ``name[key=value,…]`` (``agf[residual=absolute]``), or ``ucag:BASE`` (UCAG over BASE, which may
-    carry parameters). ``low``/``high``: the input domain (z^B bounds of the box rules). ``ucag_weighting``: UCAG's
-    crop confidence (Eq. 4); ``"sigmoid"`` by default because the scenes are multi-label (the paper's
-    ``"exp_softmax"`` assumes one class per image)."""
+    carry parameters); every method runs with its defaults but for those given (z^β bounds: each image's min/max).
+    ``ucag_weighting``: UCAG's crop confidence (Eq. 4); ``"sigmoid"`` by default because the scenes are multi-label
+    (the paper's ``"exp_softmax"`` assumes one class per image)."""
     import fxrel
-    from fxrel.ucag import CAM_METHODS, ucag
+    from fxrel.ucag import ucag
 
     base, _, wrapped = spec.partition(":")
     if base == "ucag" and wrapped:
         name, chosen = _parsed(wrapped, spec)
-        params = {**_input_params(name, low, high), **chosen}
+        params = chosen
 
         def run_ucag(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             return ucag(model, x, targets, method=name, method_params=params, weighting=ucag_weighting)
         return run_ucag
-    name, chosen = _parsed(spec, spec)
-    params = {**_input_params(name, low, high), **chosen}
-    if name in CAM_METHODS:
-        params["upsample"] = "input"
+    name, params = _parsed(spec, spec)
 
     def run(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return metrics.as_maps(fxrel.explain(model, x, target=targets, method=name, **params))
@@ -109,6 +98,8 @@ class Samples:
     boxes: torch.Tensor         #: [P, H, W] bool, the class's box
     maps: torch.Tensor          #: [P, H, W]
     explain: MapFn
+    others: torch.Tensor        #: [P, H, W] bool, the union of the other present classes' boxes
+    other_targets: torch.Tensor  #: [P] another class present in the image (the next one), -1 for single objects
     shared: dict = field(default_factory=dict)   #: results that several metrics read (insertion and deletion …)
 
     def once(self, key: str, compute: Callable[[], dict]) -> dict:
@@ -133,6 +124,18 @@ class MetricSpec:
     reference: str
 
 
+def _other_maps(s: Samples) -> dict:
+    """The maps of the same images for :attr:`Samples.other_targets` (only the samples that have one)."""
+    def compute() -> dict:
+        valid = s.other_targets >= 0
+        maps = torch.zeros_like(s.maps)
+        if valid.any():
+            other = s.explain(s.model, s.x[valid], s.other_targets[valid]).detach()
+            maps[valid] = resize_maps(other, s.maps.shape[-2:]) if other.shape[-2:] != s.maps.shape[-2:] else other
+        return {"maps": maps, "valid": valid}
+    return s.once("other_maps", compute)
+
+
 def _tolerance(s: Samples) -> int:
     return max(1, round(15 * s.x.shape[-1] / 224))  # Zhang et al.'s 15 px at 224 px, scaled to the input
 
@@ -144,6 +147,11 @@ METRICS: dict[str, MetricSpec] = {
                                        "Wang et al. 2020"),
     "attribution_localisation": MetricSpec(
         "AttLoc", True, lambda s: metrics.attribution_localisation(s.maps, s.masks), "Kohlbrenner et al. 2020"),
+    "discrimination": MetricSpec("Disc", True, lambda s: metrics.discrimination(s.maps, s.boxes, s.others),
+                                 "target's share of positive relevance on all objects' boxes (multi-object scenes)"),
+    "class_correlation": MetricSpec(
+        "Corr", False, lambda s: metrics.map_correlation(s.maps, _other_maps(s)["maps"], _other_maps(s)["valid"]),
+        "Pearson r of the maps of two classes of one image (multi-object scenes)"),
     "iou": MetricSpec("IoU", True, lambda s: metrics.box_iou(s.maps, s.boxes, threshold="zero"),
                       "RSP Table 1 (box vs positive map)"),
     "iou_mean": MetricSpec("IoU-m", True, lambda s: metrics.box_iou(s.maps, s.boxes, threshold="mean"),
@@ -277,12 +285,20 @@ def _samples(model: nn.Module, scenes, chunk: list[tuple[int, int]], fn: MapFn, 
     box = scenes.boxes[img, cls]
     boxes = metrics.box_masks(box, height, width).to(device)
     masks = scenes.masks[img, cls].to(device)
+    present = scenes.labels[img].clone()
+    present[torch.arange(len(chunk)), cls] = False
+    others = torch.zeros_like(boxes)
+    for k, c in present.nonzero().tolist():
+        others[k] |= metrics.box_masks(scenes.boxes[img[k], c][None], height, width)[0].to(device)
+    following = (torch.arange(scenes.labels.shape[1])[None] - cls[:, None]) % scenes.labels.shape[1]
+    following = torch.where(present, following, torch.full_like(following, scenes.labels.shape[1]))
+    other_targets = torch.where(present.any(1), following.argmin(1), torch.full_like(cls, -1)).to(device)
     maps = fn(model, x, targets).detach()
     if maps.shape[-2:] != (height, width):
         maps = resize_maps(maps, (height, width))
     with torch.no_grad():
         predicted = (model(x).gather(1, targets[:, None])[:, 0] > 0).cpu().tolist()
-    return Samples(model, x, targets, masks, boxes, maps, fn), predicted
+    return Samples(model, x, targets, masks, boxes, maps, fn, others, other_targets), predicted
 
 
 # -- distributed ----------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import json
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,8 @@ from fxrel.demo.models import DEMO_MODELS, WEIGHTS_DIR, build_model, weights_pat
 from fxrel.demo.scenes import make_scenes
 
 DEFAULTS = {"seed": 0, "data_seed": 1000, "pool": 24000, "chunk": 2000, "batch": 128, "steps": 800, "lr": 3e-3,
-            "weight_decay": 1e-4, "test_scenes": 1000, "test_seed": 0, "crop_fraction": 0.5, "crop_min": 24}
+            "weight_decay": 1e-4, "test_scenes": 1000, "test_seed": 0, "crop_fraction": 0.5, "crop_min": 24,
+            "permute_channels": 1}
 VISIBLE = 0.6   #: fraction of a class's box that must remain inside a crop for the class to stay labelled
 
 
@@ -90,12 +92,13 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> di
             "map": float(average_precision_score(truth, logits, average="macro"))}
 
 
-def train_model(name: str, images: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor, config: dict
-                ) -> tuple[nn.Module, float]:
-    """Train ``name`` on the pool; returns the model (eval mode) and the training time in seconds."""
+def train_model(name: str, images: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor, config: dict,
+                build: Callable[[str], nn.Module] = build_model) -> tuple[nn.Module, float]:
+    """Train ``build(name)`` on the pool; returns the model (eval mode) and the training time in seconds.
+    ``config["crop_fraction"] = 0`` and ``config["permute_channels"] = 0`` give the plain recipe (whole scenes)."""
     torch.manual_seed(config["seed"])
     generator = torch.Generator().manual_seed(config["seed"])
-    model = build_model(name).to(memory_format=torch.channels_last).train()
+    model = build(name).to(memory_format=torch.channels_last).train()
     optimiser = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config["lr"], total_steps=config["steps"])
     order = torch.empty(0, dtype=torch.long)
@@ -105,9 +108,12 @@ def train_model(name: str, images: torch.Tensor, labels: torch.Tensor, boxes: to
             if len(order) < config["batch"]:
                 order = torch.cat([order, torch.randperm(len(images), generator=generator)])
             batch, order = order[:config["batch"]], order[config["batch"]:]
-            x, y = crop_zoom(images[batch], labels[batch], boxes[batch], generator, config["crop_fraction"],
-                             config["crop_min"])
-            x = permute_channels(x, generator).contiguous(memory_format=torch.channels_last)
+            x, y = images[batch], labels[batch]
+            if config["crop_fraction"] > 0:
+                x, y = crop_zoom(x, y, boxes[batch], generator, config["crop_fraction"], config["crop_min"])
+            if config["permute_channels"]:
+                x = permute_channels(x, generator)
+            x = x.contiguous(memory_format=torch.channels_last)
             loss = F.binary_cross_entropy_with_logits(model(x), y)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -122,14 +128,21 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(DEMO_MODELS), choices=DEMO_MODELS)
-    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR)
-    for key, value in DEFAULTS.items():
-        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
+def train_and_ship(argv: list[str] | None, names: Sequence[str], build: Callable[[str], nn.Module],
+                   weights_path: Callable[[str, Path], Path], weights_dir: Path, defaults: dict,
+                   description: str, per_model: dict[str, dict] | None = None) -> None:
+    """The command line shared by the demo models and the evaluation zoo: train each of ``names`` with ``defaults``
+    (every key a ``--flag``; ``per_model[name]`` overrides the defaults a flag did not set), write its weights
+    (float32 state dict) and its ``manifest.json`` entry (hash, parameter count, training time and configuration,
+    software versions, test figures)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--models", nargs="+", default=list(names), choices=names)
+    parser.add_argument("--out", type=Path, default=weights_dir)
+    for key, value in defaults.items():
+        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None)
     args = parser.parse_args(argv)
-    config = {key: getattr(args, key) for key in DEFAULTS}
+    given = {key: getattr(args, key) for key in defaults if getattr(args, key) is not None}
+    config = {**defaults, **given}
 
     torch.set_num_threads(2)
     torch.use_deterministic_algorithms(True)
@@ -139,19 +152,24 @@ def main(argv: list[str] | None = None) -> None:
     manifest_path = args.out / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     for name in args.models:
-        model, seconds = train_model(name, images, labels, boxes, config)
+        model_config = {**config, **(per_model or {}).get(name, {}), **given}
+        model, seconds = train_model(name, images, labels, boxes, model_config, build)
         metrics = evaluate(model, test.images, test.labels.float())
         path = weights_path(name, args.out)
         torch.save({k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()},
                    path)
         manifest[name] = {"file": path.name, "sha256": sha256(path), "parameters": sum(p.numel() for p in
-                          model.parameters()), "train_seconds": round(seconds, 1), "training": config,
+                          model.parameters()), "train_seconds": round(seconds, 1), "training": model_config,
                           "torch": torch.__version__, "numpy": np.__version__,
                           "test": {k: round(v, 4) for k, v in metrics.items()}}
         print(f"{name}: test F1 {metrics['f1']:.4f}, exact-set accuracy {metrics['exact_set_accuracy']:.4f}, "
               f"mAP {metrics['map']:.4f} ({seconds:.0f} s)", flush=True)
-        ordered = {key: manifest[key] for key in DEMO_MODELS if key in manifest}
+        ordered = {key: manifest[key] for key in names if key in manifest}
         manifest_path.write_text(json.dumps(ordered, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    train_and_ship(argv, DEMO_MODELS, build_model, weights_path, WEIGHTS_DIR, DEFAULTS, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -17,11 +17,14 @@ metric                         dir.  reference
 ``insertion_deletion``         ↑/↓   Petsiuk et al., BMVC 2018 (RISE): insertion AUC ↑, deletion AUC ↓
 ``negative_perturbation``      ↑     Gur et al., AAAI 2021 (AGF), least relevant pixels removed first
 ``map_density``                ↑/↓   Jalwana et al., CVPR 2021 (CAMERAS), UCAG Table 5: D⁺ ↑, D⁻ ↓
+``discrimination``             ↑     target's share of the positive relevance on the objects' regions (fxrel)
+``map_correlation``            ↓     Pearson r of two classes' maps of one image (fxrel)
 ``max_sensitivity``            ↓     Yeh et al., NeurIPS 2019
 ``cascading_randomisation``    ↓     Adebayo et al., NeurIPS 2018 (similarity to the original explanation)
 =============================  ====  ==========================================================================
 """
 from fxrel.metrics.complexity import sparseness
+from fxrel.metrics.discrimination import discrimination, map_correlation
 from fxrel.metrics.localisation import (as_maps, attribution_localisation, box_iou, box_masks, energy_pointing_game,
                                         pointing_game)
 from fxrel.metrics.perturbation import (faithfulness_correlation, insertion_deletion, map_density,
@@ -30,5 +33,5 @@ from fxrel.metrics.randomisation import cascading_randomisation, spearman, ssim
 from fxrel.metrics.robustness import max_sensitivity
 
 __all__ = ["as_maps", "box_masks", "pointing_game", "energy_pointing_game", "attribution_localisation", "box_iou",
-           "sparseness", "faithfulness_correlation", "insertion_deletion", "negative_perturbation", "map_density",
+           "sparseness", "discrimination", "map_correlation", "faithfulness_correlation", "insertion_deletion", "negative_perturbation", "map_density",
            "max_sensitivity", "cascading_randomisation", "spearman", "ssim"]
