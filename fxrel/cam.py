@@ -244,7 +244,7 @@ def _upsample(maps: torch.Tensor, x: torch.Tensor, upsample: Upsample, mode: str
 
 
 def cam(model: nn.Module | Explainer, x: torch.Tensor, target: Target = None, layer: str | None = None,
-        kind: CamKind | str = "gradcam", upsample: Upsample = None, mode: str = "bilinear",
+        kind: CamKind | str = "gradcam", upsample: Upsample = "input", mode: str = "bilinear",
         relu: bool = True) -> torch.Tensor:
     """A class activation map ``[N, H, W]`` for a batch ``x`` (on ``x``'s device).
 
@@ -253,8 +253,9 @@ def cam(model: nn.Module | Explainer, x: torch.Tensor, target: Target = None, la
     :meth:`~fxrel.Explainer.attribute` (int, one per row, ``None``/``"top1"``). ``layer``: node or module name
     whose output is the feature map (a module name stands for its output, e.g. ``"layer4"``, ``"features.29"``);
     ``None`` picks the last spatial feature map (:func:`default_cam_layer`). ``kind``: ``"gradcam"``,
-    ``"gradcam++"`` or ``"layercam"`` (formulas in the module docstring). ``upsample``: ``None`` (layer resolution),
-    ``"input"`` (``x``'s H×W) or ``(h, w)``, by ``F.interpolate(mode=mode, align_corners=False)``.
+    ``"gradcam++"`` or ``"layercam"`` (formulas in the module docstring). ``upsample``: ``"input"`` (default: ``x``'s
+    H×W, as pytorch-grad-cam and captum users get), ``None`` (the layer's resolution) or ``(h, w)``, by
+    ``F.interpolate(mode=mode, align_corners=False)``.
     ``relu=False`` returns the signed map (before the final ReLU).
     """
     map_fn = _MAPS[_normalise_kind(kind)]

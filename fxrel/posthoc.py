@@ -12,7 +12,7 @@ from torch import nn
 from fxrel import cam, ssl, ucag, wrappers
 from fxrel.explainer import Explainer, Target
 
-CAM_OUTPUT = "non-negative [N, H, W] map at the layer (upsample='input' for the input's size)"
+CAM_OUTPUT = "non-negative [N, H, W] map at the input's size (upsample=None: at the layer's)"
 
 
 @dataclass(frozen=True)
@@ -46,11 +46,11 @@ def _unfolded(model: nn.Module, x: torch.Tensor, target: Target, base: str = "gr
 
 POST_HOC: dict[str, PostHocInfo] = {
     "grad_cam": PostHocInfo("grad_cam", _cam("gradcam"), "Grad-CAM at any layer from the gradient stream",
-                            "Selvaraju et al. 2017", CAM_OUTPUT, {"layer": None, "upsample": None}),
+                            "Selvaraju et al. 2017", CAM_OUTPUT, {"layer": None, "upsample": "input"}),
     "grad_cam_pp": PostHocInfo("grad_cam_pp", _cam("gradcam++"), "Grad-CAM++ at any layer",
-                               "Chattopadhay et al. 2018", CAM_OUTPUT, {"layer": None, "upsample": None}),
+                               "Chattopadhay et al. 2018", CAM_OUTPUT, {"layer": None, "upsample": "input"}),
     "layer_cam": PostHocInfo("layer_cam", _cam("layercam"), "LayerCAM at any layer", "Jiang et al. 2021",
-                             CAM_OUTPUT, {"layer": None, "upsample": None}),
+                             CAM_OUTPUT, {"layer": None, "upsample": "input"}),
     "integrated_gradients": PostHocInfo(
         "integrated_gradients", _wrapped(wrappers.integrated_gradients),
         "Integrated Gradients of any method (base=NAME): path points batched and chunked", "Sundararajan et al. 2017",
@@ -61,10 +61,11 @@ POST_HOC: dict[str, PostHocInfo] = {
         "Smilkov et al. 2017", "as the base method (squared=True: non-negative)",
         {"base": "gradient", "samples": 16, "noise": 0.15}),
     "ucag": PostHocInfo(
-        "ucag", _unfolded, "UCAG of any method (base=NAME): n² up-scaled crops explained as one batch, "
+        "ucag", _unfolded, "UCAG of any method (base=NAME): n² crops up-scaled to the input size (alpha=2.6: the "
+        "paper's 1.44×) explained as one batch, "
         "confidence-weighted and folded back", "Hong et al. 2023",
         "[N, H, W] at the input's size; CAM bases: in [0, 1] (ReLU, min–max, blur), others: signed",
-        {"base": "grad_cam", "n": 6, "rho": 0.555, "alpha": 2.6, "weighting": "exp_softmax", "average": "coverage"}),
+        {"base": "grad_cam", "n": 6, "rho": 0.555, "alpha": "input", "weighting": "exp_softmax", "average": "coverage"}),
     "agf_ssl": PostHocInfo(
         "agf_ssl", ssl.agf_ssl, "AGF of a self-supervised network: the class its own classifier gives the latent "
         "minus the nearest reference latent (references=images or latents; further parameters go to agf)",

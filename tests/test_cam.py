@@ -98,7 +98,7 @@ def assert_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float = RTOL) 
 def test_gradcam_equals_captum_on_resnet18(resnet, layer):
     model, x, targets = resnet
     expected = LayerGradCam(model, getattr(model, layer)).attribute(x, targets, relu_attributions=True)
-    ours = fcam.cam(model, x, targets, layer)
+    ours = fcam.cam(model, x, targets, layer, upsample=None)
     assert_rel(ours, expected.squeeze(1).detach())
 
 
@@ -106,7 +106,7 @@ def test_gradcam_equals_captum_on_a_vgg_like_net(vgg):
     model, x, targets = vgg
     for index in (4, 6):
         expected = LayerGradCam(model, model.features[index]).attribute(x, targets, relu_attributions=True)
-        assert_rel(fcam.cam(model, x, targets, f"features.{index}"), expected.squeeze(1).detach())
+        assert_rel(fcam.cam(model, x, targets, f"features.{index}", upsample=None), expected.squeeze(1).detach())
 
 
 @pytest.mark.parametrize("kind, reference", [("layercam", ref_layercam), ("gradcam++", ref_gradcam_pp)])
@@ -114,7 +114,7 @@ def test_layercam_and_gradcam_pp_equal_autograd_references(resnet, vgg, kind, re
     for model, x, targets, name in [(*resnet, "layer4"), (*resnet, "layer3"), (*vgg, "features.6")]:
         module = model.get_submodule(name)
         a, g = autograd_activation_and_gradient(model, module, x, targets)
-        assert_rel(fcam.cam(model, x, targets, name, kind=kind), reference(a, g))
+        assert_rel(fcam.cam(model, x, targets, name, kind=kind, upsample=None), reference(a, g))
 
 
 def test_maps_reuse_the_engine_activation_and_gradient(resnet):
@@ -129,12 +129,13 @@ def test_maps_reuse_the_engine_activation_and_gradient(resnet):
 
 
 # -- API ------------------------------------------------------------------------------------------------------------
-def test_upsampling_returns_the_input_size(resnet):
+def test_maps_come_at_the_input_size_by_default_and_at_the_layer_with_upsample_none(resnet):
     model, x, targets = resnet
-    small = fcam.cam(model, x, targets, "layer4")
+    small = fcam.cam(model, x, targets, "layer4", upsample=None)
     assert small.shape == (2, 2, 2)
-    up = fcam.cam(model, x, targets, "layer4", upsample="input")
+    up = fcam.cam(model, x, targets, "layer4")
     assert up.shape == (2, 64, 64)
+    torch.testing.assert_close(fxrel.explain(model, x, targets, method="grad_cam", layer="layer4"), up)
     expected = torch.nn.functional.interpolate(small[:, None], size=(64, 64), mode="bilinear", align_corners=False)
     torch.testing.assert_close(up, expected[:, 0])
     assert fcam.cam(model, x, targets, "layer4", upsample=(10, 12), mode="nearest").shape == (2, 10, 12)
