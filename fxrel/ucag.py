@@ -75,18 +75,20 @@ class UnfoldGeometry:
         return count
 
 
-def unfold_geometry(height: int, width: int, n: int = 6, rho: float = 0.555, alpha: float = 2.6) -> UnfoldGeometry:
-    """The crop layout for an ``height×width`` image: ``n`` crops per side of ``⌊ρ·side⌋`` pixels, scaled by ``α``."""
+def unfold_geometry(height: int, width: int, n: int = 6, rho: float = 0.555,
+                    alpha: float | Literal["input"] = "input") -> UnfoldGeometry:
+    """The crop layout for an ``height×width`` image: ``n`` crops per side of ``⌊ρ·side⌋`` pixels, scaled by ``α``
+    (a number), or to exactly ``height×width`` (``alpha="input"``, the default: see :func:`ucag`)."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise InputError(f"n (crops per side) must be a positive integer, got {n!r}")
     if not 0 < rho <= 1:
         raise InputError(f"rho (crop side / image side) must lie in (0, 1], got {rho!r}")
-    if not alpha > 0:
-        raise InputError(f"alpha (crop up-scaling) must be positive, got {alpha!r}")
+    if alpha != "input" and (isinstance(alpha, (str, bool)) or not alpha > 0):
+        raise InputError(f"alpha (crop up-scaling) must be a positive number or 'input', got {alpha!r}")
     crop = (int(rho * height), int(rho * width))
     if min(crop) < 1:
         raise InputError(f"rho={rho} gives empty crops on a {height}×{width} image")
-    scaled = (int(crop[0] * alpha), int(crop[1] * alpha))
+    scaled = (height, width) if alpha == "input" else (int(crop[0] * alpha), int(crop[1] * alpha))
     if min(scaled) < 1:
         raise InputError(f"alpha={alpha} scales the {crop[0]}×{crop[1]} crops to nothing")
 
@@ -179,7 +181,7 @@ def _as_maps(relevance: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def ucag(model: nn.Module, x: torch.Tensor, target: object = None, method: str | PartialExplainer = "grad_cam", *,
-         n: int = 6, rho: float = 0.555, alpha: float = 2.6, weighting: Weighting = "exp_softmax",
+         n: int = 6, rho: float = 0.555, alpha: float | Literal["input"] = "input", weighting: Weighting = "exp_softmax",
          average: Average = "coverage", postprocess: Literal["auto", "cam", "none"] = "auto", center: bool = False,
          chunk_size: int = 16, method_params: dict | None = None) -> torch.Tensor:
     """UCAG map ``[N, H, W]`` of ``method`` for the batch ``x`` (see the module docstring for the equations).

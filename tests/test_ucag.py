@@ -26,8 +26,10 @@ def echo(model: nn.Module, crops: torch.Tensor, targets: torch.Tensor) -> torch.
 
 
 def test_geometry_matches_official_layout_at_224():
-    g = unfold_geometry(224, 224)
+    g = unfold_geometry(224, 224, alpha=2.6)
     assert g.crop == (124, 124) and g.scaled == (322, 322)
+    assert unfold_geometry(224, 224).scaled == (224, 224)  # the default explains every crop at the input's size
+    assert unfold_geometry(96, 96).scaled == (96, 96)      # alpha = 1/rho would floor to 95 px
     official_stride = (224 - 124 + 2) // (6 - 1)  # (H + 2p − (h_c − 1)·d + 1) // (n − 1) with p=0, d=1
     assert g.rows == g.cols == tuple(official_stride * a for a in range(6))
     assert len(g.windows) == 36 and g.rows[-1] + g.crop[0] == 224
@@ -129,12 +131,13 @@ def test_chunking_and_batching_do_not_change_the_map():
 
 def test_cam_base_is_relu_minmax_blur_of_the_signed_aggregate():
     model, x = small_cnn(), torch.rand(2, 3, 48, 48)
-    raw = ucag(model, x, 3, method="grad_cam", postprocess="none")
+    raw = ucag(model, x, 3, method="grad_cam", postprocess="none", alpha=2.6)  # (this random net's map has a
+    # positive part at the paper's zoom)
     assert (raw < 0).any(), "CAM partial maps are aggregated signed (wonorm), before the ReLU"
     pre_blur = minmax_normalise(raw.clamp(min=0))
     assert torch.allclose(pre_blur.flatten(1).amin(1), torch.zeros(2))
     assert torch.allclose(pre_blur.flatten(1).amax(1), torch.ones(2))
-    out = fxrel.explain(model, x, 3, method="ucag", base="grad_cam")
+    out = fxrel.explain(model, x, 3, method="ucag", base="grad_cam", alpha=2.6)
     torch.testing.assert_close(out, gaussian_blur(pre_blur, 5, 3.0))
     assert out.min() >= 0 and out.max() <= 1
 
