@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import fxrel
+from fxrel.rules.lrp import IMAGENET_HIGH, IMAGENET_LOW
 
 
 def tiny():
@@ -98,9 +99,10 @@ def test_model_returning_a_tuple_is_rejected():
 def test_zbox_bounds_must_match_the_input_channels():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)).eval()
     with pytest.raises(fxrel.RuleError, match="ZBox bounds have 3 channels but the input of node .* has 1"):
-        fxrel.Explainer(model, "epsilon_gamma_box")(torch.randn(1, 1, 6, 6), 0)  # default: ImageNet's 3 channels
-    relevance = fxrel.Explainer(model, "epsilon_gamma_box", low=-1.0, high=1.0)(torch.randn(1, 1, 6, 6), 0)
-    assert relevance.shape == (1, 1, 6, 6)
+        fxrel.Explainer(model, "epsilon_gamma_box", low=IMAGENET_LOW, high=IMAGENET_HIGH)(torch.randn(1, 1, 6, 6), 0)
+    for bounds in ({"low": -1.0, "high": 1.0}, {}):  # scalar bounds, and the default: each image's own min/max
+        relevance = fxrel.Explainer(model, "epsilon_gamma_box", **bounds)(torch.randn(1, 1, 6, 6), 0)
+        assert relevance.shape == (1, 1, 6, 6)
 
 
 def test_wrong_channel_count_names_the_mismatch():

@@ -13,7 +13,7 @@ from fxrel.graphs.builder import Seed, Stream
 from fxrel.rules.base import Rule
 from fxrel.rules.composite import Composite, Matcher, first, kind
 from fxrel.rules.gradient import DeconvNet, GateAsWeight, Gradient, GuidedBackprop, Pass
-from fxrel.rules.lrp import IMAGENET_HIGH, IMAGENET_LOW, AlphaBeta, Epsilon, Flat, Gamma, Norm, WSquare, ZBox, ZPlus
+from fxrel.rules.lrp import AlphaBeta, Epsilon, Flat, Gamma, Norm, WSquare, ZBox, ZPlus
 
 
 def seed_gradient(output: Any, mask: Any) -> Any:
@@ -66,6 +66,11 @@ class Method:
         return [Stream(s.name, (s.composite.with_rules(overrides) if overrides and not s.helper else s.composite
                                 ).plan(graph), s.seed, s.finalize, helper=s.helper) for s in specs]
 
+
+#: The default z^β bounds of every box rule: each image's own min and max (as RAP's code takes them), so the rule
+#: fits whatever domain the inputs are in; ImageNet's normalised extremes only when asked
+#: (``low=fxrel.rules.lrp.IMAGENET_LOW, high=IMAGENET_HIGH``).
+IMAGE_BOUND = "image"
 
 #: Output conventions, referenced by the registry entries.
 SIGNED = "signed, shaped like the input (sum over channels for a heatmap)"
@@ -204,7 +209,7 @@ def _lrp_w2(stabilizer: float) -> Method:
 
 
 @register("lrp_zbox", "z^β (box) at the first layer, z⁺ elsewhere", "Montavon et al. 2017", output=CONSERVING,
-          low=IMAGENET_LOW, high=IMAGENET_HIGH, stabilizer=1e-6)
+          low=IMAGE_BOUND, high=IMAGE_BOUND, stabilizer=1e-6)
 def _lrp_zbox(low, high, stabilizer: float) -> Method:
     return _lrp("lrp_zbox", ZPlus(stabilizer), first_rule=ZBox(low, high, stabilizer), first_kinds=(ops.CONV,),
                 stabilizer=stabilizer)
@@ -219,7 +224,7 @@ def _epf(epsilon: float, stabilizer: float) -> Method:
 
 @register("epsilon_gamma_box", "zennit EpsilonGammaBox: z^β first conv, γ convs, ε linear layers",
           "zennit; Montavon et al. 2019", output=CONSERVING,
-          low=IMAGENET_LOW, high=IMAGENET_HIGH, epsilon=1e-6, gamma=0.25,
+          low=IMAGE_BOUND, high=IMAGE_BOUND, epsilon=1e-6, gamma=0.25,
           stabilizer=1e-6)
 def _egb(low, high, epsilon: float, gamma: float, stabilizer: float) -> Method:
     return _lrp("epsilon_gamma_box", Gamma(gamma, stabilizer), linear=Epsilon(epsilon),
