@@ -159,7 +159,7 @@ def _partial_explainer(method: str | PartialExplainer, params: dict) -> tuple[Pa
         from fxrel.cam import cam
 
         def run_cam(model: nn.Module, crops: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            return cam(model, crops, targets, kind=CAM_METHODS[method], relu=False, **params)
+            return cam(model, crops, targets, kind=CAM_METHODS[method], relu=False, **{"upsample": None, **params})
         return run_cam, True
     import fxrel
 
