@@ -128,10 +128,11 @@ def _other_maps(s: Samples) -> dict:
     """The maps of the same images for :attr:`Samples.other_targets` (only the samples that have one)."""
     def compute() -> dict:
         valid = s.other_targets >= 0
-        maps = torch.zeros_like(s.maps)
-        if valid.any():
-            other = s.explain(s.model, s.x[valid], s.other_targets[valid]).detach()
-            maps[valid] = resize_maps(other, s.maps.shape[-2:]) if other.shape[-2:] != s.maps.shape[-2:] else other
+        # the whole chunk (single-object rows re-explain their own class), so the batch keeps the shape the
+        # method's relevance program was built for
+        maps = s.explain(s.model, s.x, torch.where(valid, s.other_targets, s.targets)).detach()
+        if maps.shape[-2:] != s.maps.shape[-2:]:
+            maps = resize_maps(maps, s.maps.shape[-2:])
         return {"maps": maps, "valid": valid}
     return s.once("other_maps", compute)
 
@@ -265,9 +266,11 @@ def evaluate(models: dict[str, nn.Module], scenes, methods: Sequence[str] = DEFA
             start = time.perf_counter()
             for chunk_start in range(0, len(pairs), batch_size):
                 chunk = pairs[chunk_start:chunk_start + batch_size]
-                samples, predicted = _samples(model, scenes, chunk, fn, device)
+                # the last chunk is padded with its last pair: one batch shape, one relevance program per method
+                padded = chunk + chunk[-1:] * (min(batch_size, len(pairs)) - len(chunk))
+                samples, predicted = _samples(model, scenes, padded, fn, device)
                 for name in metric_names:
-                    values = METRICS[name].compute(samples).detach().double().cpu().tolist()
+                    values = METRICS[name].compute(samples).detach().double().cpu().tolist()[:len(chunk)]
                     rows = result.records.setdefault((model_name, spec, name), {})
                     rows.update({pair: (v, p) for pair, v, p in zip(chunk, values, predicted)})
                 if progress is not None:

@@ -35,7 +35,6 @@ BASES: dict[str, tuple[str, ...]] = {
     "crsp": ("grad_cam", "gradient_x_input"),
     "srd": ("grad_cam",),
     "ucag:grad_cam": ("grad_cam",),
-    "ucag:layer_cam": ("layer_cam",),
     "ucag:epsilon_plus_flat": ("epsilon_plus_flat",),
 }
 SEED_METHODS: tuple[str, ...] = tuple(BASES)

@@ -1,7 +1,11 @@
 """UCAG — Unfold and Conquer Attribution Guidance (Hong, Nam, Jeon, Lee, AAAI 2023), a wrapper over any method.
 
 The image ``I`` (``H×W``) is unfolded into ``n²`` overlapping crops of ``h_c×w_c = ⌊ρH⌋×⌊ρW⌋`` pixels (Eq. 1–2),
-each up-scaled by ``α`` (bicubic) to ``⌊α h_c⌋×⌊α w_c⌋``. Every crop ``P_j`` is explained for the *full image's*
+each up-scaled (bicubic) to the input's own ``H×W`` (``alpha="input"``, the default) or, with a number, by ``α`` to
+``⌊α h_c⌋×⌊α w_c⌋`` (the paper's ``α = 2.6`` makes crops 1.44× the input). The default holds on networks trained
+without scale augmentation and on fixed-size classifiers (a flatten → linear head takes nothing else; ``1/ρ`` would
+floor to 95 px at 96 px); the paper's 1.44× crops are out of distribution for the first and impossible for the
+second. Every crop ``P_j`` is explained for the *full image's*
 class ``k`` (Eq. 3), ``M_j = E(P_j, k)``; all crops of a batch are explained as one batch, in equally shaped chunks
 of ``chunk_size`` crops (the last one padded), so the base method builds a single relevance program. Each partial
 map is weighted by the model's confidence on its crop (Eq. 4)::

@@ -204,3 +204,43 @@ def test_registry_lists_every_method_with_its_output_convention(net):
                        cam(net, x, [1, 3], layer="features.4"))
     with pytest.raises(fxrel.RuleError, match="post-hoc method"):
         fxrel.Explainer(net, "grad_cam")
+
+
+class _ResidualNet(nn.Module):
+    """Bias-free conv → ReLU → (conv → ReLU → conv) + skip → ReLU → global average pool → linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.stem = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.fc = nn.Linear(6, 4, bias=False)
+
+    def forward(self, x):
+        a = torch.relu(self.stem(x))
+        b = torch.relu(a + self.conv2(torch.relu(self.conv1(a))))
+        return self.fc(b.mean((2, 3)))
+
+
+@pytest.mark.parametrize("preset", ["zplus_box", "deep_taylor"])
+def test_presets_split_residual_sums_and_pooling_by_the_z_rule_and_conserve(preset):
+    """``sums="z_rule"`` (default): Σ R at the input equals the relevance the classifier layer received (the logit
+    for z⁺; for w² too, which conserves) on a bias-free residual net. ``sums="official"``: deep-Taylor's gradient
+    mapping copies R to both operands of the sum (Σ R grows), CLRP's uniform average pooling spreads a channel's
+    relevance evenly over the map whatever its activations (the map differs from the z-rule's)."""
+    model = _ResidualNet().eval().double()
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    targets = torch.tensor([0, 2, 3])
+    logits = model(x).gather(1, targets[:, None])[:, 0]
+    method = f"lrp_{preset}"
+    z = fxrel.Explainer(model, method)(x, targets).flatten(1).sum(1)
+    assert rel_error(z, logits) < 1e-6   # the presets' 1e-9 stabiliser
+    official = fxrel.Explainer(model, method, sums="official")(x, targets)
+    default = fxrel.Explainer(model, method)(x, targets)
+    assert rel_error(official, default) > 1e-3
+    if preset == "deep_taylor":
+        # the skip and the branch both got R at the one residual sum: Σ R doubles
+        assert rel_error(official.flatten(1).sum(1), 2 * logits) < 1e-6
+    with pytest.raises(fxrel.RuleError, match="unknown sums"):
+        fxrel.Explainer(model, method, sums="nope")(x, targets)

@@ -75,3 +75,12 @@ def test_the_vgg_takes_only_its_input_size_and_scene_model_loads_both_sets():
     assert set(SCENE_MODELS) >= set(ZOO_MODELS) and scene_model("demo-vgg").training is False
     with pytest.raises(ValueError, match="valid names"):
         scene_model("zoo-nope")
+
+
+def test_ucag_runs_on_the_fixed_input_vgg_with_its_defaults():
+    """Crops are explained at exactly the input size, the only size a flatten → linear head takes."""
+    model = zoo_model("zoo-vgg")
+    x = make_scenes(1, seed=0, split="test").images
+    for base in ("grad_cam", "epsilon_plus_flat"):
+        out = fxrel.explain(model, x, 3, method="ucag", base=base, n=3)
+        assert out.shape == (1, 64, 64) and torch.isfinite(out).all(), base
