@@ -1,7 +1,8 @@
 """SRD (Han, Kim, Kwak 2024; specs/srd.md): the closed-form rules against a literal per-kernel-position
-implementation (sharing ratios summing to 1), exact stage-to-stage conservation on random architectures with and
-without bias, no NaN where every contribution is zero, the initial sharing ratios against independent autograd
-computations, the identity check, batching and compiling."""
+implementation (sharing ratios summing to 1), max-pool → conv (→ BN) stages against a literal per-(pool offset × tap)
+one, exact stage-to-stage conservation on random architectures with and without bias, no NaN where every
+contribution is zero, the initial sharing ratios against independent autograd computations, the identity check,
+batching and compiling."""
 from __future__ import annotations
 
 import pytest
@@ -85,6 +86,100 @@ def test_every_contribution_zero_at_a_position_gives_no_nan():
         r = fxrel.Explainer(net, "srd", bias_norm=bias_norm)(x, 1)
         assert torch.isfinite(r).all()
         assert (r[..., :4, :4] == 0).all()
+
+
+# --- the literal per-piece max-pool → conv (→ BN) stage (Eq. 12-13, cal_simmap_mcr / mcbr) --------------------------
+def pool_stage_net(pool: tuple[int, int, int], bn: bool) -> nn.Sequential:
+    """conv → ReLU → max-pool → conv with bias (→ BatchNorm) → ReLU (X) → head."""
+    torch.manual_seed(2)
+    layers = [nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(*pool), nn.Conv2d(4, 5, 3, padding=1)]
+    if bn:
+        norm = nn.BatchNorm2d(5)
+        with torch.no_grad():
+            norm.running_mean.uniform_(-0.5, 0.5), norm.running_var.uniform_(0.5, 2.0)
+            norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
+        layers.append(norm)
+    net = nn.Sequential(*layers, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3)).eval().double()
+    with torch.no_grad():
+        for conv in (net[0], net[3]):
+            conv.bias.normal_(0, 0.5)
+    return net
+
+
+def literal_pool_conv_stage(pool: nn.MaxPool2d, conv: nn.Conv2d, norm: nn.BatchNorm2d | None, x: torch.Tensor,
+                            relevance: torch.Tensor, bias_norm: str) -> torch.Tensor:
+    """R_i = Σ_{j, (q, o, tap)} μ R_j for the stage ReLU output ``x`` [C, H, W] → max-pool → conv (→ BN) with the
+    target relevance ``R`` [Ho, Wo], one piece per (pooled position q, window offset o, conv tap): Eq. 12's channel
+    selection 1[argmax(q, c) = o] ⊙ x_i at i = s_p·q + o − π_p, then the tap W[:, :, u, v] (then the BN scale
+    γ/√(var+ε)); the bias (b, or BN's folded β + γ(b − μ)/√(var+ε)) shared by ‖piece‖ or ‖selected sub-vector‖ over
+    all of j's (o, tap) pieces. Asserts Σ pieces = v_j and Σ μ = 1."""
+    (kp, sp, pp), (s, _), (p, _) = (pool.kernel_size, pool.stride, pool.padding), conv.stride, conv.padding
+    w, scale, bias = conv.weight, torch.ones(conv.out_channels, dtype=x.dtype), conv.bias
+    if norm is not None:
+        scale = norm.weight / (norm.running_var + norm.eps).sqrt()
+        bias = norm.bias + scale * (conv.bias - norm.running_mean)
+    pooled = pool(x[None])[0]
+    hq, wq = pooled.shape[1:]
+    argmax = {}                                   # (q, c) → source position, the first maximum in the window
+    for qy in range(hq):
+        for qx in range(wq):
+            for c in range(x.shape[0]):
+                window = [(sp * qy + a - pp, sp * qx + b - pp) for a in range(kp) for b in range(kp)]
+                window = [(iy, ix) for iy, ix in window if 0 <= iy < x.shape[1] and 0 <= ix < x.shape[2]]
+                argmax[qy, qx, c] = max(window, key=lambda i: (x[c, i[0], i[1]].item(), -window.index(i)))
+    v = conv(pooled[None])[0] * scale[:, None, None] + (bias - conv.bias * scale)[:, None, None]
+    out = torch.zeros(x.shape[1:], dtype=x.dtype)
+    for oy in range(v.shape[1]):
+        for ox in range(v.shape[2]):
+            pieces, norms, sources = [], [], []
+            for u in range(w.shape[2]):
+                for t in range(w.shape[3]):
+                    qy, qx = s * oy + u - p, s * ox + t - p
+                    if not (0 <= qy < hq and 0 <= qx < wq):
+                        continue
+                    for a in range(kp):
+                        for b in range(kp):
+                            iy, ix = sp * qy + a - pp, sp * qx + b - pp
+                            if not (0 <= iy < x.shape[1] and 0 <= ix < x.shape[2]):
+                                continue
+                            selected = torch.tensor([float(argmax[qy, qx, c] == (iy, ix)) for c in range(len(x))],
+                                                    dtype=x.dtype) * x[:, iy, ix]
+                            pieces.append(scale * (w[:, :, u, t] @ selected))
+                            norms.append(pieces[-1].norm() if bias_norm == "piece" else selected.norm())
+                            sources.append((iy, ix))
+            total = sum(norms)
+            pieces = [piece + (bias * n / total if total > 0 else 0 * bias) for piece, n in zip(pieces, norms)]
+            target = v[:, oy, ox]
+            if total > 0:
+                assert (sum(pieces) - target).abs().max() < 1e-12
+            mu = [piece @ target / (target @ target) for piece in pieces]
+            if total > 0:
+                assert abs(sum(mu).item() - 1) < 1e-10          # Σ_i μ_{i→j} = 1 (Eq. 6)
+            for m, (iy, ix) in zip(mu, sources):
+                out[iy, ix] += m * relevance[oy, ox]
+    return out
+
+
+@pytest.mark.parametrize("bias_norm", ["piece", "source"])
+@pytest.mark.parametrize("pool, bn", [((2, 2, 0), False), ((3, 2, 1), True), ((3, 1, 1), False)],
+                         ids=["vgg-mcr", "resnet-mcbr", "overlapping-mcr"])
+def test_max_pool_conv_stage_shares_the_bias_over_pool_offsets_and_taps(bias_norm, pool, bn):
+    """§2 "MaxPool before a conv": the bias of a conv (with BN: the folded bias) that reads a max-pool is shared by
+    norm over every (pool offset × conv tap) piece. fxrel's input map equals the literal per-piece stage followed
+    by the literal per-tap first stage, from fxrel's relevance at X."""
+    net = pool_stage_net(pool, bn)
+    relu_x = "5" if bn else "4"
+    x = _x(2, 8, seed=4)
+    explainer = fxrel.Explainer(net, "srd", init="logit_share", bias_norm=bias_norm)
+    at_input, explanation = explainer(x, [0, 2]), explainer.attribute(x, [0, 2], stops=[relu_x])
+    with torch.no_grad():
+        for i in range(2):
+            at_x = explanation.relevance[relu_x][i].sum(0)
+            hidden = net[:2](x[i:i + 1])[0]
+            middle = literal_pool_conv_stage(net[2], net[3], net[4] if bn else None, hidden, at_x, bias_norm)
+            expected = literal_conv_stage(net[0], x[i], middle, bias_norm)
+            assert abs(expected.sum() - at_x.sum()) < 1e-10 * at_x.abs().sum()
+            assert rel_error(at_input[i].sum(0), expected) < 1e-10
 
 
 # --- conservation ----------------------------------------------------------------------------------------------------
@@ -225,8 +320,9 @@ def test_batched_equals_per_image_and_every_stage_sums_the_same():
 
 
 @pytest.mark.slow
-def test_compiled_equals_eager():
-    net, x = stage_net(2, 1, True), _x(2, 9)
+@pytest.mark.parametrize("pooled", [False, True], ids=["conv", "maxpool-conv-bn"])
+def test_compiled_equals_eager(pooled):
+    net, x = (pool_stage_net((3, 2, 1), True) if pooled else stage_net(2, 1, True)), _x(2, 9)
     eager = fxrel.Explainer(net, "srd")(x, [1, 2])
     assert rel_error(fxrel.Explainer(net, "srd", compile=True)(x, [1, 2]), eager) < 1e-10
 

@@ -12,7 +12,10 @@ PFV's relevance ``R_j = ⟨v_j, S_j⟩`` (§4), so that every linear piece is on
   exact VJP — and the bias ``b`` takes ``β_j = ⟨b, S_j⟩``, shared among the taps of ``j`` by the norm of their
   pieces ``‖W_tap x_src‖`` (``bias_norm="piece"``, the official code) or of their sources ``‖x_src‖``
   (``"source"``, the paper), all taps at once with one convolution by a tap-expanded kernel; a source's share
-  ``r_i`` enters its cotangent as ``x_i r_i / ‖x_i‖²``;
+  ``r_i`` enters its cotangent as ``x_i r_i / ‖x_i‖²``. A conv that reads a **max-pool** (the maxpool-conv(-BN)
+  composites, Eq. 12–13) shares it over every (pool offset × tap) piece ``W_tap x_q^{(o)}``, ``x_q^{(o)}`` the
+  channels of the pooled PFV whose maximum lies at window offset ``o``; a piece's share enters as
+  ``x_q^{(o)} r / ‖x_q^{(o)}‖²``, which the pool's VJP brings to that offset's source PFV alone;
 * **BatchNorm left unfolded, linear layers** — one piece per PFV: the VJP plus the whole bias share;
 * **max pooling** (Eq. 12–13) — the VJP through the recorded argmax indicators (channel by channel); **average
   pooling, padding, shape ops** — their VJP; **residual sums** — both operands get ``S`` (the parallel paths' pieces
@@ -60,6 +63,7 @@ from fxrel.rules.sectional import NotDecomposed
 BIAS_NORMS = ("piece", "source")
 INITS = ("paper", "logit_share", "grad_cam")
 CONTRASTS = ("none", "spatial_mean")
+aten = torch.ops.aten
 
 
 def _pfv(t: Any, s: Any) -> Any:
@@ -114,8 +118,32 @@ def _tap_expanded(groups: int):
     return expand
 
 
+def pool_pieces(pool: fx.Node, pooled: Any) -> list[Any]:
+    """Eq. 12: the max-pool's output ``x_q`` split by where each channel's maximum lies in the window of ``q``,
+    ``x_q^{(o)} = 1[argmax(q, c) = o] ⊙ x_q`` for every window offset ``o`` (the recorded argmax indices, channel by
+    channel; ``Σ_o x^{(o)} = x``). Each ``(q, o)`` is its own piece, so overlapping windows are no special case.
+
+    The offset is labelled by the argmax's row and column modulo the window's extent ``d·k``, which differ between
+    the ``k`` positions ``start + d·a`` of every window (``(d·k)²`` labels; ``k²`` for an undilated pool)."""
+    kernel, stride, padding, dilation, ceil = ops._pool_args(pool)
+    source = fx.Proxy(pooled.node.args[0], pooled.tracer)      # the pool's input in the recomputed forward pass
+    _, indices = aten.max_pool2d_with_indices.default(source, kernel, stride, padding, dilation, ceil)
+    width = pool.args[0].meta["tensor_meta"].shape[-1]
+    extent = [d * k for d, k in zip(dilation, kernel)]
+    offset = (indices // width) % extent[0] * extent[1] + (indices % width) % extent[1]
+    return [pooled * (offset == o) for o in range(extent[0] * extent[1])]
+
+
 class ConvSharing(Rule):
-    """App. B for a convolution: the weight pieces by VJP, the bias shared among the taps by norm."""
+    """App. B for a convolution: the weight pieces by VJP, the bias shared among the pieces by norm.
+
+    For output ``j`` with ``β_j = ⟨b, S_j⟩`` and pieces ``p`` with norms ``n_p(j)`` the source ``i`` of ``p`` receives
+    ``r_i = Σ_{(j, p) → i} β_j n_p(j) / Σ_p' n_p'(j)``, in its cotangent as ``x_i r_i / ‖x_i‖²``. The pieces are the
+    taps, ``W_tap x_src`` (``n = ‖W_tap x_src‖``, ``bias_norm="piece"``, or ``‖x_src‖``, ``"source"``; Eq. 11), and
+    for a convolution that reads a max-pool (``cal_simmap_mcr``/``mcbr``, BatchNorm folded) every (pool offset ×
+    tap) pair ``W_tap x_src^{(o)}`` (:func:`pool_pieces`; ``n = ‖W_tap x_src^{(o)}‖`` or ``‖x_src^{(o)}‖``): the
+    share of ``(q, o)`` enters the cotangent as ``x_q^{(o)} r_{q,o} / ‖x_q^{(o)}‖²``, which the pool's VJP sends to
+    the argmax positions of offset ``o``, i.e. to the source PFV ``s_p·q + o − π_p`` alone."""
 
     kinds = frozenset({ops.CONV})
 
@@ -129,29 +157,44 @@ class ConvSharing(Rule):
         if ctx.bias is None:
             return [grad]
         x, node = ctx.inputs[0], ctx.node
-        _, _, _, stride, padding, dilation, _, _, groups = node.args
         kernel = node.args[1].meta["tensor_meta"].shape[2:]
         if len(kernel) != 2:
             raise RuleError(f"SRD's bias shares are implemented for 2-D convolutions; node '{node.name}' is "
                             f"{len(kernel)}-D (module '{node.meta.get('fxrel_module', '')}')")
-        taps = ctx.constant(_tap_kernel(kernel))
-        if self.bias_norm == "piece":
-            pieces = ctx.forward([x], ctx.param("weight", f"taps{groups}", _tap_expanded(groups)))
-            out = node.meta["tensor_meta"].shape
-            norms = pieces.view(out[0], groups, kernel[0] * kernel[1], out[1] // groups, *out[2:])
-            norms = (norms * norms).sum((1, 3)).sqrt()                                     # [N, taps, Ho, Wo]
-        else:
-            norms = F.conv2d(_pfv(x, x).sqrt(), taps, None, stride, padding, dilation)
+        pooled = node.args[0].meta.get("fxrel_kind") == ops.MAXPOOL
+        sources = pool_pieces(node.args[0], x) if pooled else [x]
+        norms = [self._norms(ctx, source) for source in sources]                        # each [N, taps, Ho, Wo]
+        total = sum((n.sum(1, keepdim=True) for n in norms[1:]), norms[0].sum(1, keepdim=True))
         share = _pfv(ctx.bias.view(1, -1, 1, 1).expand_as(relevance), relevance)        # β_j = ⟨b, S_j⟩
-        per_tap = divide(share * norms, norms.sum(1, keepdim=True), 0.0)
-        in_size, out_size = node.args[0].meta["tensor_meta"].shape[2:], node.meta["tensor_meta"].shape[2:]
-        extra = [i - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
-                 for i, o, s, p, d, k in zip(in_size, out_size, stride, padding, dilation, kernel)]
-        received = F.conv_transpose2d(per_tap, taps, None, stride, padding, extra, 1, dilation)   # [N, 1, H, W]
-        return [grad + to_cotangent(x, received)]
+        for source, n in zip(sources, norms):
+            grad = grad + to_cotangent(source, _to_sources(ctx, divide(share * n, total, 0.0)))
+        return [grad]
+
+    def _norms(self, ctx: RuleContext, x: Any) -> Any:
+        """``n_tap(j)``, ``[N, taps, Ho, Wo]``: the norm of each tap's piece ``‖W_tap x_src‖`` or of its source."""
+        node = ctx.node
+        _, _, _, stride, padding, dilation, _, _, groups = node.args
+        kernel = node.args[1].meta["tensor_meta"].shape[2:]
+        if self.bias_norm == "source":
+            return F.conv2d(_pfv(x, x).sqrt(), ctx.constant(_tap_kernel(kernel)), None, stride, padding, dilation)
+        pieces = ctx.forward([x], ctx.param("weight", f"taps{groups}", _tap_expanded(groups)))
+        out = node.meta["tensor_meta"].shape
+        pieces = pieces.view(out[0], groups, kernel[0] * kernel[1], out[1] // groups, *out[2:])
+        return (pieces * pieces).sum((1, 3)).sqrt()
 
     def __repr__(self) -> str:
         return f"ConvSharing(bias_norm={self.bias_norm!r})"
+
+
+def _to_sources(ctx: RuleContext, per_tap: Any) -> Any:
+    """``[N, taps, Ho, Wo] → [N, 1, H, W]``: each tap's share summed at its source position (padding drops it)."""
+    node = ctx.node
+    _, _, _, stride, padding, dilation, _, _, _ = node.args
+    kernel = node.args[1].meta["tensor_meta"].shape[2:]
+    in_size, out_size = node.args[0].meta["tensor_meta"].shape[2:], node.meta["tensor_meta"].shape[2:]
+    extra = [i - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
+             for i, o, s, p, d, k in zip(in_size, out_size, stride, padding, dilation, kernel)]
+    return F.conv_transpose2d(per_tap, ctx.constant(_tap_kernel(kernel)), None, stride, padding, extra, 1, dilation)
 
 
 def srd_composite(bias_norm: str = "piece") -> Composite:
