@@ -61,11 +61,11 @@ POST_HOC: dict[str, PostHocInfo] = {
         "Smilkov et al. 2017", "as the base method (squared=True: non-negative)",
         {"base": "gradient", "samples": 16, "noise": 0.15}),
     "ucag": PostHocInfo(
-        "ucag", _unfolded, "UCAG of any method (base=NAME): n² crops up-scaled to the input size (alpha=2.6: the "
-        "paper's 1.44×) explained as one batch, "
+        "ucag", _unfolded, "UCAG of any method (base=NAME): n² crops (3/4 of the image) up-scaled to the input "
+        "size (the paper's rho=0.555, alpha=2.6: 1.44×) explained as one batch, "
         "confidence-weighted and folded back", "Hong et al. 2023",
         "[N, H, W] at the input's size; CAM bases: in [0, 1] (ReLU, min–max, blur), others: signed",
-        {"base": "grad_cam", "n": 6, "rho": 0.555, "alpha": "input", "weighting": "exp_softmax", "average": "coverage"}),
+        {"base": "grad_cam", "n": 6, "rho": 0.75, "alpha": "input", "weighting": "exp_softmax", "average": "coverage"}),
     "agf_ssl": PostHocInfo(
         "agf_ssl", ssl.agf_ssl, "AGF of a self-supervised network: the class its own classifier gives the latent "
         "minus the nearest reference latent (references=images or latents; further parameters go to agf)",

@@ -26,7 +26,7 @@ def echo(model: nn.Module, crops: torch.Tensor, targets: torch.Tensor) -> torch.
 
 
 def test_geometry_matches_official_layout_at_224():
-    g = unfold_geometry(224, 224, alpha=2.6)
+    g = unfold_geometry(224, 224, rho=0.555, alpha=2.6)
     assert g.crop == (124, 124) and g.scaled == (322, 322)
     assert unfold_geometry(224, 224).scaled == (224, 224)  # the default explains every crop at the input's size
     assert unfold_geometry(96, 96).scaled == (96, 96)      # alpha = 1/rho would floor to 95 px
@@ -38,7 +38,7 @@ def test_geometry_matches_official_layout_at_224():
 
 
 def test_geometry_ends_at_the_border_for_299():
-    g = unfold_geometry(299, 299)
+    g = unfold_geometry(299, 299, rho=0.555)
     assert g.crop == (165, 165) and g.rows[0] == 0 and g.rows[-1] + 165 == 299
     assert g.coverage().min() >= 1
 
