@@ -559,7 +559,10 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     print(result.table())
     print(verdicts)
     if args.markdown:
-        text = f"{header}\n\n{result.table(markdown=True)}\n\n## The bar\n\n{verdicts}\n"
+        command = "fxrel fidelity " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["fidelity"] else "fxrel fidelity"
+        text = (f"# Seed methods on the evaluation zoo\n\n{fidelity.__doc__.strip()}\n\nCommand: `{command}`\n\n"
+                f"{fidelity.model_summary(model_names)}\n\n{header}; ↑/↓: higher/lower is better, s: seconds\n\n"
+                f"{result.table(markdown=True)}\n\n## The bar\n\n{verdicts}\n")
         print(f"wrote {write_text(args.markdown, text)}")
     if args.json:
         print(f"wrote {write_text(args.json, json.dumps(result.to_json(), indent=1))}")

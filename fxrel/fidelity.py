@@ -14,13 +14,16 @@ multi-object scenes. ``fxrel fidelity --markdown docs/fidelity.md`` regenerates 
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from fxrel.demo.models import WEIGHTS_DIR as DEMO_WEIGHTS
 from fxrel.evaluation import EvalResult
+from fxrel.zoo.models import WEIGHTS_DIR as ZOO_WEIGHTS
 
 __all__ = ["REFERENCE", "SEED_METHODS", "BASES", "FIDELITY_METRICS", "Verdict", "judge", "methods_to_run",
-           "verdict_table"]
+           "model_summary", "verdict_table"]
 
 REFERENCE = "epsilon_plus_flat"
 PG_FRACTION = 0.85
@@ -81,6 +84,19 @@ def judge(result: EvalResult, model: str, method: str) -> Verdict:
             if not epg >= get(base, "energy_pointing_game"):
                 failures.append(f"EPG {epg:.2f} < {base} {get(base, 'energy_pointing_game'):.2f}")
     return Verdict(model, method, not failures, tuple(failures))
+
+
+def model_summary(models: Sequence[str]) -> str:
+    """Markdown: each model's parameters and test figures from its weights manifest."""
+    manifest = {**json.loads((DEMO_WEIGHTS / "manifest.json").read_text()),
+                **json.loads((ZOO_WEIGHTS / "manifest.json").read_text())}
+    lines = ["| model | parameters | training steps | test F1 | exact-set accuracy | mAP |", "|---|---|---|---|---|---|"]
+    for name in models:
+        entry = manifest[name]
+        test = entry["test"]
+        lines.append(f"| {name} | {entry['parameters']:,} | {entry['training']['steps']} | {test['f1']:.3f} | "
+                     f"{test['exact_set_accuracy']:.3f} | {test['map']:.3f} |")
+    return "\n".join(lines)
 
 
 def verdict_table(result: EvalResult, models: Sequence[str], seeds: Sequence[str] = SEED_METHODS) -> str:
