@@ -665,10 +665,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("eval", help="methods × metrics table on the demo or zoo models (torchrun for several processes)",
+    p = sub.add_parser("eval", help="methods × metrics table on the demo or zoo models (torchrun: several processes)",
                        description="Evaluate explanation methods with localisation, faithfulness, complexity, "
                                    "robustness and randomisation metrics on generated test scenes with ground "
-                                   "truth, for the trained demo or evaluation-zoo models. Under torchrun each process takes a "
+                                   "truth, for the trained demo or evaluation-zoo models. Under torchrun each process "
+                                   "takes a "
                                    "DistributedSampler shard and rank 0 prints the gathered table.")
     p.add_argument("--models", metavar="A,B,…", help="demo or zoo models, or 'demo' / 'zoo' for all of one set "
                                                       "(default: the four demo models)")

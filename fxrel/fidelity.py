@@ -90,7 +90,8 @@ def model_summary(models: Sequence[str]) -> str:
     """Markdown: each model's parameters and test figures from its weights manifest."""
     manifest = {**json.loads((DEMO_WEIGHTS / "manifest.json").read_text()),
                 **json.loads((ZOO_WEIGHTS / "manifest.json").read_text())}
-    lines = ["| model | parameters | training steps | test F1 | exact-set accuracy | mAP |", "|---|---|---|---|---|---|"]
+    lines = ["| model | parameters | training steps | test F1 | exact-set accuracy | mAP |",
+             "|---|---|---|---|---|---|"]
     for name in models:
         entry = manifest[name]
         test = entry["test"]

@@ -2,15 +2,19 @@
 
 The image ``I`` (``H×W``) is unfolded into ``n²`` overlapping crops of ``h_c×w_c = ⌊ρH⌋×⌊ρW⌋`` pixels (Eq. 1–2),
 each up-scaled (bicubic) to the input's own ``H×W`` (``alpha="input"``, the default) or, with a number, by ``α`` to
-``⌊α h_c⌋×⌊α w_c⌋`` (the paper's ``α = 2.6`` makes crops 1.44× the input). The defaults ``ρ = 0.75``, ``alpha="input"`` (each crop
-zoomed 1.33×) hold on networks trained without scale augmentation and on fixed-size classifiers (a flatten → linear
-head takes nothing else; ``α = 1/ρ`` would floor to 95 px at 96 px). The paper's ``ρ = 0.555, α = 2.6`` (zoom 2.6×,
-crops 1.44× the input) is out of distribution for the first and impossible for the second; zoom is the
-mechanism: on the zoo's BasicBlock ResNet (16 scenes, 36 pairs, Grad-CAM base, crops at the input size) ρ = 0.555 /
-0.65 / 0.75 / 0.9 (zoom 1.8 / 1.54 / 1.33 / 1.11×) give pointing game 0.92 / 1.00 / 1.00 / 1.00, energy pointing
-game 0.57 / 0.51 / 0.44 / 0.38 and discrimination 0.85 / 0.90 / 0.92 / 0.92, against Grad-CAM's 1.00, 0.35, 0.90. Every crop ``P_j`` is explained for the *full image's*
-class ``k`` (Eq. 3), ``M_j = E(P_j, k)``; all crops of a batch are explained as one batch, in equally shaped chunks
-of ``chunk_size`` crops (the last one padded), so the base method builds a single relevance program. Each partial
+``⌊α h_c⌋×⌊α w_c⌋`` (the paper's ``α = 2.6`` makes crops 1.44× the input).
+
+The defaults ``ρ = 0.75``, ``alpha="input"`` (each crop zoomed 1.33×) hold on networks trained without scale
+augmentation and on fixed-size classifiers (a flatten → linear head takes nothing else; ``α = 1/ρ`` would floor to
+95 px at 96 px). The paper's ``ρ = 0.555, α = 2.6`` (zoom 2.6×, crops 1.44× the input) is out of distribution for
+the first and impossible for the second. Zoom is the mechanism: on the zoo's BasicBlock ResNet (16 scenes, 36 pairs,
+Grad-CAM base, crops at the input size) ρ = 0.555 / 0.65 / 0.75 / 0.9 (zoom 1.8 / 1.54 / 1.33 / 1.11×) give pointing
+game 0.92 / 1.00 / 1.00 / 1.00, energy pointing game 0.57 / 0.51 / 0.44 / 0.38 and discrimination 0.85 / 0.90 / 0.92
+/ 0.92, against Grad-CAM's 1.00, 0.35, 0.90.
+
+Every crop ``P_j`` is explained for the *full image's* class ``k`` (Eq. 3), ``M_j = E(P_j, k)``; all crops of a batch
+are explained as one batch, in equally shaped chunks of ``chunk_size`` crops (the last one padded), so the base
+method builds a single relevance program. Each partial
 map is weighted by the model's confidence on its crop (Eq. 4)::
 
     Y_j = exp(p_j),   p_j = softmax(f(P_j))_k                        (weighting="exp_softmax", the paper)

@@ -33,5 +33,6 @@ from fxrel.metrics.randomisation import cascading_randomisation, spearman, ssim
 from fxrel.metrics.robustness import max_sensitivity
 
 __all__ = ["as_maps", "box_masks", "pointing_game", "energy_pointing_game", "attribution_localisation", "box_iou",
-           "sparseness", "discrimination", "map_correlation", "faithfulness_correlation", "insertion_deletion", "negative_perturbation", "map_density",
+           "sparseness", "discrimination", "map_correlation",
+           "faithfulness_correlation", "insertion_deletion", "negative_perturbation", "map_density",
            "max_sensitivity", "cascading_randomisation", "spearman", "ssim"]

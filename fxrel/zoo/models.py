@@ -49,8 +49,9 @@ class _GapClassifier(nn.Module):
 
 
 class ZooVGG(nn.Module):
-    """BatchNorm-free VGG: inputs centred (x − 0.5), conv(3×3, bias) + ReLU stages of widths 16, 16 | 32, 32 | 64, 64 | 128, each closed by a
-    2×2 max-pool (64 px → 4×4), then the fixed-size classifier flatten → Linear(2048, 128) → ReLU → Linear(128, 10)."""
+    """BatchNorm-free VGG: inputs centred (x − 0.5), conv(3×3, bias) + ReLU stages of widths 16, 16 | 32, 32 |
+    64, 64 | 128, each closed by a 2×2 max-pool (64 px → 4×4), then the fixed-size classifier flatten →
+    Linear(2048, 128) → ReLU → Linear(128, 10)."""
 
     WIDTHS = ((16, 16), (32, 32), (64, 64), (128,))
 
@@ -167,9 +168,11 @@ class InceptionA(nn.Module):
         super().__init__()
         self.branch1 = conv_bn_relu(cin, width, 1)
         self.branch3 = nn.Sequential(conv_bn_relu(cin, width, 1), conv_bn_relu(width, width))
-        self.branch_factorised = nn.Sequential(conv_bn_relu(cin, width // 2, 1), _conv_bn_relu_rect(width // 2, width, 1, 3),
+        self.branch_factorised = nn.Sequential(conv_bn_relu(cin, width // 2, 1),
+                                               _conv_bn_relu_rect(width // 2, width, 1, 3),
                                                _conv_bn_relu_rect(width, width, 3, 1))
-        self.branch_pool = nn.Sequential(nn.AvgPool2d(3, 1, 1, count_include_pad=False), conv_bn_relu(cin, width // 2, 1))
+        self.branch_pool = nn.Sequential(nn.AvgPool2d(3, 1, 1, count_include_pad=False),
+                                         conv_bn_relu(cin, width // 2, 1))
         self.channels = 3 * width + width // 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
