@@ -321,3 +321,17 @@ def test_example_srd_layers(tmp_path, capsys):
     sums = [line.split("Σ per pair ")[1] for line in out.splitlines() if line.startswith("SRD-")]
     assert len(sums) == 3 and len(set(sums)) == 1  # the same totals at every layer
     assert (tmp_path / "srd_layers.png").is_file()
+
+
+def test_fidelity_writes_the_page_and_judges_against_the_reference_and_the_base(tmp_path, capsys):
+    out = tmp_path / "fidelity.md"
+    assert main(["fidelity", "--models", "zoo-resnet", "--methods", "clrp", "--images", "2", "--metrics",
+                 "pointing_game,energy_pointing_game,discrimination", "--markdown", str(out), "-q"]) == 0
+    printed = capsys.readouterr().out
+    for method in ("epsilon_plus_flat", "lrp_zplus_box", "clrp"):   # the reference, the paper's base, the method
+        assert method in printed
+    page = out.read_text()
+    assert page.startswith("# Seed methods on the evaluation zoo") and "## The bar" in page and "zoo-resnet" in page
+    assert "(model, method) pairs hold" in page
+    assert main(["fidelity", "--methods", "gradient", "-q"]) == 2   # not a seed method: a usage error
+    assert "unknown methods gradient" in capsys.readouterr().err
