@@ -332,7 +332,7 @@ def model_cases(model: str, args: argparse.Namespace) -> list[Case]:
     srd_init = "grad_cam" if vgg else "logit_share"
     ucag_spec = "ucag[base=grad_cam,alpha=2.6,weighting=exp_softmax_max,average=coverage_plus_one]"
     at_layer = {"base_params": {"upsample": None}}
-    table = [Case("RAP", model, "rap[residual=official]", ("rap",), official_rap, size),
+    table = [Case("RAP", model, "rap[first_prop=official,dense=rap,residual=official]", ("rap",), official_rap, size),
              Case("RSP", model, "rsp[rgam_mode=official_single]", ("rsp",) if vgg else ("ucag",), official_rsp,
                   size if vgg else 224, note="" if vgg else "UCAG's ATTR/resnet_rsp.py; its AvgPool2d(7) needs 224 px")]
     if not vgg:

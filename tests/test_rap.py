@@ -59,9 +59,12 @@ def test_relevance_sum_is_the_logit_after_every_layer(spec):
 
 
 # --- §6.2 sign after the first step --------------------------------------------------------------------------------
+OFFICIAL = dict(first_prop="official", dense="rap")   # the official code's settings
+
+
 def test_first_step_gives_every_unit_the_logits_sign_in_proportion_to_its_contribution():
     net, x = small_net(), _x()
-    explanation = fxrel.Explainer(net, "rap", stops=["8"]).attribute(x, [1, 3])
+    explanation = fxrel.Explainer(net, "rap", stops=["8"], **OFFICIAL).attribute(x, [1, 3])
     r, a = explanation.relevance["8"], explanation.values["8"]     # the input of the last linear layer (≥ 0)
     y = _logits(explanation)
     contribution = (a * net[9].weight[[1, 3]]).abs()
@@ -70,6 +73,20 @@ def test_first_step_gives_every_unit_the_logits_sign_in_proportion_to_its_contri
     live = contribution > 0
     for i in range(2):
         assert torch.allclose(ratio[i][live[i]], y[i] / contribution[i].sum(), rtol=1e-10)
+
+
+def test_signed_first_step_returns_each_units_contribution_with_the_bias_shares():
+    """first_prop='signed' (default): R_i = x_i w_ti + the bias shares of §2 — both signs, Σ = y_t; without a bias
+    exactly x_i w_ti."""
+    net, x = small_net(), _x()
+    explanation = fxrel.Explainer(net, "rap", stops=["8"]).attribute(x, [1, 3])
+    r, a = explanation.relevance["8"], explanation.values["8"]
+    assert torch.allclose(r.sum(1), _logits(explanation), rtol=1e-10)
+    assert (r < 0).any() and (r > 0).any()
+    with torch.no_grad():
+        net[9].bias.zero_()
+    explanation = fxrel.Explainer(net, "rap", stops=["8"]).attribute(x, [1, 3])
+    assert rel_error(explanation.relevance["8"], a * net[9].weight[[1, 3]]) < 1e-12
 
 
 # --- §6.4 shift identity, §6.3 bipolarity, §6.5 support -----------------------------------------------------------
@@ -108,9 +125,9 @@ def test_a_seed_whose_maximum_is_not_one_takes_the_general_rule_at_the_classifie
     y = net(x).detach()
     seed = torch.zeros_like(y)
     seed[0, 1], seed[1, 3] = 2.5, 2.5
-    official = fxrel.Explainer(net, "rap")
+    official = fxrel.Explainer(net, "rap", **OFFICIAL)
     scaled = official(x, seed=seed)
-    generic = fxrel.Explainer(net, "rap", first_prop="generic")(x, seed=seed / y)
+    generic = fxrel.Explainer(net, "rap", first_prop="generic", dense="rap")(x, seed=seed / y)
     assert rel_error(scaled, generic) < 1e-10
     assert rel_error(scaled, 2.5 * official(x, [1, 3])) > 0.1
 
@@ -155,8 +172,8 @@ def _rap_layer(f, weight, a, r, linear):
     return _shift(c.detach(), r)
 
 
-def _first_prop(layer, a, r):
-    """§2: the official first_prop and its influence redistribution."""
+def _first_prop(layer, a, r, absolute=True):
+    """§2: the contributions and (``absolute``, the official first_prop) their influence redistribution."""
     px, nx = a.clamp(min=0).requires_grad_(), a.clamp(max=0).requires_grad_()
     pw, nw = layer.weight.clamp(min=0), layer.weight.clamp(max=0)
     z1, z2, z3, z4 = F.linear(px, pw), F.linear(px, nw), F.linear(nx, pw), F.linear(nx, nw)
@@ -165,7 +182,7 @@ def _first_prop(layer, a, r):
          + nx * _grad(z3, nx, _sdiv(z3 * r, z3)) + nx * _grad(z4, nx, _sdiv(z4 * r, z4))
          + px * _grad(z1, px, _sdiv(layer.bias * r * _sdiv(pos, pos + neg), z1))
          + px * _grad(z2, px, _sdiv(layer.bias * r * _sdiv(neg, pos + neg), z2))).detach()
-    return c.abs() * c.sum() / c.abs().sum()
+    return c.abs() * c.sum() / c.abs().sum() if absolute else c
 
 
 def _pooled_z_rule(pool, a, r):
@@ -188,8 +205,14 @@ def _z_beta(conv, a, r):
     return a * _grad(f(t, conv.weight), t, s) - low * _grad(f(t, wp), t, s) - high * _grad(f(t, wn), t, s)
 
 
-def rap_reference(net: nn.Sequential, x: torch.Tensor, target: int) -> torch.Tensor:
-    """RAP of one image, layer by layer as in the official code (rap.md §2–3)."""
+def _signed_dense(layer, a, r):
+    """dense='signed': the bias-free z-rule ``a ⊙ Wᵀ sdiv(r, W a)``."""
+    return a * (_sdiv(r, F.linear(a, layer.weight)) @ layer.weight)
+
+
+def rap_reference(net: nn.Sequential, x: torch.Tensor, target: int, official: bool = True) -> torch.Tensor:
+    """RAP of one image, layer by layer as in the official code (rap.md §2–3); ``official=False``: the defaults
+    (signed first step, signed dense layers)."""
     acts = [x]
     with torch.no_grad():
         for m in net:
@@ -198,7 +221,9 @@ def rap_reference(net: nn.Sequential, x: torch.Tensor, target: int) -> torch.Ten
     for i in reversed(range(len(net))):
         m, a = net[i], acts[i]
         if i == len(net) - 1:
-            r = _first_prop(m, a, r)
+            r = _first_prop(m, a, r, absolute=official)
+        elif isinstance(m, nn.Linear) and not official:
+            r = _signed_dense(m, a, r)
         elif isinstance(m, nn.Linear):
             r = _rap_layer(lambda v, w: F.linear(v, w), m.weight, a, r, linear=True)
         elif isinstance(m, nn.Conv2d) and i == 0:
@@ -212,13 +237,13 @@ def rap_reference(net: nn.Sequential, x: torch.Tensor, target: int) -> torch.Ten
     return r
 
 
-def test_explicit_graph_equals_the_literal_per_layer_equations():
+@pytest.mark.parametrize("official", [True, False])
+def test_explicit_graph_equals_the_literal_per_layer_equations(official):
     net, x = small_net(), _x(3)
     targets = [1, 3, 0]
-    graph = fxrel.Explainer(net, "rap")(x, targets)
-    reference = torch.cat([rap_reference(net, x[i:i + 1], t) for i, t in enumerate(targets)])
-    assert rel_error(graph, reference) < 1e-6
-    assert rel_error(graph, reference) < 1e-10  # in fact to float64 rounding
+    graph = fxrel.Explainer(net, "rap", **(OFFICIAL if official else {}))(x, targets)
+    reference = torch.cat([rap_reference(net, x[i:i + 1], t, official) for i, t in enumerate(targets)])
+    assert rel_error(graph, reference) < 1e-10  # to float64 rounding
 
 
 # --- batching, compiling, registry ----------------------------------------------------------------------------------
@@ -239,10 +264,13 @@ def test_compiled_equals_eager():
 
 def test_registered_with_its_output_convention():
     entry = fxrel.methods(detail=True)["rap"]
-    assert entry["defaults"] == {"first_prop": "official", "negative_inputs": False, "residual": "absolute"}
+    assert entry["defaults"] == {"first_prop": "signed", "dense": "signed", "negative_inputs": False,
+                                 "residual": "absolute"}
     assert "y_t" in entry["output"] and "Nam" in entry["reference"]
     with pytest.raises(fxrel.RuleError, match="first_prop"):
         fxrel.Explainer(small_net(), "rap", first_prop="agf")
+    with pytest.raises(fxrel.RuleError, match="dense"):
+        fxrel.Explainer(small_net(), "rap", dense="epsilon")
     with pytest.raises(fxrel.RuleError, match="residual"):
         fxrel.Explainer(small_net(), "rap", residual="signed")
 

@@ -1,14 +1,15 @@
-"""RAP: Relative Attributing Propagation (Nam, Gur, Choi, Wolf, Lee, AAAI 2020), as the official code computes it
+"""RAP: Relative Attributing Propagation (Nam, Gur, Choi, Wolf, Lee, AAAI 2020), after the official code
 (``specs/rap.md``; section numbers below refer to it).
 
 Rule per canonical node (``x`` a layer's input, ``R`` the relevance at its output, sums per sample):
 
 * **last linear layer** — the first propagation (§2, :class:`FirstPropagation`): the contributions ``C`` of the
-  four sign blocks ``x^±W^±`` plus the bias split between the ``pp`` and ``pn`` blocks (``C`` sums to ``y_t``), then
-  the influence redistribution ``R_i = |C_i| · ΣC / Σ|C|`` — every unit gets the sign of ``y_t``. The official
-  code takes this step only when the seed's maximum is exactly 1 (``first_prop="official"``, seed ``e_t``); any
-  other seed, and every seed with ``first_prop="generic"`` (AGF/UCAG's ``y_t e_t``), goes through the layer rule.
-* **conv / linear** — relevant and irrelevant contributions (§3.1, :func:`layer_rule`), bias dropped:
+  four sign blocks ``x^±W^±`` plus the bias split between the ``pp`` and ``pn`` blocks (``C`` sums to ``y_t``).
+  ``first_prop="signed"`` (default) passes ``C`` down as it is; ``first_prop="official"`` applies the influence
+  redistribution ``R_i = |C_i| · ΣC / Σ|C|`` — every unit gets the sign of ``y_t``. The official code takes this step
+  only when the seed's maximum is exactly 1 (seed ``e_t``); any other seed, and every seed with
+  ``first_prop="generic"`` (AGF/UCAG's ``y_t e_t``), goes through the dense rule.
+* **convolutions** — relevant and irrelevant contributions (§3.1, :func:`layer_rule`), bias dropped:
   ``Za1 = f(x⁺; W⁺)``, ``Za2 = f(x⁺; |W⁻|)``, ``D = Za1 + Za2``::
 
       conv:   C = x⁺⊙f*(W⁺; R⁺/Za1) + x⁺⊙f*(|W⁻|; R⁻/Za2) + x⁺⊙f*(|W⁻|; R/D)
@@ -19,6 +20,9 @@ Rule per canonical node (``x`` a layer's input, ``R`` the relevance at its outpu
   ``negative_inputs=True`` the ``x⁻`` half (``−f(x⁻;W⁺)``, ``f(x⁻;W⁻)`` in the places of ``Za1``, ``Za2``) is added with
   its own shift, as the official code does — ``ΣR`` is then counted twice; it is off by default (after a ReLU it is
   zero anyway).
+* **dense layers** — ``dense="signed"`` (default): the bias-free z-rule ``R_i = Σ_j x_i w_ij / Σ_i' x_i' w_i'j · R_j``
+  (:func:`signed_dense`); ``dense="rap"``: the linear form of the layer rule above, as the official code.
+
 * **input convolution** (reads the model input) — z^β with each image's min/max, no bias, ``sdiv`` (§3.2).
 * **ReLU, BatchNorm** (an unfolded affine; BatchNorm after a conv is folded into it) — identity (§3.3). The
   official BatchNorm rule is the identity up to its ``sdiv`` zeroing units with ``x·γ/σ = 0``; that mask is not
@@ -34,6 +38,17 @@ Rule per canonical node (``x`` a layer's input, ``R`` the relevance at its outpu
   ``pool(x) ≠ 0`` and drops ``R`` where the whole window is 0; that happens in DenseNet, whose pre-activation
   BatchNorm shifts zeros into live units, so winner-take-all is used to keep ``ΣR = y_t``.
 * **concatenation** — slicing (§3.3); padding and shape ops — their exact VJP.
+
+Why the defaults depart from the official code (``first_prop="official", dense="rap"``): RAP's absolute influence
+gives a unit relevance for the *size* of its contribution whatever its sign, so the units that vote *against* the
+target — the other objects' detectors — receive the target's relevance. In a convolution those units sit in the
+same receptive field and the uniform shift keeps the map local; at the classifier and in the dense layers after a
+flatten they sit anywhere in the image. Measured on the evaluation zoo (``fxrel fidelity --methods rap``, 12
+scenes, 29 pairs): with the official settings the class discrimination is 0.40–0.56 on all six models (0.5 is what a
+map gets that cannot tell two objects apart), below LRP-αβ's 0.66–0.95; the channel-summed relevance entering
+zoo-resnet's global pooling already has 0.41. With signed contributions at the classifier it is 0.93 there and at
+the input, and 0.89–0.97 on the six models (zoo-vgg 0.72 until its dense layer is signed too: 0.91); on 40 scenes
+zoo-resnet 0.964 and zoo-vgg 0.954 against LRP-αβ's 0.960 and 0.810. The convolutions keep RAP's rule and shift.
 
 Forks are sums for every architecture: a value used by several nodes receives the sum of what each sends back (the
 builder does this). This is the official Bottleneck behaviour (residual branch + skip after the downsample's rules).
@@ -95,6 +110,12 @@ class RAPLayer(Rule):
         return f"RAPLayer({self.positive!r}{', negative_inputs=True' if self.negative else ''})"
 
 
+def signed_dense() -> GenericRule:
+    """``dense="signed"``: the bias-free z-rule ``R_i = Σ_j x_i w_ij · sdiv(R_j, Σ_i' x_i' w_i'j)`` — signed
+    contributions, conserving; the bias is dropped and ``sdiv`` used as in RAP's own layer rule."""
+    return GenericRule((Group((Term(zero_bias=True),)),), 0.0, "RAP(dense, signed)")
+
+
 def influence(contributions: Any) -> Any:
     """§2, step 3: ``|C| · ΣC / Σ|C|`` — the magnitudes, rescaled to keep the total."""
     scale = divide(total(contributions), total(contributions.abs()), 0.0)
@@ -103,12 +124,13 @@ def influence(contributions: Any) -> Any:
 
 class FirstPropagation(Rule):
     """§2 at the last linear layer, for samples whose relevance has maximum 1 (the official seed ``e_t``); the
-    others go through ``general``. With ``Pos = Σ_j R_j(pp_j + nn_j)`` and ``Neg = Σ_j R_j(pn_j + np_j)``::
+    others go through ``general``. ``absolute`` (``first_prop="official"``) applies the influence redistribution;
+    without it (``first_prop="signed"``) the contributions ``C`` are the relevance. With ``Pos = Σ_j R_j(pp_j + nn_j)`` and ``Neg = Σ_j R_j(pn_j + np_j)``::
 
         C = x ⊙ Wᵀ R                                           (the four sign blocks, each returned by its z-rule)
           + x⁺ ⊙ W⁺ᵀ sdiv(b⊙R · Pos/(Pos+Neg), f(x⁺;W⁺))     (the bias share of the pp block)
           + x⁺ ⊙ W⁻ᵀ sdiv(b⊙R · Neg/(Pos+Neg), f(x⁺;W⁻))     (the bias share of the pn block)
-        R_in = |C| · ΣC / Σ|C|
+        R_in = |C| · ΣC / Σ|C|          (absolute)      R_in = C          (signed)
 
     A block's z-rule ``x^a ⊙ W^bᵀ sdiv(R⊙f(x^a;W^b), f(x^a;W^b))`` returns each contribution ``x_i w_ji`` itself (a
     zero block sum means every term of the block is 0), so the four blocks together are ``x ⊙ Wᵀ R``.
@@ -116,15 +138,15 @@ class FirstPropagation(Rule):
 
     kinds = frozenset({ops.LINEAR})
 
-    def __init__(self, general: Rule) -> None:
-        self.general = general
+    def __init__(self, general: Rule, absolute: bool = True) -> None:
+        self.general, self.absolute = general, absolute
 
     def __call__(self, ctx: RuleContext, relevance: Any) -> list[Any]:
         x = ctx.inputs[0]
         contributions = x * ctx.vjp(relevance)[0]
         if ctx.bias is not None:
             contributions = contributions + self._bias_shares(ctx, x, relevance)
-        first = influence(contributions).flatten(1)
+        first = (influence(contributions) if self.absolute else contributions).flatten(1)
         official = relevance.flatten(1).amax(1, keepdim=True) == 1
         general = self.general(ctx, relevance)[0].flatten(1)
         return [torch.where(official, first, general).view_as(x)]
@@ -142,31 +164,39 @@ class FirstPropagation(Rule):
         return x_pos * (ctx.vjp(to_pp, w_pos)[0] + ctx.vjp(to_pn, w_neg)[0])
 
     def __repr__(self) -> str:
-        return f"FirstPropagation(else {self.general!r})"
+        return f"FirstPropagation({'absolute' if self.absolute else 'signed'}, else {self.general!r})"
 
 
-def rap_composite(first_prop: str = "official", negative_inputs: bool = False, residual: str = "absolute"
-                  ) -> Composite:
-    """The RAP rule set (see the module docstring)."""
-    if first_prop not in ("official", "generic"):
-        raise RuleError(f"first_prop must be 'official' or 'generic', got {first_prop!r}")
+FIRST_PROPS = ("signed", "official", "generic")
+DENSE_RULES = ("signed", "rap")
+
+
+def rap_composite(first_prop: str = "signed", negative_inputs: bool = False, residual: str = "absolute",
+                  dense: str = "signed") -> Composite:
+    """The RAP rule set (see the module docstring); ``first_prop="official", dense="rap"`` is the official code."""
+    if first_prop not in FIRST_PROPS:
+        raise RuleError(f"first_prop must be one of {', '.join(map(repr, FIRST_PROPS))}, got {first_prop!r}")
+    if dense not in DENSE_RULES:
+        raise RuleError(f"dense must be one of {', '.join(map(repr, DENSE_RULES))}, got {dense!r}")
     if residual not in ("absolute", "official"):
         raise RuleError(f"residual must be 'absolute' or 'official', got {residual!r}")
     add_rule = AbsNorm() if residual == "absolute" else Norm(0.0)
-    conv, dense = RAPLayer(False, negative_inputs), RAPLayer(True, negative_inputs)
+    conv = RAPLayer(False, negative_inputs)
+    linear = RAPLayer(True, negative_inputs) if dense == "rap" else signed_dense()
     pairs = [(reads_input(ops.CONV), ZBox("image", "image", 0.0, ignore_bias=True))]
-    if first_prop == "official":
-        pairs.append((last(ops.LINEAR), FirstPropagation(dense)))
-    pairs += [(kind(ops.CONV), conv), (kind(ops.LINEAR), dense), (kind(ops.ACTIVATION, ops.AFFINE), Pass()),
+    if first_prop != "generic":
+        pairs.append((last(ops.LINEAR), FirstPropagation(linear, absolute=first_prop == "official")))
+    pairs += [(kind(ops.CONV), conv), (kind(ops.LINEAR), linear), (kind(ops.ACTIVATION, ops.AFFINE), Pass()),
               (kind(ops.ADD), add_rule), (kind(ops.AVGPOOL, ops.CENTER), Norm(0.0)), (kind(ops.GATE), GateAsWeight()),
               (kind(ops.MAXPOOL, ops.CAT, ops.SHAPE, ops.PAD), Gradient())]
-    return Composite(pairs, f"rap[{first_prop}, residual={residual}]")
+    return Composite(pairs, f"rap[{first_prop}, dense={dense}, residual={residual}]")
 
 
-@register("rap", "relative attributing propagation: absolute-influence first step, relevant/irrelevant split with "
-          "uniform shifting in every conv/linear layer, z^β input", "Nam et al. 2020 (RAP)",
+@register("rap", "relative attributing propagation: relevant/irrelevant split with uniform shifting in every "
+          "convolution, signed contributions in the dense layers, z^β input (first_prop='official', dense='rap': "
+          "the official code)", "Nam et al. 2020 (RAP)",
           "signed, shaped like the input; Σ R = y_t (the target logit) after every layer",
-          first_prop="official", negative_inputs=False, residual="absolute")
-def _rap(first_prop: str, negative_inputs: bool, residual: str) -> Method:
-    seed = seed_gradient if first_prop == "official" else seed_logit  # official: e_t; AGF/UCAG: y_t·e_t
-    return Method("rap", rap_composite(first_prop, negative_inputs, residual), seed)
+          first_prop="signed", dense="signed", negative_inputs=False, residual="absolute")
+def _rap(first_prop: str, dense: str, negative_inputs: bool, residual: str) -> Method:
+    seed = seed_logit if first_prop == "generic" else seed_gradient  # official/signed: e_t; AGF/UCAG: y_t·e_t
+    return Method("rap", rap_composite(first_prop, negative_inputs, residual, dense), seed)
