@@ -125,7 +125,8 @@ def influence(contributions: Any) -> Any:
 class FirstPropagation(Rule):
     """§2 at the last linear layer, for samples whose relevance has maximum 1 (the official seed ``e_t``); the
     others go through ``general``. ``absolute`` (``first_prop="official"``) applies the influence redistribution;
-    without it (``first_prop="signed"``) the contributions ``C`` are the relevance. With ``Pos = Σ_j R_j(pp_j + nn_j)`` and ``Neg = Σ_j R_j(pn_j + np_j)``::
+    without it (``first_prop="signed"``) the contributions ``C`` are the relevance. With
+    ``Pos = Σ_j R_j(pp_j + nn_j)`` and ``Neg = Σ_j R_j(pn_j + np_j)``::
 
         C = x ⊙ Wᵀ R                                           (the four sign blocks, each returned by its z-rule)
           + x⁺ ⊙ W⁺ᵀ sdiv(b⊙R · Pos/(Pos+Neg), f(x⁺;W⁺))     (the bias share of the pp block)
