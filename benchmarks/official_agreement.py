@@ -330,6 +330,7 @@ def model_cases(model: str, args: argparse.Namespace) -> list[Case]:
     vgg = model == "vgg16"
     size = args.vgg_size if vgg else args.size
     srd_init = "grad_cam" if vgg else "logit_share"
+    srd_spec = f"srd[init={srd_init},contrast=none,input_bias=shared]"   # the official code's settings
     ucag_spec = "ucag[base=grad_cam,alpha=2.6,weighting=exp_softmax_max,average=coverage_plus_one]"
     at_layer = {"base_params": {"upsample": None}}
     table = [Case("RAP", model, "rap[first_prop=official,dense=rap,residual=official]", ("rap",), official_rap, size),
@@ -343,12 +344,12 @@ def model_cases(model: str, args: argparse.Namespace) -> list[Case]:
         Case("cause: AGF, official safe_divide exact", model, "agf[residual=official,normalize=true]", ("agf",),
              lambda a, n, m, x, t: official_agf(a, n, m, x, t, exact_division=True), size, channel_sum,
              "official layers.safe_divide → a/b (0 where b=0)"),
-        Case("SRD", model, f"srd[init={srd_init}]", ("srd",), official_srd, size, channel_sum)]
+        Case("SRD", model, srd_spec, ("srd",), official_srd, size, channel_sum)]
     if not vgg:
-        table.append(Case("SRD (contrastive)", model, f"srd[init={srd_init},contrast=spatial_mean]", ("srd",),
+        table.append(Case("SRD (contrastive)", model, srd_spec.replace("none", "spatial_mean"), ("srd",),
                           lambda a, n, m, x, t: official_srd(a, n, m, x, t, contrast=True), size, channel_sum))
     return table + [
-        Case("cause: SRD, pool→conv biases 0", model, f"srd[init={srd_init}]", ("srd",), official_srd, size,
+        Case("cause: SRD, pool→conv biases 0", model, srd_spec, ("srd",), official_srd, size,
              channel_sum, "both sides", prepare=zero_pooled_conv_biases),
         Case("UCAG (Grad-CAM, --score)", model, ucag_spec, ("ucag",), official_ucag, args.ucag_size,
              note="partial CAMs at the layer's resolution, as the official wonorm maps", extra=at_layer),

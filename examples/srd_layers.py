@@ -2,7 +2,8 @@
 input, at 1/8 resolution ("high") and at the encoder output ("low"), each upsampled to the image, and AGF.
 
 Run: ``python3 examples/srd_layers.py [--model demo-resnet] [--images 3] [--out-dir out]`` (offline). Prints the
-map sizes and checks that every layer's map sums to the same total (SRD keeps Σ R exactly from stage to stage).
+map sizes and each map's sum: the same at every layer (SRD keeps Σ R exactly from stage to stage) but the input,
+where the first convolution's bias share is absorbed (``input_bias="absorbed"``, the default; ``"shared"`` keeps it).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="demo-resnet")
     parser.add_argument("--images", type=int, default=3)
     parser.add_argument("--init", default="logit_share", help="srd initial sharing ratio (paper/logit_share/grad_cam)")
+    parser.add_argument("--input-bias", default="absorbed", choices=("absorbed", "shared"),
+                        help="the first convolution's bias share: absorbed (default) or shared with the pixels")
     parser.add_argument("--out-dir", default="out")
     args = parser.parse_args(argv)
 
@@ -30,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs = [(i, int(c)) for i in range(len(scenes)) for c in scenes.labels[i].nonzero().flatten()]
     rows, targets = torch.tensor([i for i, _ in pairs]), torch.tensor([c for _, c in pairs])
     x = scenes.images[rows]
-    explainer = fxrel.Explainer(model, "srd", init=args.init)
+    explainer = fxrel.Explainer(model, "srd", init=args.init, input_bias=args.input_bias)
     raw = srd_maps(model, x, targets, explainer=explainer)
     shown = srd_maps(model, x, targets, upsample="input", explainer=explainer)
     agf = fxrel.explain(model, x, targets, method="agf").sum(1)

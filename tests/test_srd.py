@@ -18,6 +18,10 @@ from tests.helpers import random_targets, rel_error
 from tests.strategies import cnn_architectures
 
 
+#: the paper's exact conservation: the signed logit share without contrast, the input stage's bias shared
+EXACT = dict(init="logit_share", contrast="none", input_bias="shared")
+
+
 def _x(n: int = 2, size: int = 12, seed: int = 3) -> torch.Tensor:
     return torch.randn(n, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 
@@ -30,9 +34,11 @@ def stage_net(stride: int = 2, padding: int = 1, bias: bool = True) -> nn.Sequen
 
 
 # --- the literal per-kernel-position implementation (App. B, Eq. 6-8, 11) --------------------------------------------
-def literal_conv_stage(conv: nn.Conv2d, x: torch.Tensor, relevance: torch.Tensor, bias_norm: str) -> torch.Tensor:
+def literal_conv_stage(conv: nn.Conv2d, x: torch.Tensor, relevance: torch.Tensor, bias_norm: str,
+                       absorb_bias: bool = False) -> torch.Tensor:
     """R_i = Σ_{j, taps} μ_{i→j} R_j for one image ``x`` [C, H, W] and the target relevance ``R`` [Ho, Wo], looping
-    over output positions and kernel taps; asserts Σ μ = 1 at every position with v_j ≠ 0."""
+    over output positions and kernel taps; asserts Σ μ = 1 at every position with v_j ≠ 0. ``absorb_bias``: the
+    pieces are the weight taps alone (the bias's share is not passed on)."""
     w, b = conv.weight, conv.bias
     (s, _), (p, _) = conv.stride, conv.padding
     v = conv(x[None])[0]
@@ -46,7 +52,7 @@ def literal_conv_stage(conv: nn.Conv2d, x: torch.Tensor, relevance: torch.Tensor
                     if 0 <= iy < x.shape[1] and 0 <= ix < x.shape[2]:
                         pieces.append(w[:, :, u, t] @ x[:, iy, ix])
                         sources.append((iy, ix))
-            if b is not None:
+            if b is not None and not absorb_bias:
                 norms = [piece.norm() if bias_norm == "piece" else x[:, iy, ix].norm()
                          for piece, (iy, ix) in zip(pieces, sources)]
                 total = sum(norms)
@@ -55,7 +61,7 @@ def literal_conv_stage(conv: nn.Conv2d, x: torch.Tensor, relevance: torch.Tensor
             if target.norm() == 0:
                 continue
             mu = [piece @ target / (target @ target) for piece in pieces]
-            if b is None or total > 0:
+            if b is None or (not absorb_bias and total > 0):
                 assert abs(sum(mu).item() - 1) < 1e-10          # Σ_i μ_{i→j} = 1 (Eq. 6)
             for m, (iy, ix) in zip(mu, sources):
                 out[iy, ix] += m * relevance[oy, ox]
@@ -74,6 +80,28 @@ def test_closed_form_equals_the_per_kernel_position_loop(bias_norm, stride, padd
             target_relevance = explanation.relevance["1"][i].sum(0)          # R_j of the conv's output PFVs
             expected = literal_conv_stage(net[1], source, target_relevance, bias_norm)
             assert rel_error(explanation.relevance["0"][i].sum(0), expected) < 1e-10
+
+
+@pytest.mark.parametrize("input_bias", ["absorbed", "shared"])
+def test_the_stage_that_reads_the_image_absorbs_or_shares_its_bias(input_bias):
+    """input_bias='absorbed' (default): the pixels take the weight pieces' shares ⟨W_tap x_i, v_j⟩/‖v_j‖² R_j alone,
+    so Σ R at the image is Σ R_j less the bias's part Σ_j ⟨b, v_j⟩/‖v_j‖² R_j; 'shared': the literal stage, Σ kept."""
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 3)).eval().double()
+    x = _x(2, 7)
+    explanation = fxrel.Explainer(net, "srd", input_bias=input_bias).attribute(x, [0, 2], stops=["1"])
+    at_input = fxrel.Explainer(net, "srd", input_bias=input_bias)(x, [0, 2])
+    absorbed = input_bias == "absorbed"
+    with torch.no_grad():
+        v = net[0](x)
+        for i in range(2):
+            r = explanation.relevance["1"][i].sum(0)
+            expected = literal_conv_stage(net[0], x[i], r, "piece", absorb_bias=absorbed)
+            assert rel_error(at_input[i].sum(0), expected) < 1e-10
+            bias_part = ((net[0].bias.view(-1, 1, 1) * v[i]).sum(0) / (v[i] * v[i]).sum(0) * r).sum()
+            assert abs(at_input[i].sum() - (r.sum() - bias_part * absorbed)) < 1e-10 * r.abs().sum()
+            assert abs(bias_part) > 1e-3 * r.abs().sum()     # the case is not trivial
 
 
 def test_every_contribution_zero_at_a_position_gives_no_nan():
@@ -177,8 +205,8 @@ def test_max_pool_conv_stage_shares_the_bias_over_pool_offsets_and_taps(bias_nor
             at_x = explanation.relevance[relu_x][i].sum(0)
             hidden = net[:2](x[i:i + 1])[0]
             middle = literal_pool_conv_stage(net[2], net[3], net[4] if bn else None, hidden, at_x, bias_norm)
-            expected = literal_conv_stage(net[0], x[i], middle, bias_norm)
-            assert abs(expected.sum() - at_x.sum()) < 1e-10 * at_x.abs().sum()
+            expected = literal_conv_stage(net[0], x[i], middle, bias_norm, absorb_bias=True)  # input_bias="absorbed"
+            assert abs(middle.sum() - at_x.sum()) < 1e-10 * at_x.abs().sum()
             assert rel_error(at_input[i].sum(0), expected) < 1e-10
 
 
@@ -213,7 +241,7 @@ def _stage_sums(explainer: fxrel.Explainer, x: torch.Tensor, targets: torch.Tens
 def test_relevance_is_kept_exactly_from_stage_to_stage_without_bias(spec):
     model, x = spec.build()
     model, x = model.double(), x.double()
-    start, sums, _, _ = _stage_sums(fxrel.Explainer(model, "srd", init="logit_share"), x, random_targets(model, x))
+    start, sums, _, _ = _stage_sums(fxrel.Explainer(model, "srd", **EXACT), x, random_targets(model, x))
     scale = start.abs().clamp(min=1e-12)
     for name, total in sums.items():
         assert ((total - start).abs() / scale).max() < 1e-9, name
@@ -227,7 +255,7 @@ def test_relevance_is_kept_with_bias_apart_from_positions_that_see_only_zeros(sp
     zero)."""
     model, x = spec.build()
     model, x = model.double(), x.double()
-    start, _, at_input, dropped = _stage_sums(fxrel.Explainer(model, "srd", init="logit_share"), x,
+    start, _, at_input, dropped = _stage_sums(fxrel.Explainer(model, "srd", **EXACT), x,
                                               random_targets(model, x))
     assert ((at_input - (start - dropped)).abs() / start.abs().clamp(min=1e-12)).max() < 1e-9
 
@@ -245,7 +273,8 @@ def _head_gradients(net: nn.Sequential, x: torch.Tensor) -> tuple[torch.Tensor, 
 @pytest.mark.parametrize("init", ["paper", "logit_share", "grad_cam"])
 def test_initial_sharing_ratio_matches_an_autograd_computation(init):
     net, x, targets = stage_net(1, 1, True), _x(2, 6), torch.tensor([2, 0])
-    explanation = fxrel.Explainer(net, "srd", init=init).attribute(x, targets, stops=["2"])
+    contrast = {} if init == "paper" else {"contrast": "none"}
+    explanation = fxrel.Explainer(net, "srd", init=init, **contrast).attribute(x, targets, stops=["2"])
     a, grads, logits = _head_gradients(net, x)
     rows = torch.arange(2)
     phi = (a.unsqueeze(0) * grads.mean((3, 4), keepdim=True)).sum(2)          # Φ^k, [K, N, H, W]
@@ -273,7 +302,8 @@ def test_spatial_mean_contrast_centres_the_initial_map():
 def test_options_are_checked():
     net = stage_net()
     for bad, match in ((dict(init="cam"), "init"), (dict(contrast="class"), "contrast"),
-                       (dict(init="paper", contrast="spatial_mean"), "paper"), (dict(bias_norm="l1"), "bias_norm")):
+                       (dict(init="paper", contrast="spatial_mean"), "paper"), (dict(bias_norm="l1"), "bias_norm"),
+                       (dict(input_bias="dropped"), "input_bias")):
         with pytest.raises(fxrel.RuleError, match=match):
             fxrel.Explainer(net, "srd", **bad)(_x(1, 6), 0)
 
@@ -303,7 +333,7 @@ def test_relevance_stays_in_the_receptive_field_of_the_relevant_positions():
                         nn.Flatten(), head).eval().double()
     x = _x(1, 11).abs() + 0.1
     target = int(net(x).argmax())
-    explainer = fxrel.Explainer(net, "srd", init="logit_share")
+    explainer = fxrel.Explainer(net, "srd", **EXACT)
     top, bottom = explainer.attribute(x, target, stops=["3"]).relevance["3"].sum(1)[0], explainer(x, target).sum(1)[0]
     assert top[5, 5] != 0 and (top.abs().sum() == top[5, 5].abs())
     inside = torch.zeros_like(bottom, dtype=torch.bool)
@@ -350,7 +380,7 @@ def test_full_architectures_keep_every_stage_and_give_maps_at_every_resolution(s
 
     model = (build(source, name, size) if source == "torchvision" else _timm_with(name)).double()
     x = torch.randn(2, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    explainer = fxrel.Explainer(model, "srd", init="logit_share")
+    explainer = fxrel.Explainer(model, "srd", **EXACT)
     start, sums, _, dropped = _stage_sums(explainer, x, torch.tensor([1, 7]))
     assert (dropped == 0).all()
     for node, total in sums.items():
