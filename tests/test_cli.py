@@ -315,11 +315,17 @@ def test_example_apop_demo(capsys):
 
 
 def test_example_srd_layers(tmp_path, capsys):
+    """Every layer's map sums to the same total with the first convolution's bias shared; absorbed (the default),
+    the input's total differs and the hidden layers' still agree."""
     example = _load_example("srd_layers")
-    assert example.main(["--images", "1", "--out-dir", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    sums = [line.split("Σ per pair ")[1] for line in out.splitlines() if line.startswith("SRD-")]
-    assert len(sums) == 3 and len(set(sums)) == 1  # the same totals at every layer
+    for input_bias in ("shared", "absorbed"):
+        assert example.main(["--images", "1", "--out-dir", str(tmp_path), "--input-bias", input_bias]) == 0
+        out = capsys.readouterr().out
+        sums = {line.split(":")[0]: json.loads(line.split("Σ per pair ")[1])
+                for line in out.splitlines() if line.startswith("SRD-")}
+        assert list(sums) == ["SRD-input", "SRD-high", "SRD-low"]
+        assert sums["SRD-high"] == pytest.approx(sums["SRD-low"], abs=1e-3)
+        assert (sums["SRD-input"] == pytest.approx(sums["SRD-low"], abs=1e-3)) == (input_bias == "shared")
     assert (tmp_path / "srd_layers.png").is_file()
 
 

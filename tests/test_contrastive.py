@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -223,9 +224,47 @@ class _ResidualNet(nn.Module):
         return self.fc(b.mean((2, 3)))
 
 
+class _SignedPoolNet(nn.Module):
+    """DenseNet's transition: an average pooling of a convolution's output with no ReLU in between (signed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.stem = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.transition = nn.Conv2d(4, 4, 1, bias=False)
+        self.fc = nn.Linear(4, 3, bias=False)
+
+    def forward(self, x):
+        pooled = F.avg_pool2d(self.transition(torch.relu(self.stem(x))), 2)
+        return self.fc(torch.relu(pooled).mean((2, 3)))
+
+
+@pytest.mark.parametrize("method", ["lrp_zplus_box", "lrp_rap", "lrp_deep_taylor"])
+def test_absolute_split_of_a_signed_average_pooling_is_bounded_and_the_signed_one_amplifies(method):
+    """``sums="absolute"`` (default): ``R_i = |x_i| / Σ_window |x| · R`` at the pooling — Σ|R| kept exactly and each unit
+    at most its window's |R|; the signed z-rule (``sums="z_rule"``) sends ``x_i / Σ x`` of ``R`` where the window's
+    signs are mixed, so Σ|R| grows. Both keep Σ R. (CLRP and SGLRP run these presets in both of their streams.)"""
+    model = _SignedPoolNet().eval().double()
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    amplification = {}
+    for sums in ("absolute", "z_rule"):
+        explanation = fxrel.Explainer(model, method, sums=sums).attribute(x, [0, 2], stops=["*"])
+        pool = next(n for n in explanation.relevance if n.startswith("avg_pool"))
+        conv = next(n for n in explanation.relevance if n.startswith("convolution") and n.endswith("_1"))
+        r_out, r_in, a = explanation.relevance[pool], explanation.relevance[conv], explanation.values[conv]
+        assert rel_error(r_in.flatten(1).sum(1), r_out.flatten(1).sum(1)) < (1e-12 if sums == "absolute" else 1e-6)
+        if sums == "absolute":
+            literal = a.abs() / F.avg_pool2d(a.abs(), 2).repeat_interleave(2, 2).repeat_interleave(2, 3) / 4 * \
+                r_out.repeat_interleave(2, 2).repeat_interleave(2, 3)
+            assert rel_error(r_in, literal) < 1e-10
+        amplification[sums] = float(r_in.abs().sum() / r_out.abs().sum())
+    assert abs(amplification["absolute"] - 1) < 1e-10 < amplification["z_rule"] - 1
+
+
 @pytest.mark.parametrize("preset", ["zplus_box", "deep_taylor"])
-def test_presets_split_residual_sums_and_pooling_by_the_z_rule_and_conserve(preset):
-    """``sums="z_rule"`` (default): Σ R at the input equals the relevance the classifier layer received (the logit
+@pytest.mark.parametrize("sums", ["absolute", "z_rule"])
+def test_presets_split_residual_sums_and_pooling_and_conserve(preset, sums):
+    """``sums="absolute"`` (default) and ``"z_rule"``: Σ R at the input equals the relevance the classifier layer received (the logit
     for z⁺; for w² too, which conserves) on a bias-free residual net. ``sums="official"``: deep-Taylor's gradient
     mapping copies R to both operands of the sum (Σ R grows), CLRP's uniform average pooling spreads a channel's
     relevance evenly over the map whatever its activations (the map differs from the z-rule's)."""
@@ -234,10 +273,10 @@ def test_presets_split_residual_sums_and_pooling_by_the_z_rule_and_conserve(pres
     targets = torch.tensor([0, 2, 3])
     logits = model(x).gather(1, targets[:, None])[:, 0]
     method = f"lrp_{preset}"
-    z = fxrel.Explainer(model, method)(x, targets).flatten(1).sum(1)
+    z = fxrel.Explainer(model, method, sums=sums)(x, targets).flatten(1).sum(1)
     assert rel_error(z, logits) < 1e-6   # the presets' 1e-9 stabiliser
     official = fxrel.Explainer(model, method, sums="official")(x, targets)
-    default = fxrel.Explainer(model, method)(x, targets)
+    default = fxrel.Explainer(model, method, sums=sums)(x, targets)
     assert rel_error(official, default) > 1e-3
     if preset == "deep_taylor":
         # the skip and the branch both got R at the one residual sum: Σ R doubles
