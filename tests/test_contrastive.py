@@ -241,8 +241,8 @@ class _SignedPoolNet(nn.Module):
 
 @pytest.mark.parametrize("method", ["lrp_zplus_box", "lrp_rap", "lrp_deep_taylor"])
 def test_absolute_split_of_a_signed_average_pooling_is_bounded_and_the_signed_one_amplifies(method):
-    """``sums="absolute"`` (default): ``R_i = |x_i| / Σ_window |x| · R`` at the pooling — Σ|R| kept exactly and each unit
-    at most its window's |R|; the signed z-rule (``sums="z_rule"``) sends ``x_i / Σ x`` of ``R`` where the window's
+    """``sums="absolute"`` (default): ``R_i = |x_i| / Σ_window |x| · R`` at the pooling — Σ|R| kept exactly and each
+    unit at most its window's |R|; the signed z-rule (``sums="z_rule"``) sends ``x_i / Σ x`` of ``R`` where the window's
     signs are mixed, so Σ|R| grows. Both keep Σ R. (CLRP and SGLRP run these presets in both of their streams.)"""
     model = _SignedPoolNet().eval().double()
     x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -264,8 +264,8 @@ def test_absolute_split_of_a_signed_average_pooling_is_bounded_and_the_signed_on
 @pytest.mark.parametrize("preset", ["zplus_box", "deep_taylor"])
 @pytest.mark.parametrize("sums", ["absolute", "z_rule"])
 def test_presets_split_residual_sums_and_pooling_and_conserve(preset, sums):
-    """``sums="absolute"`` (default) and ``"z_rule"``: Σ R at the input equals the relevance the classifier layer received (the logit
-    for z⁺; for w² too, which conserves) on a bias-free residual net. ``sums="official"``: deep-Taylor's gradient
+    """``sums="absolute"`` (default) and ``"z_rule"``: Σ R at the input equals the relevance the classifier layer
+    received (the logit for z⁺; for w² too, which conserves) on a bias-free residual net. ``sums="official"``: deep-Taylor's gradient
     mapping copies R to both operands of the sum (Σ R grows), CLRP's uniform average pooling spreads a channel's
     relevance evenly over the map whatever its activations (the map differs from the z-rule's)."""
     model = _ResidualNet().eval().double()
