@@ -266,8 +266,8 @@ def test_absolute_split_of_a_signed_average_pooling_is_bounded_and_the_signed_on
 def test_presets_split_residual_sums_and_pooling_and_conserve(preset, sums):
     """``sums="absolute"`` (default) and ``"z_rule"``: Σ R at the input equals the relevance the classifier layer
     received (the logit for z⁺; for w² too, which conserves) on a bias-free residual net. ``sums="official"``:
-    deep-Taylor's gradient mapping copies R to both operands of the sum (Σ R grows), CLRP's uniform average pooling spreads a channel's
-    relevance evenly over the map whatever its activations (the map differs from the z-rule's)."""
+    deep-Taylor's gradient mapping copies R to both operands of the sum (Σ R grows), CLRP's uniform average pooling
+    spreads a channel's relevance evenly over the map whatever its activations (the map differs from the split's)."""
     model = _ResidualNet().eval().double()
     x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     targets = torch.tensor([0, 2, 3])
