@@ -619,6 +619,17 @@ def _add_model_options(p: argparse.ArgumentParser, *, positional_model: bool) ->
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
+def _add_table_options(p: argparse.ArgumentParser, images: int, written: str) -> None:
+    """The options ``eval`` and ``fidelity`` share: the scenes, batching, device, output files and progress bar."""
+    p.add_argument("--images", type=_positive_int, default=images, metavar="N", help=f"test scenes (default {images})")
+    p.add_argument("--seed", type=int, default=1, metavar="N", help="scene seed (default 1)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="pairs per batch (16)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
+    p.add_argument("--markdown", metavar="FILE.md", help=f"also write the {written} as markdown")
+    p.add_argument("--json", metavar="FILE.json", help="also write the means as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fxrel", description="Explain CNN image classifiers with relevance graphs.")
     from fxrel import __version__
@@ -678,14 +689,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", metavar="A,B,…", help="metrics (default: all but randomisation, the cascading "
                                                        "sanity check, which re-captures the model per layer; "
                                                        "names in fxrel.evaluation.METRICS)")
-    p.add_argument("--images", type=_positive_int, default=16, metavar="N", help="test scenes (default 16)")
-    p.add_argument("--seed", type=int, default=1, metavar="N", help="scene seed (default 1)")
+    _add_table_options(p, images=16, written="table")
     p.add_argument("--size", type=_positive_int, default=64, metavar="N", help="scene side length (default 64)")
-    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="pairs per batch (16)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
-    p.add_argument("--markdown", metavar="FILE.md", help="also write the table as markdown")
-    p.add_argument("--json", metavar="FILE.json", help="also write the means as JSON")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("fidelity", help="the seed methods against LRP-ε+♭ and their papers' bases on the zoo",
@@ -698,13 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", metavar="A,B,…", help="seed methods (default: " + ", ".join(SEED_METHODS) + ")")
     p.add_argument("--metrics", metavar="A,B,…", help="metrics (default: pointing_game, energy_pointing_game, "
                    "discrimination, class_correlation, insertion, deletion; the bar needs the first three)")
-    p.add_argument("--images", type=_positive_int, default=40, metavar="N", help="test scenes (default 40)")
-    p.add_argument("--seed", type=int, default=1, metavar="N", help="scene seed (default 1)")
-    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="pairs per batch (16)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
-    p.add_argument("--markdown", metavar="FILE.md", help="also write the tables as markdown")
-    p.add_argument("--json", metavar="FILE.json", help="also write the means as JSON")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_table_options(p, images=40, written="tables")
     p.set_defaults(func=cmd_fidelity)
 
     p = sub.add_parser("models", help="coverage report: which timm models fxrel explains, with peer columns",
