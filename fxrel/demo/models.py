@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fxrel.demo.registry import ShippedModels
 from fxrel.demo.scenes import NUM_CLASSES
 
 __all__ = ["DEMO_MODELS", "DemoVGG", "DemoResNet", "DemoDenseNet", "DemoInception", "build_model", "demo_model",
            "weights_path"]
 
-DEMO_MODELS: tuple[str, ...] = ("demo-vgg", "demo-resnet", "demo-densenet", "demo-inception")
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
@@ -167,29 +167,9 @@ class DemoInception(_Classifier):
         super().__init__(modules, cin)
 
 
-_ARCHITECTURES: dict[str, type[nn.Module]] = {"demo-vgg": DemoVGG, "demo-resnet": DemoResNet,
-                                              "demo-densenet": DemoDenseNet, "demo-inception": DemoInception}
-
-
-def _check_name(name: str) -> None:
-    if name not in _ARCHITECTURES:
-        raise ValueError(f"unknown demo model {name!r}; valid names: {', '.join(DEMO_MODELS)}")
-
-
-def build_model(name: str) -> nn.Module:
-    """A freshly initialised (untrained) demo model."""
-    _check_name(name)
-    return _ARCHITECTURES[name]()
-
-
-def weights_path(name: str, directory: Path = WEIGHTS_DIR) -> Path:
-    """Where the weights of ``name`` live: ``demo-resnet`` → ``<directory>/demo_resnet.pt``."""
-    _check_name(name)
-    return directory / f"{name.replace('-', '_')}.pt"
-
-
-def demo_model(name: str, device: torch.device | str = "cpu") -> nn.Module:
-    """The trained demo model ``name`` (one of ``DEMO_MODELS``) in eval mode on ``device``."""
-    model = build_model(name)
-    model.load_state_dict(torch.load(weights_path(name), map_location="cpu", weights_only=True))
-    return model.to(device).eval()
+DEMO = ShippedModels("demo", {"demo-vgg": DemoVGG, "demo-resnet": DemoResNet, "demo-densenet": DemoDenseNet,
+                               "demo-inception": DemoInception}, WEIGHTS_DIR)
+DEMO_MODELS: tuple[str, ...] = DEMO.names
+build_model = DEMO.build            #: a freshly initialised (untrained) demo model
+weights_path = DEMO.weights_path    #: ``demo-resnet`` → ``<directory>/demo_resnet.pt``
+demo_model = DEMO.load              #: the trained demo model in eval mode on a device

@@ -24,13 +24,12 @@ import torch
 from torch import nn
 
 from fxrel.demo.models import BasicBlock, conv_bn_relu
+from fxrel.demo.registry import ShippedModels
 from fxrel.demo.scenes import NUM_CLASSES
 
 __all__ = ["ZOO_MODELS", "INPUT_SIZE", "build_zoo_model", "zoo_model", "zoo_weights_path", "ZooVGG", "ZooResNet",
            "ZooBottleneckResNet", "ZooDenseNet", "ZooInception"]
 
-ZOO_MODELS: tuple[str, ...] = ("zoo-vgg", "zoo-resnet", "zoo-bottleneck", "zoo-densenet", "zoo-inception",
-                               "zoo-timm")
 INPUT_SIZE = 64  #: the side the zoo is trained at (and the only one ``zoo-vgg`` accepts)
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -233,29 +232,10 @@ def build_timm_resnet() -> nn.Module:
     return model
 
 
-_ARCHITECTURES = {"zoo-vgg": ZooVGG, "zoo-resnet": ZooResNet, "zoo-bottleneck": ZooBottleneckResNet,
-                  "zoo-densenet": ZooDenseNet, "zoo-inception": ZooInception, "zoo-timm": build_timm_resnet}
-
-
-def _check_name(name: str) -> None:
-    if name not in _ARCHITECTURES:
-        raise ValueError(f"unknown zoo model {name!r}; valid names: {', '.join(ZOO_MODELS)}")
-
-
-def build_zoo_model(name: str) -> nn.Module:
-    """A freshly initialised (untrained) zoo model."""
-    _check_name(name)
-    return _ARCHITECTURES[name]()
-
-
-def zoo_weights_path(name: str, directory: Path = WEIGHTS_DIR) -> Path:
-    """``zoo-resnet`` → ``<directory>/zoo_resnet.pt``."""
-    _check_name(name)
-    return directory / f"{name.replace('-', '_')}.pt"
-
-
-def zoo_model(name: str, device: torch.device | str = "cpu") -> nn.Module:
-    """The trained zoo model ``name`` (one of ``ZOO_MODELS``) in eval mode on ``device``."""
-    model = build_zoo_model(name)
-    model.load_state_dict(torch.load(zoo_weights_path(name), map_location="cpu", weights_only=True))
-    return model.to(device).eval()
+ZOO = ShippedModels("zoo", {"zoo-vgg": ZooVGG, "zoo-resnet": ZooResNet, "zoo-bottleneck": ZooBottleneckResNet,
+                             "zoo-densenet": ZooDenseNet, "zoo-inception": ZooInception,
+                             "zoo-timm": build_timm_resnet}, WEIGHTS_DIR)
+ZOO_MODELS: tuple[str, ...] = ZOO.names
+build_zoo_model = ZOO.build            #: a freshly initialised (untrained) zoo model
+zoo_weights_path = ZOO.weights_path    #: ``zoo-resnet`` → ``<directory>/zoo_resnet.pt``
+zoo_model = ZOO.load                   #: the trained zoo model in eval mode on a device
