@@ -3,7 +3,9 @@
 For each model: the canonical graph reproduces the eager output, BatchNorm after a conv is folded (only
 non-foldable ones stay affine), the gradient rule set equals autograd, and LRP-0 equals gradient × input.
 These are exactness claims, so they are checked in float64 (in float32, folding 50 calibrated BatchNorms changes the
-rounding by ~1e-5 of the logits). Inputs are small to keep CI fast; full-size float32 runs are marked slow.
+rounding by ~1e-5 of the logits). Inputs are small to keep CI fast; full-size float32 runs are marked slow, and so are
+the timm copies of the four families and torchvision's Inception-v3 (GoogLeNet runs the Inception branches by
+default; timm's models are sampled by tests/test_coverage.py).
 """
 from __future__ import annotations
 
@@ -23,6 +25,9 @@ MODELS = [
     ("timm", "vgg16", 32), ("timm", "resnet50", 32), ("timm", "densenet121", 32),
     ("timm", "inception_v3", 75), ("timm", "inception_v4", 75),
 ]
+#: run by default (one per family); the others take 25–97 s each on 2 cores and are marked slow
+DEFAULT_RUN = {("torchvision", "vgg16"), ("torchvision", "resnet50"), ("torchvision", "densenet121"),
+               ("torchvision", "googlenet")}
 
 
 def build(source: str, name: str, size: int = 32) -> torch.nn.Module:
@@ -35,7 +40,9 @@ def build(source: str, name: str, size: int = 32) -> torch.nn.Module:
     return calibrate_batchnorm(model, size, seed=1, perturb=0.1)  # non-trivial BatchNorm: folding is really tested
 
 
-@pytest.mark.parametrize("source,name,size", MODELS, ids=[f"{s}-{n}" for s, n, _ in MODELS])
+@pytest.mark.parametrize("source,name,size", [
+    pytest.param(*case, id=f"{case[0]}-{case[1]}", marks=() if case[:2] in DEFAULT_RUN else pytest.mark.slow)
+    for case in MODELS])
 def test_capture_canonicalize_and_explain(source, name, size):
     model = build(source, name, size).double()
     x = torch.randn(2, 3, size, size, dtype=torch.float64)
