@@ -14,6 +14,7 @@ from torch import nn
 import fxrel
 from fxrel.graphs import ops
 from fxrel.rules.rsp import feature_layer
+from fxrel.text import parse_spec
 from tests.helpers import random_targets, rel_error
 from tests.strategies import cnn_architectures
 
@@ -297,6 +298,16 @@ def test_spatial_mean_contrast_centres_the_initial_map():
     at_x = explainer.attribute(x, 1, stops=["2"]).relevance["2"]
     assert at_x.flatten(1).sum(1).abs().max() < 1e-12 and at_x.abs().sum() > 0
     assert explainer(x, 1).flatten(1).sum(1).abs().max() < 1e-12
+
+
+def test_contrast_none_in_a_method_spec_means_no_contrast():
+    """``srd[contrast=none]`` parses to ``contrast=None``: no contrast, as ``"none"`` — not the default ``"auto"``
+    (the spatial mean for the official initialisations)."""
+    net, x = stage_net(1, 1, True), _x(2, 6)
+    name, params = parse_spec("srd[init=grad_cam,contrast=none]")
+    from_spec = fxrel.Explainer(net, name, **params)(x, 1)
+    assert rel_error(from_spec, fxrel.Explainer(net, "srd", init="grad_cam", contrast="none")(x, 1)) == 0
+    assert rel_error(from_spec, fxrel.Explainer(net, "srd", init="grad_cam")(x, 1)) > 1e-3
 
 
 def test_options_are_checked():

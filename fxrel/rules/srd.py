@@ -46,7 +46,7 @@ as for RSP; §2 "Top"), ``init``:
 * ``"grad_cam"`` (the official VGG code) — ``ReLU(Σ_c α^t_c A_c)``;
 
 ``contrast="spatial_mean"`` subtracts the map's spatial mean (the official "contrastive SRD"; the default for the
-two official initialisations, ``None``), ``"none"`` leaves it (and is the only choice with ``paper``).
+two official initialisations, ``"auto"``), ``"none"`` leaves it (and is the only choice with ``paper``).
 
 The defaults — ``init="logit_share"``, the spatial-mean contrast, ``input_bias="absorbed"`` — are what holds on the
 evaluation zoo (``fxrel fidelity --methods srd``, 12 scenes, 29 pairs; class discrimination against Grad-CAM at the
@@ -238,10 +238,12 @@ class InitialSharing:
 
     stream = "srd_gradient"
 
-    def __init__(self, init: str = "logit_share", contrast: str | None = None) -> None:
+    def __init__(self, init: str = "logit_share", contrast: str | None = "auto") -> None:
         if init not in INITS:
             raise RuleError(f"init must be one of {INITS}, got {init!r}")
-        if contrast is None:   # the default: the official "contrastive SRD", which Eq. 4 already is
+        if contrast is None:   # ``contrast=none`` in a method spec parses to None
+            contrast = "none"
+        if contrast == "auto":   # the default: the official "contrastive SRD", which Eq. 4 already is
             contrast = "none" if init == "paper" else "spatial_mean"
         if contrast not in CONTRASTS:
             raise RuleError(f"contrast must be one of {CONTRASTS}, got {contrast!r}")
@@ -289,7 +291,7 @@ SRD_OUTPUT = ("signed, shaped like the stop node (input: like the image); its ch
 
 @register("srd", "sharing ratio decomposition: relevance of pre-activation pointwise feature vectors, shared by "
           "⟨piece, PFV⟩/‖PFV‖² through every conv, pooling, sum and concatenation below the encoder output",
-          "Han, Kim, Kwak 2024 (SRD)", SRD_OUTPUT, init="logit_share", contrast=None, bias_norm="piece",
+          "Han, Kim, Kwak 2024 (SRD)", SRD_OUTPUT, init="logit_share", contrast="auto", bias_norm="piece",
           input_bias="absorbed", layer=None)
 def _srd(init: str, contrast: str | None, bias_norm: str, input_bias: str, layer: str | None) -> SectionalMethod:
     return SectionalMethod("srd", srd_composite(bias_norm, input_bias), InitialSharing(init, contrast),
