@@ -60,6 +60,8 @@ KINDS: dict[str, str] = {
 LINEAR_KINDS = frozenset({CONV, LINEAR, AFFINE, AVGPOOL, ADD, CAT, PAD, SHAPE, CENTER})
 #: Kinds with parameters (weight, bias).
 PARAM_KINDS = frozenset({CONV, LINEAR, AFFINE})
+#: parameter-free sums (residual sums, average pooling, centring): rules split their relevance among the operands
+SUM_KINDS = (ADD, AVGPOOL, CENTER)
 
 
 def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:

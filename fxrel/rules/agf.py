@@ -68,7 +68,7 @@ from fxrel.rules.composite import Composite, after_last, kind, last, reads_input
 from fxrel.rules.factorization import check_options, factorize, max_normalize
 from fxrel.rules.generic import GenericRule, Group, Term, absolute, ones
 from fxrel.rules.gradient import GateAsWeight, Gradient, Pass
-from fxrel.rules.lrp import AbsNorm, Norm, ZBox
+from fxrel.rules.lrp import SumSplit, ZBox
 from fxrel.rules.methods import Method, StreamSpec, register
 from fxrel.rules.shift import total, uniform_shift
 
@@ -278,7 +278,7 @@ def agf_composite(factorization: Factorization = Factorization(), ablation: Abla
         pairs.append((where(_pointwise_or_residual), Influence()))
     pairs += [(kind(ops.CONV), AGFConv(factorization, ablation)), (kind(ops.LINEAR), AGFLinear()),
               (kind(ops.ACTIVATION, ops.AFFINE), Pass()),
-              (kind(ops.ADD, ops.AVGPOOL, ops.CENTER), Norm(0.0) if residual == "official" else AbsNorm()),
+              (kind(*ops.SUM_KINDS), SumSplit(absolute=residual == "absolute")),
               (kind(ops.MAXPOOL, ops.CAT, ops.SHAPE, ops.PAD), Gradient()), (kind(ops.GATE), GateAsWeight())]
     return Composite(pairs, f"agf[flat={flat}, residual={residual}]")
 

@@ -24,7 +24,7 @@ from fxrel.rules.base import Rule, RuleContext
 from fxrel.rules.composite import Composite, first, kind, last
 from fxrel.rules.generic import divide
 from fxrel.rules.gradient import GateAsWeight, Gradient, Pass
-from fxrel.rules.lrp import AbsNorm, Norm, WSquare, ZBox, ZPlus
+from fxrel.rules.lrp import Norm, SumSplit, WSquare, ZBox, ZPlus
 from fxrel.rules.methods import CONSERVING, IMAGE_BOUND, Method, StreamSpec, register, seed_gradient, seed_logit
 
 #: The scalar box of CLRP's official code, the extremes of ImageNet-normalised pixels (``low=CLRP_LOW,
@@ -71,8 +71,8 @@ def lrp_preset(preset: str, low: Any = IMAGE_BOUND, high: Any = IMAGE_BOUND, sum
     zplus = ZPlus(stabilizer, ignore_bias=True)
     common = [(kind(ops.ACTIVATION), Pass()), (kind(ops.AFFINE), Pass()), (kind(ops.GATE), GateAsWeight()),
               (kind(ops.MAXPOOL, ops.CAT, ops.SHAPE, ops.PAD), Gradient())]
-    z_rule = [(kind(ops.ADD, ops.AVGPOOL, ops.CENTER), Norm(stabilizer))]
-    split = [(kind(ops.ADD, ops.AVGPOOL, ops.CENTER), AbsNorm())] if sums == "absolute" else z_rule
+    z_rule = [(kind(*ops.SUM_KINDS), Norm(stabilizer))]
+    split = [(kind(*ops.SUM_KINDS), SumSplit(sums == "absolute", stabilizer))]
     if preset == "zplus_box":
         pairs = [(first(ops.CONV), ZBox(low, high, stabilizer)), (kind(ops.CONV, ops.LINEAR), zplus)]
         official = [(kind(ops.ADD), Norm(stabilizer)), (kind(ops.AVGPOOL, ops.CENTER), Gradient())]
@@ -82,7 +82,7 @@ def lrp_preset(preset: str, low: Any = IMAGE_BOUND, high: Any = IMAGE_BOUND, sum
     elif preset == "deep_taylor":
         pairs = [(first(), ZBox(low, high, stabilizer)), (last(), WSquare(stabilizer)),
                  (kind(ops.CONV, ops.LINEAR), zplus)]
-        official = [(kind(ops.ADD, ops.AVGPOOL, ops.CENTER), Gradient())]
+        official = [(kind(*ops.SUM_KINDS), Gradient())]
     else:
         raise RuleError(f"unknown LRP preset '{preset}'; use zplus_box, rap or deep_taylor")
     return Composite(pairs + (official if sums == "official" else split) + common, f"lrp[{preset}, sums={sums}]")
@@ -240,7 +240,7 @@ def excitation_composite() -> Composite:
     BatchNorm as the identity."""
     eps = 1e-20
     return Composite([(kind(ops.CONV, ops.LINEAR), ZPlus(eps, ignore_bias=True)),
-                      (kind(ops.AVGPOOL, ops.ADD, ops.CENTER), Norm(eps)), (kind(ops.AFFINE), Pass()),
+                      (kind(*ops.SUM_KINDS), Norm(eps)), (kind(ops.AFFINE), Pass()),
                       (kind(ops.GATE), GateAsWeight()),
                       (kind(ops.ACTIVATION, ops.MAXPOOL, ops.CAT, ops.SHAPE, ops.PAD), Gradient())],
                      "excitation_backprop")

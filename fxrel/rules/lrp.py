@@ -41,6 +41,12 @@ def AbsNorm() -> GenericRule:
     return single(Term(absolute, tag="abs"), 0.0, "AbsNorm()")
 
 
+def SumSplit(absolute: bool, stabilizer: float = 0.0) -> GenericRule:
+    """The split of a parameter-free sum (:data:`fxrel.graphs.ops.SUM_KINDS`): :func:`AbsNorm` (``absolute``) or
+    the signed z-rule :func:`Norm`."""
+    return AbsNorm() if absolute else Norm(stabilizer)
+
+
 def ZPlus(stabilizer: float = 1e-6, ignore_bias: bool = False) -> GenericRule:
     """z⁺ / α1β0 (Montavon et al. 2017, DTD): ``R_i = Σ_j (x_i⁺w_ij⁺ + x_i⁻w_ij⁻) / Σ_i' (…) · R_j``; the positive
     bias ``b⁺`` joins the denominator unless ``ignore_bias`` (the CLRP/RAP/innvestigate variant)."""

@@ -132,7 +132,7 @@ def _lrp(name: str, layer: Rule, *, linear: Rule | None = None, first_rule: Rule
         pairs.append((first(*first_kinds), first_rule))
     pairs += [(kind(ops.CONV), layer), (kind(ops.LINEAR), linear or layer),
               (kind(ops.ACTIVATION), Pass()), (kind(ops.AFFINE), affine or Pass()),
-              (kind(ops.ADD, ops.AVGPOOL, ops.CENTER), Norm(stabilizer)), *_STRUCTURAL]
+              (kind(*ops.SUM_KINDS), Norm(stabilizer)), *_STRUCTURAL]
     return Method(name, Composite(pairs, name), seed_logit)
 
 

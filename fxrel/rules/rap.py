@@ -70,7 +70,7 @@ from fxrel.rules.composite import Composite, kind, last, reads_input
 from fxrel.rules.generic import (GenericRule, Group, Term, divide, negative, negative_relevance, positive,
                                  positive_relevance)
 from fxrel.rules.gradient import GateAsWeight, Gradient, Pass
-from fxrel.rules.lrp import AbsNorm, Norm, ZBox, weights_neg, weights_pos
+from fxrel.rules.lrp import SumSplit, ZBox, weights_neg, weights_pos
 from fxrel.rules.methods import Method, register, seed_gradient, seed_logit
 from fxrel.rules.shift import Shifted, total
 
@@ -182,14 +182,13 @@ def rap_composite(first_prop: str = "signed", negative_inputs: bool = False, res
         raise RuleError(f"dense must be one of {', '.join(map(repr, DENSE_RULES))}, got {dense!r}")
     if residual not in ("absolute", "official"):
         raise RuleError(f"residual must be 'absolute' or 'official', got {residual!r}")
-    add_rule = AbsNorm() if residual == "absolute" else Norm(0.0)
     conv = RAPLayer(False, negative_inputs)
     linear = RAPLayer(True, negative_inputs) if dense == "rap" else signed_dense()
     pairs = [(reads_input(ops.CONV), ZBox("image", "image", 0.0, ignore_bias=True))]
     if first_prop != "generic":
         pairs.append((last(ops.LINEAR), FirstPropagation(linear, absolute=first_prop == "official")))
     pairs += [(kind(ops.CONV), conv), (kind(ops.LINEAR), linear), (kind(ops.ACTIVATION, ops.AFFINE), Pass()),
-              (kind(ops.ADD, ops.AVGPOOL, ops.CENTER), add_rule), (kind(ops.GATE), GateAsWeight()),
+              (kind(*ops.SUM_KINDS), SumSplit(absolute=residual == "absolute")), (kind(ops.GATE), GateAsWeight()),
               (kind(ops.MAXPOOL, ops.CAT, ops.SHAPE, ops.PAD), Gradient())]
     return Composite(pairs, f"rap[{first_prop}, dense={dense}, residual={residual}]")
 
