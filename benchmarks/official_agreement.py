@@ -52,6 +52,8 @@ from fxrel.text import format_markdown, parse_spec
 OFFICIAL_TOP_LEVEL = ("modules", "ATTR", "cam", "baselines", "util", "render", "parsing", "Extrans",
                       "AGFVisualization", "unfold_and_conquer")
 MODELS = ("vgg16", "resnet50")
+#: AGF as the official code computes it: the paper's score, gate and F_x, the official flats and signed z-split
+OFFICIAL_AGF = "agf[score=softmax_gaussian,gate=sigmoid,no_fx=false,flat=official,residual=official,normalize=true]"
 Patch = tuple[object, str, object]
 Official = Callable[[argparse.Namespace, str, nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -340,8 +342,8 @@ def model_cases(model: str, args: argparse.Namespace) -> list[Case]:
         table.append(Case("RSP (RSP repository's resnet.py)", model, "rsp[rgam_mode=official_single]",
                           ("rsp", "ucag"), official_rsp_repository_resnet, 224))
     table += [
-        Case("AGF", model, "agf[residual=official,normalize=true]", ("agf",), official_agf, size, channel_sum),
-        Case("cause: AGF, official safe_divide exact", model, "agf[residual=official,normalize=true]", ("agf",),
+        Case("AGF", model, OFFICIAL_AGF, ("agf",), official_agf, size, channel_sum),
+        Case("cause: AGF, official safe_divide exact", model, OFFICIAL_AGF, ("agf",),
              lambda a, n, m, x, t: official_agf(a, n, m, x, t, exact_division=True), size, channel_sum,
              "official layers.safe_divide → a/b (0 where b=0)"),
         Case("SRD", model, srd_spec, ("srd",), official_srd, size, channel_sum)]

@@ -34,11 +34,23 @@ def _x(n: int = 2, size: int = 12) -> torch.Tensor:
     return torch.randn(n, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
 
 
+#: the paper's score, gate and factorisation of the activations (the other defaults are the paper's too)
+PAPER = dict(score="softmax_gaussian", gate="sigmoid", no_fx=False)
+DEFAULT: dict = {}
+
+
 def yhat_t(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Alg. 1 lines 2–3, as the official code writes it (autograd reference)."""
     y_t = logits.gather(1, targets[:, None])
     sigma = (logits - y_t).abs().max(1, keepdim=True)[0]
     return F.softmax(y_t * torch.exp(-0.5 * ((logits - y_t) / sigma) ** 2), 1).gather(1, targets[:, None])
+
+
+def score_of(params: dict):
+    """The score both streams start from: ŷ_t (the paper) or the logit y_t (the default)."""
+    if params.get("score") == "softmax_gaussian":
+        return yhat_t
+    return lambda logits, targets: logits.gather(1, targets[:, None])
 
 
 # --- §2 the initial attribution --------------------------------------------------------------------------------------
@@ -61,23 +73,26 @@ def test_equal_logits_give_a_finite_seed():
     assert torch.isfinite(seed).all()
 
 
-def test_attribution_at_the_classifier_input_is_x_times_the_gradient_of_the_score():
-    """§10.6: Φ at the last linear layer's input = X ⊙ ∂ŷ_t/∂X (autograd through σ and y_t, nothing detached)."""
+@pytest.mark.parametrize("params", [DEFAULT, PAPER], ids=["logit", "softmax_gaussian"])
+def test_attribution_at_the_classifier_input_is_x_times_the_gradient_of_the_score(params):
+    """§10.6: Φ at the last linear layer's input = X ⊙ ∂s/∂X (autograd; for ŷ_t through σ and y_t, nothing
+    detached)."""
     net, x, targets = small_net(), _x(3), torch.tensor([1, 4, 0])
-    explanation = fxrel.Explainer(net, "agf").attribute(x, targets, stops=["10"])
+    explanation = fxrel.Explainer(net, "agf", **params).attribute(x, targets, stops=["10"])
     features = net[:11](x).detach().requires_grad_()
-    (grad,) = torch.autograd.grad(yhat_t(net[11](features), targets).sum(), features)
+    (grad,) = torch.autograd.grad(score_of(params)(net[11](features), targets).sum(), features)
     assert rel_error(explanation.relevance["10"], features * grad) < 1e-12
 
 
-def test_a_convolutional_classifier_gets_x_times_the_gradient_through_the_pooling_above_it():
+@pytest.mark.parametrize("params", [DEFAULT, PAPER], ids=["logit", "softmax_gaussian"])
+def test_a_convolutional_classifier_gets_x_times_the_gradient_through_the_pooling_above_it(params):
     torch.manual_seed(4)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 1), nn.AdaptiveAvgPool2d(1),
                         nn.Flatten()).eval().double()
     x, targets = _x(2), torch.tensor([3, 0])
-    explanation = fxrel.Explainer(net, "agf").attribute(x, targets, stops=["1"])
+    explanation = fxrel.Explainer(net, "agf", **params).attribute(x, targets, stops=["1"])
     features = net[:2](x).detach().requires_grad_()
-    (grad,) = torch.autograd.grad(yhat_t(net[2:](features), targets).sum(), features)
+    (grad,) = torch.autograd.grad(score_of(params)(net[2:](features), targets).sum(), features)
     assert rel_error(explanation.relevance["1"], features * grad) < 1e-12
 
 
@@ -245,7 +260,9 @@ def _m(x, grad, support=None):
     return _sdiv(m, m.max())
 
 
-def _conv_full(conv, a, phi, grad_in, grad_out):
+def _conv_full(conv, a, phi, grad_in, grad_out, paper=True):
+    """Eq. 9–14 (``paper``: Eq. 13 as written, ``r = 1[C≠0](A + F_∇x + (F_x + M)·sigmoid(C))``; otherwise the
+    defaults, ``r = 1[C>0](A + F_∇x + M)``)."""
     def f(v, w):
         return F.conv2d(v, w, None, conv.stride, conv.padding)
     m = _m(a, grad_in)
@@ -254,17 +271,20 @@ def _conv_full(conv, a, phi, grad_in, grad_out):
     c = _influence(f, conv.weight, a, phi)
     guide = c.mean(1, keepdim=True)
     f_x, f_dx = _literal_factorization(a, guide), _literal_factorization(masked, guide)
-    r = (f_x + m) / (1 + torch.exp(-c)) + f_dx + _influence(f, conv.weight, a, phi, ones=True)
-    return _shift(c, r * (c != 0).double())
+    a_term = _influence(f, conv.weight, a, phi, ones=True)
+    if paper:
+        return _shift(c, ((f_x + m) / (1 + torch.exp(-c)) + f_dx + a_term) * (c != 0).double())
+    return _shift(c, (m + f_dx + a_term) * (c > 0).double())
 
 
-def agf_reference(net: nn.Sequential, x: torch.Tensor, target: int) -> torch.Tensor:
-    """AGF of one image, layer by layer as in the official code (agf.md §2–4); the gradient stream by autograd."""
+def agf_reference(net: nn.Sequential, x: torch.Tensor, target: int, params: dict = PAPER) -> torch.Tensor:
+    """AGF of one image, layer by layer as in the official code (agf.md §2–4) or with the defaults; the gradient
+    stream by autograd."""
     acts = [x.detach().requires_grad_()]
     for m in net:
         acts.append(m(acts[-1]))
         acts[-1].retain_grad()
-    yhat_t(acts[-1], torch.tensor([target])).sum().backward()
+    score_of(params)(acts[-1], torch.tensor([target])).sum().backward()
     grads = [a.grad for a in acts]
     head = len(net) - 1
     phi = (acts[head] * grads[head]).detach()
@@ -280,7 +300,7 @@ def agf_reference(net: nn.Sequential, x: torch.Tensor, target: int) -> torch.Ten
         elif isinstance(m, nn.Conv2d) and i == 0:
             phi = _z_beta(m, a, phi)
         elif isinstance(m, nn.Conv2d):
-            phi = _conv_full(m, a, phi, grads[i], grads[i + 1])
+            phi = _conv_full(m, a, phi, grads[i], grads[i + 1], paper=params is PAPER)
         elif isinstance(m, nn.ReLU):
             phi = phi * (a > 0).double()
         elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
@@ -290,11 +310,12 @@ def agf_reference(net: nn.Sequential, x: torch.Tensor, target: int) -> torch.Ten
     return phi
 
 
-def test_explicit_graph_equals_the_literal_per_layer_equations():
+@pytest.mark.parametrize("params", [DEFAULT, PAPER], ids=["default", "paper"])
+def test_explicit_graph_equals_the_literal_per_layer_equations(params):
     net, x = small_net(), _x(3)
     targets = [1, 3, 0]
-    graph = fxrel.Explainer(net, "agf")(x, targets)
-    reference = torch.cat([agf_reference(net, x[i:i + 1], t) for i, t in enumerate(targets)])
+    graph = fxrel.Explainer(net, "agf", **params)(x, targets)
+    reference = torch.cat([agf_reference(net, x[i:i + 1], t, params) for i, t in enumerate(targets)])
     assert rel_error(graph, reference) < 1e-10
 
 
@@ -310,13 +331,16 @@ class _Block(nn.Module):
         return torch.relu(self.conv2(torch.relu(self.conv1(x))) + x)
 
 
-def test_residual_net_equals_the_literal_equations():
-    """Stem z^β, a block whose conv1 is full and conv2 flat, the official signed z-split at the sum, a summed fork."""
+@pytest.mark.parametrize("official", [True, False], ids=["official", "default"])
+def test_residual_net_equals_the_literal_equations(official):
+    """Stem z^β, a block and a summed fork. The official code: conv1 full, conv2 flat (it feeds the sum), the signed
+    z-split at the sum, ŷ_t; the defaults: both convs full, the absolute split ``|a| / Σ|·| · Φ``, y_t."""
     torch.manual_seed(2)
     stem, block, head = nn.Conv2d(3, 4, 3, padding=1), _Block(4), nn.Linear(4, 3)
     net = nn.Sequential(stem, nn.ReLU(), block, nn.AdaptiveAvgPool2d(1), nn.Flatten(), head).eval().double()
     x, target = _x(1, 6), 2
-    graph = fxrel.Explainer(net, "agf", residual="official")(x, target)
+    params = dict(residual="official", flat="official", **PAPER) if official else DEFAULT
+    graph = fxrel.Explainer(net, "agf", **params)(x, target)
 
     s = torch.relu(stem(x)).detach().requires_grad_()
     pre1 = block.conv1(s)
@@ -325,20 +349,25 @@ def test_residual_net_equals_the_literal_equations():
     summed = pre2 + s
     out = torch.relu(summed)
     pooled = out.mean((2, 3))
-    for t in (pre1, pooled):
+    for t in (pre1, h, pre2, pooled):
         t.retain_grad()
-    yhat_t(head(pooled), torch.tensor([target])).sum().backward()
-    grad_pre1 = pre1.grad
+    score_of(params)(head(pooled), torch.tensor([target])).sum().backward()
+    grad_pre1, grad_h, grad_pre2 = pre1.grad, h.grad, pre2.grad
     pre1, h, pre2, summed, out = (t.detach() for t in (pre1, h, pre2, summed, out))
     phi = pooled.detach() * pooled.grad                                              # Eq. 8 at the classifier
     phi = _pooled_z_rule(lambda t: t.mean((2, 3)), out, phi)                          # average pooling: z-rule
     phi = phi * (summed > 0).double()                                                 # ReLU
-    to_branch, to_skip = pre2 * _sdiv(phi, summed), s.detach() * _sdiv(phi, summed)   # signed z-split at the sum
-    phi = _influence(lambda v, w: F.conv2d(v, w, None, 1, 1), block.conv2.weight, h, to_branch)  # conv2: flat
+    if official:                                                                      # signed z-split at the sum
+        to_branch, to_skip = pre2 * _sdiv(phi, summed), s.detach() * _sdiv(phi, summed)
+        phi = _influence(lambda v, w: F.conv2d(v, w, None, 1, 1), block.conv2.weight, h, to_branch)  # conv2: flat
+    else:                                                                             # absolute split at the sum
+        share = _sdiv(phi, pre2.abs() + s.detach().abs())
+        to_branch, to_skip = pre2.abs() * share, s.detach().abs() * share
+        phi = _conv_full(block.conv2, h, to_branch, grad_h, grad_pre2, paper=False)     # conv2: full (h feeds it only)
     phi = phi * (pre1 > 0).double()                                                   # ReLU
     sr = s.detach().requires_grad_()
     grad_in = _grad(block.conv1(sr), sr, grad_pre1)                                    # ∇x of conv1 alone
-    phi = _conv_full(block.conv1, s.detach(), phi, grad_in, grad_pre1) + to_skip       # conv1: full; fork: sum
+    phi = _conv_full(block.conv1, s.detach(), phi, grad_in, grad_pre1, paper=official) + to_skip  # conv1; fork: sum
     phi = phi * (stem(x) > 0).double()                                                # ReLU
     reference = _z_beta(stem, x, phi.detach())
     assert rel_error(graph, reference) < 1e-10
@@ -354,8 +383,9 @@ def test_every_ablation_and_flat_all_reduces_to_absolute_influence():
     full = fxrel.Explainer(net, "agf")(x, [1, 2])
     assert rel_error(ablated, flat) > 1e-3  # the linear layer after the flatten still adds M
     assert rel_error(full, flat) > 1e-3
+    defaults = fxrel.methods(detail=True)["agf"]["defaults"]
     for switch in ("no_a", "no_fx", "no_fdx", "no_m", "no_reg", "gradcam"):
-        variant = fxrel.Explainer(net, "agf", **{switch: True})(x, [1, 2])
+        variant = fxrel.Explainer(net, "agf", **{switch: not defaults[switch]})(x, [1, 2])
         assert rel_error(variant, full) > 1e-6, switch
         assert abs(variant.sum().item() - full.sum().item()) < 1e-9 * abs(full.sum().item()) + 1e-12, switch
 
@@ -387,8 +417,10 @@ def test_registered_with_its_options():
     entry = fxrel.methods(detail=True)["agf"]
     assert entry["defaults"]["slope"] == 10.0 and entry["defaults"]["ridge"] == 1.0
     assert "Gur" in entry["reference"]
+    assert {k: entry["defaults"][k] for k in ("score", "gate", "no_fx", "flat")} == dict(
+        score="logit", gate="sign", no_fx=True, flat="paper")
     for bad in (dict(flat="some"), dict(residual="signed"), dict(background="zero"), dict(ridge=-1.0),
-                dict(slope=0.0)):
+                dict(slope=0.0), dict(score="softmax"), dict(gate="step")):
         with pytest.raises(fxrel.RuleError, match=next(iter(bad))):
             fxrel.Explainer(small_net(), "agf", **bad)
 
