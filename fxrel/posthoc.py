@@ -3,6 +3,7 @@ path/noise wrappers (Integrated Gradients, SmoothGrad) over any rule-set method.
 ``fxrel.methods()`` next to the rule sets and reachable through ``fxrel.explain(..., method=NAME)``."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -11,6 +12,12 @@ from torch import nn
 
 from fxrel import cam, ssl, ucag, wrappers
 from fxrel.explainer import Explainer, Target
+
+def keyword_defaults(fn: Callable[..., Any], *names: str) -> dict[str, Any]:
+    """The defaults of ``fn``'s keyword parameters ``names``, read from its signature (one place for each default)."""
+    parameters = inspect.signature(fn).parameters
+    return {name: parameters[name].default for name in names}
+
 
 CAM_OUTPUT = "non-negative [N, H, W] map at the input's size (upsample=None: at the layer's)"
 
@@ -65,7 +72,7 @@ POST_HOC: dict[str, PostHocInfo] = {
         "size (the paper's rho=0.555, alpha=2.6: 1.44×) explained as one batch, "
         "confidence-weighted and folded back", "Hong et al. 2023",
         "[N, H, W] at the input's size; CAM bases: in [0, 1] (ReLU, min–max, blur), others: signed",
-        {"base": "grad_cam", "n": 6, "rho": 0.75, "alpha": "input", "weighting": "exp_softmax", "average": "coverage"}),
+        {"base": "grad_cam", **keyword_defaults(ucag.ucag, "n", "rho", "alpha", "weighting", "average")}),
     "agf_ssl": PostHocInfo(
         "agf_ssl", ssl.agf_ssl, "AGF of a self-supervised network: the class its own classifier gives the latent "
         "minus the nearest reference latent (references=images or latents; further parameters go to agf)",

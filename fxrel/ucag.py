@@ -14,13 +14,13 @@ game 0.92 / 1.00 / 1.00 / 1.00, energy pointing game 0.57 / 0.51 / 0.44 / 0.38 a
 
 Every crop ``P_j`` is explained for the *full image's* class ``k`` (Eq. 3), ``M_j = E(P_j, k)``; all crops of a batch
 are explained as one batch, in equally shaped chunks of ``chunk_size`` crops (the last one padded), so the base
-method builds a single relevance program. Each partial
-map is weighted by the model's confidence on its crop (Eq. 4)::
+method builds a single relevance program. Each partial map is weighted by the model's confidence on its crop
+(Eq. 4)::
 
     Y_j = exp(p_j),   p_j = softmax(f(P_j))_k                        (weighting="exp_softmax", the paper)
 
 resized back to the crop (bilinear) and folded onto the canvas; the sum is divided by the duplication count
-``Γ`` (Eq. 5–6)::
+``Γ`` (Eq. 5–6; by ``Γ + 1`` by default, see below)::
 
     UCAG(I) = (Σ_j  Y_j · pad_j(resize(M_j)))  ⊘  Γ,    Γ = Σ_j pad_j(1)
 
@@ -28,12 +28,20 @@ Crop offsets: ``round(linspace(0, H − h_c, n))``, so the last crop ends exactl
 ``H = 224`` this is the official code's stride of 20 (offsets 0, 20, …, 100); for ``H = 299`` the official
 ``(H − h_c + 2) // (n − 1) = 27`` stride runs one pixel past the image, which this layout avoids.
 
-Options reproducing the official code (``KU-HJH/UCAG``): ``average="coverage_plus_one"`` divides by ``Γ + 1`` (its
-count starts at one); ``weighting="exp_softmax_max"`` divides the weights by their maximum over the crops
-(``--score``), ``weighting="none"`` is the code's default of no weighting; ``center=True`` subtracts each partial
-map's mean (its LRP wrappers). Post-processing follows the family of the base method: CAM maps are
-computed without their final ReLU (``wonorm``), and the aggregate is ReLU-ed, min–max normalised per image and
-blurred (Gaussian 5×5, σ = 3); propagation methods return the raw signed aggregate.
+The sum is divided by ``Γ + 1`` by default (``average="coverage_plus_one"``, the official code's divisor: its count
+starts at one), by ``Γ`` with ``average="coverage"`` (the paper). A pixel that few crops cover holds the average of
+few partial maps, and the maximum of a map of noisy averages falls where they are fewest: with ``Γ`` 14 of the 6 × 29
+Grad-CAM-based UCAG maxima on the zoo (12 scenes) lie where ``Γ ≤ 4`` (7.6 % of the pixels: the border and
+corners), 8 for Grad-CAM itself and 8 with ``Γ + 1``, which shrinks those pixels toward zero (``Γ/(Γ+1)`` = 1/2 at a
+corner, 36/37 at the centre). Pointing game over Grad-CAM on zoo-densenet and zoo-inception 0.97 → 1.00 (Grad-CAM
+1.00 and 0.97), over LRP-ε+♭ on zoo-densenet 0.55 → 0.59; energy pointing game up by 0.002–0.014 on every zoo model
+and both bases, discrimination within 0.001.
+
+Further options reproducing the official code (``KU-HJH/UCAG``): ``weighting="exp_softmax_max"`` divides the
+weights by their maximum over the crops (``--score``), ``weighting="none"`` is the code's default of no weighting;
+``center=True`` subtracts each partial map's mean (its LRP wrappers). Post-processing follows the family of the base
+method: CAM maps are computed without their final ReLU (``wonorm``), and the aggregate is ReLU-ed, min–max
+normalised per image and blurred (Gaussian 5×5, σ = 3); propagation methods return the raw signed aggregate.
 """
 from __future__ import annotations
 
@@ -193,8 +201,8 @@ def _as_maps(relevance: torch.Tensor, rows: int) -> torch.Tensor:
 
 def ucag(model: nn.Module, x: torch.Tensor, target: object = None, method: str | PartialExplainer = "grad_cam", *,
          n: int = 6, rho: float = 0.75, alpha: float | Literal["input"] = "input", weighting: Weighting = "exp_softmax",
-         average: Average = "coverage", postprocess: Literal["auto", "cam", "none"] = "auto", center: bool = False,
-         chunk_size: int = 16, method_params: dict | None = None) -> torch.Tensor:
+         average: Average = "coverage_plus_one", postprocess: Literal["auto", "cam", "none"] = "auto",
+         center: bool = False, chunk_size: int = 16, method_params: dict | None = None) -> torch.Tensor:
     """UCAG map ``[N, H, W]`` of ``method`` for the batch ``x`` (see the module docstring for the equations).
 
     ``target``: as in :meth:`fxrel.Explainer.attribute`, resolved once on the full images (``None``: predicted

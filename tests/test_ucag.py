@@ -44,12 +44,13 @@ def test_geometry_ends_at_the_border_for_299():
 
 
 @pytest.mark.parametrize("average, expected", [("coverage", lambda c, gamma: c * torch.ones_like(gamma)),
-                                               ("coverage_plus_one", lambda c, gamma: c * gamma / (gamma + 1))])
+                                               ("coverage_plus_one", lambda c, gamma: c * gamma / (gamma + 1)),
+                                               (None, lambda c, gamma: c * gamma / (gamma + 1))])   # the default
 def test_constant_explanation_is_averaged_by_the_coverage(average, expected):
     c = 2.5
     x = torch.rand(2, 3, 48, 40)
     out = ucag(small_cnn(), x, 1, method=lambda m, p, t: torch.full((len(p), 7, 9), c), weighting="none",
-               average=average)
+               **({} if average is None else {"average": average}))
     gamma = unfold_geometry(48, 40).coverage()
     torch.testing.assert_close(out, expected(c, gamma).expand_as(out), rtol=1e-6, atol=1e-6)
 
@@ -96,7 +97,7 @@ def test_pixel_echo_realigns_with_the_image():
     """E(P) = Σ_c P folds back onto Σ_c I (only resampling error); a transposed fold would not."""
     y, x_ = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 64), indexing="ij")
     image = torch.stack([torch.sin(3 * x_) * y, x_ ** 2, torch.cos(2 * y + x_)]).unsqueeze(0)
-    out = ucag(small_cnn(), image, 0, method=echo, weighting="none")[0]
+    out = ucag(small_cnn(), image, 0, method=echo, weighting="none", average="coverage")[0]
     expected = image[0].sum(0)
     err = (out - expected).norm() / expected.norm()
     assert err < 0.02
