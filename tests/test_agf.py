@@ -375,7 +375,7 @@ def test_residual_net_equals_the_literal_equations(official):
 
 # --- ablations, batching, compiling, registry ---------------------------------------------------------------------
 def test_every_ablation_and_flat_all_reduces_to_absolute_influence():
-    """§10.5: with every switch and flat="all", AGF is absolute-influence LRP seeded with X⊙∂ŷ_t/∂X."""
+    """§10.5: with every switch and flat="all", AGF is absolute-influence LRP seeded with X⊙∂s/∂X."""
     net, x = small_net(), _x(2)
     switches = dict(no_a=True, no_fx=True, no_fdx=True, no_m=True)
     flat = fxrel.Explainer(net, "agf", flat="all")(x, [1, 2])
