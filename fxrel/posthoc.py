@@ -13,6 +13,7 @@ from torch import nn
 from fxrel import cam, ssl, ucag, wrappers
 from fxrel.explainer import Explainer, Target
 
+
 def keyword_defaults(fn: Callable[..., Any], *names: str) -> dict[str, Any]:
     """The defaults of ``fn``'s keyword parameters ``names``, read from its signature (one place for each default)."""
     parameters = inspect.signature(fn).parameters
@@ -20,6 +21,7 @@ def keyword_defaults(fn: Callable[..., Any], *names: str) -> dict[str, Any]:
 
 
 CAM_OUTPUT = "non-negative [N, H, W] map at the input's size (upsample=None: at the layer's)"
+CAM_DEFAULTS = keyword_defaults(cam.cam, "layer", "upsample")
 
 
 @dataclass(frozen=True)
@@ -53,20 +55,20 @@ def _unfolded(model: nn.Module, x: torch.Tensor, target: Target, base: str = "gr
 
 POST_HOC: dict[str, PostHocInfo] = {
     "grad_cam": PostHocInfo("grad_cam", _cam("gradcam"), "Grad-CAM at any layer from the gradient stream",
-                            "Selvaraju et al. 2017", CAM_OUTPUT, {"layer": None, "upsample": "input"}),
+                            "Selvaraju et al. 2017", CAM_OUTPUT, CAM_DEFAULTS),
     "grad_cam_pp": PostHocInfo("grad_cam_pp", _cam("gradcam++"), "Grad-CAM++ at any layer",
-                               "Chattopadhay et al. 2018", CAM_OUTPUT, {"layer": None, "upsample": "input"}),
+                               "Chattopadhay et al. 2018", CAM_OUTPUT, CAM_DEFAULTS),
     "layer_cam": PostHocInfo("layer_cam", _cam("layercam"), "LayerCAM at any layer", "Jiang et al. 2021",
-                             CAM_OUTPUT, {"layer": None, "upsample": "input"}),
+                             CAM_OUTPUT, CAM_DEFAULTS),
     "integrated_gradients": PostHocInfo(
         "integrated_gradients", _wrapped(wrappers.integrated_gradients),
         "Integrated Gradients of any method (base=NAME): path points batched and chunked", "Sundararajan et al. 2017",
         "signed, shaped like the input; Σ ≈ f(x) − f(x₀) for base='gradient'",
-        {"base": "gradient", "steps": 32, "baseline": None}),
+        {"base": "gradient", **keyword_defaults(wrappers.integrated_gradients, "steps", "baseline")}),
     "smoothgrad": PostHocInfo(
         "smoothgrad", _wrapped(wrappers.smoothgrad), "SmoothGrad of any method (base=NAME): noisy copies batched",
         "Smilkov et al. 2017", "as the base method (squared=True: non-negative)",
-        {"base": "gradient", "samples": 16, "noise": 0.15}),
+        {"base": "gradient", **keyword_defaults(wrappers.smoothgrad, "samples", "noise")}),
     "ucag": PostHocInfo(
         "ucag", _unfolded, "UCAG of any method (base=NAME): n² crops (3/4 of the image) up-scaled to the input "
         "size (the paper's rho=0.555, alpha=2.6: 1.44×) explained as one batch, "
@@ -76,6 +78,6 @@ POST_HOC: dict[str, PostHocInfo] = {
     "agf_ssl": PostHocInfo(
         "agf_ssl", ssl.agf_ssl, "AGF of a self-supervised network: the class its own classifier gives the latent "
         "minus the nearest reference latent (references=images or latents; further parameters go to agf)",
-        "Gur, Ali, Wolf 2021 (AGF, Alg. 2)", "as agf", {"references": None, "combine": "difference",
-                                                        "batch_size": 64}),
+        "Gur, Ali, Wolf 2021 (AGF, Alg. 2)", "as agf",
+        keyword_defaults(ssl.agf_ssl, "references", "combine", "batch_size")),
 }
