@@ -44,8 +44,9 @@ but not by UCAG's doing: on zoo-bottleneck / zoo-densenet (12 scenes, LRP-ε+♭
 pointing game 0.848 → 0.906 / 0.650 → 0.720 and discrimination 0.926 → 0.949 / 0.894 → 0.915, and centering the
 base's own map gives 0.897 / 0.718 and 0.959 / 0.924: the shift removes weak positive relevance from any map.
 
-Post-processing follows the family of the base method: CAM maps are computed without their final ReLU (``wonorm``), and the aggregate is ReLU-ed, min–max
-normalised per image and blurred (Gaussian 5×5, σ = 3); propagation methods return the raw signed aggregate.
+Post-processing follows the family of the base method: CAM maps are computed without their final ReLU
+(``wonorm``), and the aggregate is ReLU-ed, min–max normalised per image and blurred (Gaussian 5×5, σ = 3);
+propagation methods return the raw signed aggregate.
 """
 from __future__ import annotations
 
