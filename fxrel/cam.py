@@ -36,14 +36,13 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from fxrel.errors import InputError, RuleError
 from fxrel.explainer import Explainer, Target
-from fxrel.graphs import ops
-from fxrel.graphs.builder import find_node
-from fxrel.graphs.canonical import cut_nodes
+from fxrel.graphs.analysis import find_node, last_feature_map, module_outputs
 from fxrel.imageops import resize_maps
+from fxrel.text import candidate_list
 
 __all__ = [
     "CAM_KINDS",
@@ -58,9 +57,6 @@ __all__ = [
 
 CamKind = Literal["gradcam", "gradcam++", "layercam"]
 Upsample = None | Literal["input"] | tuple[int, int]
-
-#: canonical node kinds that only resample/reshape a feature map: never chosen as the CAM layer by ``layer=None``
-RESAMPLING_KINDS = frozenset({ops.MAXPOOL, ops.AVGPOOL, ops.SHAPE, ops.PAD})
 
 
 # -- map formulas -----------------------------------------------------------------------------------------------------
@@ -166,65 +162,20 @@ def cam_explainer(model: nn.Module | Explainer) -> Explainer:
     return explainer
 
 
-def _shape(node: fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
-    return tuple(shape) if shape is not None else None
-
-
-def is_spatial(node: fx.Node) -> bool:
-    """Whether a canonical node outputs a 4-D feature map with more than one position."""
-    shape = _shape(node)
-    return shape is not None and len(shape) == 4 and shape[2] * shape[3] > 1
-
-
 def default_cam_layer(model: nn.Module | Explainer, x: torch.Tensor) -> str:
-    """The canonical node ``layer=None`` picks: the last spatial feature map.
-
-    Rule: walk the canonical graph in order to the first node that collapses the spatial dims (output not 4-D,
-    or 4-D with ``H·W = 1``: global pooling, flatten, linear …) on the main path (a squeeze-excitation gate's pooling
-    is a side branch and is skipped); the CAM layer is the last node before it with a
-    4-D output that is not a pooling/reshaping/padding node (so ResNet's final ReLU of ``layer4``, VGG's last
-    ReLU before the pooling in ``features``). Returns the node name (usable as ``layer``).
-    """
+    """The canonical node ``layer=None`` picks: the last spatial feature map
+    (:func:`fxrel.graphs.analysis.last_feature_map`: ResNet's final ReLU of ``layer4``, VGG's last ReLU before the
+    pooling in ``features``). Returns the node name (usable as ``layer``)."""
     graph = cam_explainer(model).canonical_graph(x)
-    chosen: fx.Node | None = None
-    separating = set(cut_nodes(graph))  # a gate's global pooling (squeeze-excitation) is a side branch
-    for node in graph.graph.nodes:
-        if node.op != "call_function":
-            continue
-        if not is_spatial(node):
-            if node in separating:
-                break
-            continue
-        if node.meta.get("fxrel_kind") not in RESAMPLING_KINDS:
-            chosen = node
-    if chosen is None:
-        raise InputError("found no 4-D feature map with spatial extent before the model collapses the spatial "
-                         f"dims; give layer= explicitly (candidates: {candidate_list(cam_layers(model, x))})")
-    return chosen.name
+    try:
+        return last_feature_map(graph).name
+    except RuleError as err:
+        raise InputError(f"{err}; give layer= explicitly") from None
 
 
 def cam_layers(model: nn.Module | Explainer, x: torch.Tensor) -> list[str]:
     """Module names whose output (their last canonical node) is a 4-D feature map: valid ``layer`` values."""
-    graph = cam_explainer(model).canonical_graph(x)
-    last: dict[str, fx.Node] = {}
-    for node in graph.graph.nodes:
-        module = node.meta.get("fxrel_module", "")
-        if node.op == "call_function" and module:
-            parts = module.split(".")
-            for i in range(1, len(parts) + 1):  # a module stands for the last node produced inside it
-                last[".".join(parts[:i])] = node
-    order = {n: i for i, n in enumerate(graph.graph.nodes)}
-    names = [name for name, node in last.items() if len(_shape(node) or ()) == 4]
-    return sorted(names, key=lambda name: (order[last[name]], name.count(".")))
-
-
-def candidate_list(names: list[str], limit: int = 12) -> str:
-    """A short listing of layer names: the first few and the deepest ones."""
-    if len(names) > limit:
-        return ", ".join(names[:3]) + ", …, " + ", ".join(names[-(limit - 3):]) + f" ({len(names)} in all)"
-    return ", ".join(names) if names else "none"
+    return module_outputs(cam_explainer(model).canonical_graph(x))
 
 
 # -- the driver -------------------------------------------------------------------------------------------------------

@@ -65,3 +65,10 @@ def format_markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     """The same table as GitHub markdown."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def candidate_list(names: list[str], limit: int = 12) -> str:
+    """A short listing of names (layers …): the first few and the last ones."""
+    if len(names) > limit:
+        return ", ".join(names[:3]) + ", …, " + ", ".join(names[-(limit - 3):]) + f" ({len(names)} in all)"
+    return ", ".join(names) if names else "none"

@@ -13,7 +13,7 @@ from torch import nn
 
 import fxrel
 from fxrel.graphs import ops
-from fxrel.graphs.canonical import cut_nodes
+from fxrel.graphs.analysis import cut_nodes
 from fxrel.rules.agf import delta_shift, softmax_gaussian_gradient
 from fxrel.rules.factorization import factorize
 from fxrel.ssl import neighbour_targets

@@ -11,7 +11,7 @@ from hypothesis import given
 from torch import nn
 
 import fxrel
-from fxrel.graphs.canonical import cut_nodes
+from fxrel.graphs.analysis import cut_nodes
 from fxrel.rules.composite import module
 from fxrel.rules.methods import Method, seed_gradient
 from fxrel.rules.rap import RAPLayer, rap_composite

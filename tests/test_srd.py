@@ -218,7 +218,7 @@ def _stage_sums(explainer: fxrel.Explainer, x: torch.Tensor, targets: torch.Tens
     explanation = explainer.attribute(x, targets, stops=["*"])
     canonical = explainer.canonical_graph(x)
     layer, above = feature_layer(canonical)
-    from fxrel.graphs.canonical import cut_nodes
+    from fxrel.graphs.analysis import cut_nodes
 
     order = list(canonical.graph.nodes)
     below = [n for n in cut_nodes(canonical) if order.index(n) <= order.index(layer)]

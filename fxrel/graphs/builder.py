@@ -26,7 +26,8 @@ from torch import fx
 
 from fxrel.errors import RuleError
 from fxrel.graphs import ops
-from fxrel.rules.base import Rule
+from fxrel.graphs.analysis import find_node
+from fxrel.graphs.rule_protocol import Rule
 
 Seed = Callable[..., Any]
 Finalize = Callable[[Any, Any], Any]
@@ -47,7 +48,7 @@ class Stream:
 
 @dataclass
 class _Context:
-    """The :class:`fxrel.rules.base.RuleContext` handed to rule templates."""
+    """The :class:`fxrel.graphs.rule_protocol.RuleContext` handed to rule templates."""
 
     node: fx.Node
     kind: str
@@ -170,19 +171,6 @@ class _Builder:
 
     def last(self) -> fx.Node:
         return self.graph._root.prev
-
-
-def find_node(canonical: fx.GraphModule, name: str) -> fx.Node:
-    """The canonical node called ``name``, or, for a module name, the module's output (the last node produced
-    inside it); ``RuleError`` when there is neither."""
-    nodes = {n.name: n for n in canonical.graph.nodes}
-    if name in nodes:
-        return nodes[name]
-    inside = [n for n in canonical.graph.nodes if n.op == "call_function"
-              and (n.meta.get("fxrel_module", "") + ".").startswith(name + ".")]
-    if inside:
-        return inside[-1]
-    raise RuleError(f"no node or module named '{name}' in the canonical graph")
 
 
 def build_relevance_graph(canonical: fx.GraphModule, streams: Sequence[Stream], start: str | None = None,

@@ -766,27 +766,6 @@ def mark_nonnegative(gm: fx.GraphModule) -> None:
         node.meta["fxrel_nonnegative"] = value
 
 
-def cut_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    """The nodes that every path from the inputs to the output passes through, in order (a sequential model's every
-    node; a residual network's block outputs, not the nodes inside a block): where a conserving method carries its
-    whole total, and where a model splits into a feature extractor and a classifier. A node is one unless an edge
-    jumps over it in the graph's topological order."""
-    nodes = [n for n in gm.graph.nodes if n.op in ("placeholder", "call_function")]
-    index = {n: i for i, n in enumerate(nodes)}
-    jumps = [0] * (len(nodes) + 1)
-    for node in nodes[1:]:
-        for arg in ops.tensor_inputs(node) if node.op == "call_function" else []:
-            if index[node] - index[arg] > 1:  # the edge jumps over the nodes strictly between its ends
-                jumps[index[arg] + 1] += 1
-                jumps[index[node]] -= 1
-    cuts, open_edges = [], 0
-    for i, node in enumerate(nodes):
-        open_edges += jumps[i]
-        if open_edges == 0:
-            cuts.append(node)
-    return cuts
-
-
 def canonicalize(captured: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...],
                  fold_batchnorm: bool = True) -> fx.GraphModule:
     """Map a captured graph onto the canonical op set, fold BatchNorm, and annotate every node's shape and sign."""

@@ -8,7 +8,7 @@ the relative map (:mod:`fxrel.rules.rgam`) becomes the initial relevance of the 
 exist only from X down.
 
 Layer X: ``layer=None`` picks the last spatial feature map before the model collapses the spatial dims, by the rule
-of :func:`fxrel.cam.default_cam_layer`, among the nodes that separate the model (VGG: the last ReLU of ``features``;
+of :func:`fxrel.graphs.analysis.last_feature_map`, among the nodes that separate the model (VGG: the last ReLU of ``features``;
 ResNet: ``layer4``'s output; DenseNet: the ReLU after ``norm5``; Inception: the last mixed block — at inputs so
 small that the last stage's output is 1×1, the previous stage's). ``layer="name"`` takes a node or module name; every
 layer above X must depend on the input through X only.
@@ -20,47 +20,20 @@ from typing import Sequence
 
 from torch import fx
 
-from fxrel.cam import RESAMPLING_KINDS, candidate_list, is_spatial
 from fxrel.errors import RuleError
 from fxrel.graphs import ops
-from fxrel.graphs.builder import Stream, find_node
-from fxrel.graphs.canonical import cut_nodes
+from fxrel.graphs.analysis import feature_maps, find_node, is_spatial, last_feature_map
+from fxrel.graphs.builder import Stream
 from fxrel.rules.base import Rule
 from fxrel.rules.composite import Matcher
 from fxrel.rules.methods import Method, register
 from fxrel.rules.rgam import ContrastiveExcitationMap, GradientMap
 from fxrel.rules.sectional import sectional_composite
-
-
-def feature_maps(graph: fx.GraphModule) -> list[fx.Node]:
-    """The spatial feature maps that separate the model (every later node depends on the input through them): the
-    nodes X may be, in forward order."""
-    return [n for n in cut_nodes(graph) if n.op == "call_function" and is_spatial(n)]
+from fxrel.text import candidate_list
 
 
 def _names(nodes: list[fx.Node]) -> str:
     return candidate_list(list(dict.fromkeys(n.meta.get("fxrel_module") or n.name for n in nodes)))
-
-
-def _last_feature_map(graph: fx.GraphModule) -> fx.Node:
-    """:func:`fxrel.cam.default_cam_layer`'s rule — the last spatial feature map before the first node that
-    collapses the spatial dims, skipping pooling/reshaping — restricted to nodes that separate the model."""
-    maps = set(feature_maps(graph))
-    separating = set(cut_nodes(graph))
-    chosen = collapse = None
-    for node in (n for n in graph.graph.nodes if n.op == "call_function"):
-        if not is_spatial(node):
-            if node not in separating:  # a side branch's global pooling (a squeeze-excitation gate)
-                continue
-            collapse = node
-            break
-        if node.meta.get("fxrel_kind") not in RESAMPLING_KINDS and node in maps:
-            chosen = node
-    if chosen is None:
-        raise RuleError("RSP starts at the last spatial feature map before the classifier, and this model has none "
-                        f"before node '{collapse.name}' collapses the spatial dims (module "
-                        f"'{collapse.meta.get('fxrel_module', '')}'); RSP needs a CNN")
-    return chosen
 
 
 def _named(graph: fx.GraphModule, layer: str) -> fx.Node:
@@ -94,7 +67,14 @@ def _above(graph: fx.GraphModule, layer: fx.Node) -> frozenset[str]:
 
 def feature_layer(graph: fx.GraphModule, layer: str | None = None) -> tuple[fx.Node, frozenset[str]]:
     """Layer X (``None``: the last spatial feature map) and the names of the nodes above it."""
-    node = _last_feature_map(graph) if layer is None else _named(graph, layer)
+    if layer is not None:
+        node = _named(graph, layer)
+    else:
+        try:
+            node = last_feature_map(graph, separating=True)
+        except RuleError as err:
+            raise RuleError(f"layer X is the last spatial feature map before the classifier, and this model has "
+                            f"none: {err}; RSP and SRD need a CNN") from None
     return node, _above(graph, node)
 
 
