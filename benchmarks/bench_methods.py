@@ -18,9 +18,9 @@ import argparse
 import sys
 
 import torch
+from bench_lrp import measure
 
 import fxrel
-from bench_lrp import measure
 from fxrel.coverage import relative_error as error
 from fxrel.random_weights import calibrate_batchnorm
 from fxrel.text import format_table

@@ -5,8 +5,8 @@
 """
 from fxrel.errors import CaptureError, FxrelError, InputError, RuleError, UnsupportedOpError
 from fxrel.explainer import Explainer, Explanation, explain
-from fxrel.rules.methods import REGISTRY, Method, make_method
 from fxrel.rules import agf, contrastive, rap, rsp, srd  # noqa: F401  (registers the rule-set methods)
+from fxrel.rules.methods import REGISTRY, Method, make_method
 
 __all__ = ["explain", "Explainer", "Explanation", "Method", "make_method", "methods", "FxrelError", "CaptureError",
            "UnsupportedOpError", "RuleError", "InputError"]

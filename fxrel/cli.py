@@ -271,7 +271,6 @@ def _target_label(target: int | str) -> str:
 # --- subcommands ----------------------------------------------------------------------------------------------------
 def cmd_methods(args: argparse.Namespace) -> int:
     import fxrel
-
     from fxrel.posthoc import POST_HOC
 
     table = fxrel.methods(detail=True)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.fx.interpreter import Interpreter
 
 import fxrel
 from fxrel.graphs import ops
-from torch.fx.interpreter import Interpreter
 from tests.helpers import autograd_input_gradient, random_targets, rel_error
 from tests.strategies import cnn_architectures
 

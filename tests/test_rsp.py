@@ -12,8 +12,8 @@ from torch import nn
 
 import fxrel
 from fxrel.graphs import canonicalize, capture, ops
-from fxrel.graphs.builder import build_relevance_graph
 from fxrel.graphs.analysis import cut_nodes
+from fxrel.graphs.builder import build_relevance_graph
 from fxrel.rules.composite import module
 from fxrel.rules.methods import Method, make_method, seed_gradient
 from fxrel.rules.rgam import purge, relative_relevance, sections

@@ -18,7 +18,6 @@ from fxrel.text import parse_spec
 from tests.helpers import random_targets, rel_error
 from tests.strategies import cnn_architectures
 
-
 #: the paper's exact conservation: the signed logit share without contrast, the input stage's bias shared
 EXACT = dict(init="logit_share", contrast="none", input_bias="shared")
 

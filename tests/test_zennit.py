@@ -32,8 +32,7 @@ torchvision = pytest.importorskip("torchvision")
 
 from zennit.attribution import Gradient  # noqa: E402
 from zennit.canonizers import CompositeCanonizer, SequentialMergeBatchNorm  # noqa: E402
-from zennit.composites import (  # noqa: E402
-    DeconvNet, EpsilonAlpha2Beta1Flat, EpsilonGammaBox, EpsilonPlusFlat, GuidedBackprop)
+from zennit.composites import DeconvNet, EpsilonAlpha2Beta1Flat, EpsilonGammaBox, EpsilonPlusFlat, GuidedBackprop  # noqa: E402
 from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer, ResNetCanonizer  # noqa: E402
 
 import fxrel  # noqa: E402

@@ -184,7 +184,9 @@ def _conv(c: _Canonicalizer, n: fx.Node):
         dilation, groups = given.get("dilation", [1] * dims), given.get("groups", 1)
     if isinstance(padding, str):
         raise c.unsupported(f"string padding '{padding}'")
-    expand = (lambda v: list(v) * dims if len(v) == 1 else list(v))
+
+    def expand(v: Any) -> list:
+        return list(v) * dims if len(v) == 1 else list(v)
     return c.emit(aten.convolution.default,
                   (c.value(x), c.param(weight, "weight"), c.param(c.const(b), "bias"), expand(stride),
                    expand(padding), expand(dilation), False, [0] * dims, groups))

@@ -25,10 +25,15 @@ metric                         dir.  reference
 """
 from fxrel.metrics.complexity import sparseness
 from fxrel.metrics.discrimination import discrimination, map_correlation
-from fxrel.metrics.localisation import (as_maps, attribution_localisation, box_iou, box_masks, energy_pointing_game,
-                                        pointing_game)
-from fxrel.metrics.perturbation import (faithfulness_correlation, insertion_deletion, map_density,
-                                        negative_perturbation)
+from fxrel.metrics.localisation import (
+                                        as_maps,
+                                        attribution_localisation,
+                                        box_iou,
+                                        box_masks,
+                                        energy_pointing_game,
+                                        pointing_game,
+)
+from fxrel.metrics.perturbation import faithfulness_correlation, insertion_deletion, map_density, negative_perturbation
 from fxrel.metrics.randomisation import cascading_randomisation, spearman, ssim
 from fxrel.metrics.robustness import max_sensitivity
 

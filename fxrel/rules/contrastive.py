@@ -177,7 +177,9 @@ def _scaled_difference(target: Any, dual: Any) -> Any:
 def _normalised_difference(target: Any, dual: Any) -> Any:
     t, d = target.flatten(1), dual.flatten(1)
     st, sd = _sums(target), _sums(dual)
-    safe = (lambda s: torch.where(s == 0, 1.0, s))
+
+    def safe(s: Any) -> Any:
+        return torch.where(s == 0, 1.0, s)
     return (t / safe(st) - d / safe(sd)).view_as(target)
 
 

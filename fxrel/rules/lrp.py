@@ -10,8 +10,8 @@ from typing import Sequence
 import torch
 
 from fxrel.errors import RuleError
+from fxrel.rules.generic import GenericRule, Group, Term, absolute, ones, single, split_signs
 from fxrel.sample_images import IMAGENET_MEAN, IMAGENET_STD
-from fxrel.rules.generic import absolute, GenericRule, Group, Term, ones, single, split_signs
 
 
 def weights_pos(p: torch.Tensor) -> torch.Tensor:

@@ -67,13 +67,20 @@ from fxrel.errors import RuleError
 from fxrel.graphs import ops
 from fxrel.rules.base import Rule, RuleContext
 from fxrel.rules.composite import Composite, kind, last, reads_input
-from fxrel.rules.generic import (GenericRule, Group, Term, divide, negative, negative_relevance, positive,
-                                 positive_relevance)
+from fxrel.rules.generic import (
+    GenericRule,
+    Group,
+    Term,
+    divide,
+    negative,
+    negative_relevance,
+    positive,
+    positive_relevance,
+)
 from fxrel.rules.gradient import GateAsWeight, Gradient, Pass
 from fxrel.rules.lrp import SumSplit, ZBox, weights_neg, weights_pos
 from fxrel.rules.methods import Method, register, seed_gradient, seed_logit
 from fxrel.rules.shift import Shifted, total
-
 
 #: (Za1, Za2) for x⁺: the positive contributions f(x⁺; W⁺) and the magnitudes of the negative ones f(x⁺; |W⁻|)
 _X_POS = (Term(positive, weights_pos, "pos", zero_bias=True), Term(positive, weights_neg, "neg", True, -1.0))

@@ -8,10 +8,10 @@ the relative map (:mod:`fxrel.rules.rgam`) becomes the initial relevance of the 
 exist only from X down.
 
 Layer X: ``layer=None`` picks the last spatial feature map before the model collapses the spatial dims, by the rule
-of :func:`fxrel.graphs.analysis.last_feature_map`, among the nodes that separate the model (VGG: the last ReLU of ``features``;
-ResNet: ``layer4``'s output; DenseNet: the ReLU after ``norm5``; Inception: the last mixed block — at inputs so
-small that the last stage's output is 1×1, the previous stage's). ``layer="name"`` takes a node or module name; every
-layer above X must depend on the input through X only.
+of :func:`fxrel.graphs.analysis.last_feature_map`, among the nodes that separate the model (VGG: the last ReLU of
+``features``; ResNet: ``layer4``'s output; DenseNet: the ReLU after ``norm5``; Inception: the last mixed block —
+at inputs so small that the last stage's output is 1×1, the previous stage's). ``layer="name"`` takes a node or module
+name; every layer above X must depend on the input through X only.
 """
 from __future__ import annotations
 
