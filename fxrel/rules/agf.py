@@ -99,7 +99,7 @@ from fxrel.rules.base import Rule, RuleContext
 from fxrel.rules.composite import Composite, after_last, kind, last, reads_input, where
 from fxrel.rules.factorization import check_options, factorize, max_normalize
 from fxrel.rules.generic import GenericRule, Group, Term, absolute, ones
-from fxrel.rules.gradient import GateAsWeight, Gradient, Pass
+from fxrel.rules.gradient import Gradient, Pass
 from fxrel.rules.lrp import SumSplit, ZBox
 from fxrel.rules.methods import Method, StreamSpec, register, seed_gradient
 from fxrel.rules.shift import total, uniform_shift
@@ -321,8 +321,7 @@ def agf_composite(factorization: Factorization = Factorization(), ablation: Abla
         pairs.append((where(_pointwise_or_residual), Influence()))
     pairs += [(kind(ops.CONV), AGFConv(factorization, ablation, gate)), (kind(ops.LINEAR), AGFLinear()),
               (kind(ops.ACTIVATION, ops.AFFINE), Pass()),
-              (kind(*ops.SUM_KINDS), SumSplit(absolute=residual == "absolute")),
-              (kind(ops.MAXPOOL, ops.CAT, ops.SHAPE, ops.PAD), Gradient()), (kind(ops.GATE), GateAsWeight())]
+              (kind(*ops.SUM_KINDS), SumSplit(absolute=residual == "absolute"))]
     return Composite(pairs, f"agf[flat={flat}, residual={residual}, gate={gate}]")
 
 

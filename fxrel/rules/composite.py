@@ -21,12 +21,10 @@ from torch import fx
 from fxrel.errors import RuleError
 from fxrel.graphs import ops
 from fxrel.rules.base import Rule
-from fxrel.rules.gradient import AttentionAsWeights, Gradient
+from fxrel.rules.gradient import AttentionAsWeights, GateAsWeight, Gradient
 from fxrel.text import format_table
 
 Matcher = Callable[[fx.Node, "MatchInfo"], bool]
-#: the rules of statistic nodes (1/σ, softmax weights) and of attention that no pair of a composite matches
-_STATISTIC, _ATTENTION = Gradient(), AttentionAsWeights()
 
 
 @dataclass(frozen=True)
@@ -123,16 +121,31 @@ class RulePlan(dict):
         return format_table(("node", "kind", "module", "rule"), self.rows())
 
 
-class Composite:
-    """An ordered list of ``(matcher, rule)`` pairs; the first match wins."""
+#: The structural defaults every composite ends with (written once, here): nodes that only route values —
+#: max-pooling (winner-take-all), concatenation (slicing), shape ops, padding — and statistics (1/σ, softmax weights,
+#: which only gate) take the exact VJP; a gate ``x ⊙ g`` passes relevance through its gated input with ``g`` as a
+#: constant weight; attention ``A·V`` passes it through ``V`` with ``A`` as constants (the AH-rule). A composite's own
+#: pairs come first, so a method overrides only where it differs.
+STRUCTURAL: tuple[tuple[Matcher, Rule], ...] = (
+    (kind(ops.MAXPOOL, ops.CAT, ops.SHAPE, ops.PAD, ops.STAT), Gradient()),
+    (kind(ops.GATE), GateAsWeight()),
+    (kind(ops.ATTEND), AttentionAsWeights()),
+)
 
-    def __init__(self, mapping: Iterable[tuple[Matcher, Rule]], name: str = "custom") -> None:
+
+class Composite:
+    """An ordered list of ``(matcher, rule)`` pairs; the first match wins. After the pairs come the
+    :data:`STRUCTURAL` defaults, then ``default`` (the rule of every node nothing else matched; none: an error)."""
+
+    def __init__(self, mapping: Iterable[tuple[Matcher, Rule]], name: str = "custom", *,
+                 default: Rule | None = None) -> None:
         self.mapping = list(mapping)
         self.name = name
+        self.default = default
 
     def with_rules(self, overrides: Sequence[tuple[Matcher, Rule]]) -> "Composite":
         """A copy whose ``overrides`` take precedence over this composite's own pairs."""
-        return Composite(list(overrides) + self.mapping, self.name)
+        return Composite(list(overrides) + self.mapping, self.name, default=self.default)
 
     def plan(self, graph: fx.GraphModule) -> RulePlan:
         layers = [n.name for n in graph.graph.nodes if n.meta.get("fxrel_kind") in (ops.CONV, ops.LINEAR)]
@@ -146,7 +159,7 @@ class Composite:
 
     def _rule_for(self, node: fx.Node, info: MatchInfo) -> Rule:
         node_kind = node.meta.get("fxrel_kind", "")
-        for matcher, rule in self.mapping:
+        for matcher, rule in (*self.mapping, *STRUCTURAL):
             if not matcher(node, info):
                 continue
             if rule.accepts(node_kind):
@@ -154,10 +167,8 @@ class Composite:
             if getattr(matcher, "strict", False):
                 raise RuleError(f"rule {rule!r} was assigned to node '{node.name}' of kind '{node_kind}', "
                                 "which it cannot handle")
-        if node_kind == ops.STAT:  # statistics only gate: constants for relevance, the exact VJP for gradients
-            return _STATISTIC
-        if node_kind == ops.ATTEND:  # attention weights as constants (the AH-rule)
-            return _ATTENTION
+        if self.default is not None and self.default.accepts(node_kind):
+            return self.default
         raise RuleError(f"composite '{self.name}' has no rule for node '{node.name}' of kind '{node_kind}' "
                         f"(module '{node.meta.get('fxrel_module', '')}')")
 

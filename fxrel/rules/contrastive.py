@@ -23,7 +23,7 @@ from fxrel.graphs import ops
 from fxrel.rules.base import Rule, RuleContext
 from fxrel.rules.composite import Composite, first, kind, last
 from fxrel.rules.generic import divide
-from fxrel.rules.gradient import GateAsWeight, Gradient, Pass
+from fxrel.rules.gradient import Gradient, Pass
 from fxrel.rules.lrp import Norm, SumSplit, WSquare, ZBox, ZPlus
 from fxrel.rules.methods import CONSERVING, IMAGE_BOUND, Method, StreamSpec, register, seed_gradient, seed_logit
 
@@ -69,8 +69,7 @@ def lrp_preset(preset: str, low: Any = IMAGE_BOUND, high: Any = IMAGE_BOUND, sum
         raise RuleError(f"unknown sums '{sums}'; use one of {', '.join(SUMS)}")
     stabilizer = 1e-9
     zplus = ZPlus(stabilizer, ignore_bias=True)
-    common = [(kind(ops.ACTIVATION), Pass()), (kind(ops.AFFINE), Pass()), (kind(ops.GATE), GateAsWeight()),
-              (kind(ops.MAXPOOL, ops.CAT, ops.SHAPE, ops.PAD), Gradient())]
+    common = [(kind(ops.ACTIVATION, ops.AFFINE), Pass())]
     z_rule = [(kind(*ops.SUM_KINDS), Norm(stabilizer))]
     split = [(kind(*ops.SUM_KINDS), SumSplit(sums == "absolute", stabilizer))]
     if preset == "zplus_box":
@@ -243,8 +242,7 @@ def excitation_composite() -> Composite:
     eps = 1e-20
     return Composite([(kind(ops.CONV, ops.LINEAR), ZPlus(eps, ignore_bias=True)),
                       (kind(*ops.SUM_KINDS), Norm(eps)), (kind(ops.AFFINE), Pass()),
-                      (kind(ops.GATE), GateAsWeight()),
-                      (kind(ops.ACTIVATION, ops.MAXPOOL, ops.CAT, ops.SHAPE, ops.PAD), Gradient())],
+                      (kind(ops.ACTIVATION), Gradient())],
                      "excitation_backprop")
 
 

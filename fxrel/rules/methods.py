@@ -12,7 +12,7 @@ from fxrel.graphs import ops
 from fxrel.graphs.builder import Seed, Stream
 from fxrel.rules.base import Rule
 from fxrel.rules.composite import Composite, Matcher, first, kind
-from fxrel.rules.gradient import DeconvNet, GateAsWeight, Gradient, GuidedBackprop, Pass
+from fxrel.rules.gradient import DeconvNet, Gradient, GuidedBackprop, Pass
 from fxrel.rules.lrp import AlphaBeta, Epsilon, Flat, Gamma, Norm, WSquare, ZBox, ZPlus
 
 
@@ -118,21 +118,20 @@ def make_method(name: str, **params: Any) -> Method:
 
 # --- building blocks of rule sets ------------------------------------------------------------------------------
 _GRAD = Gradient()
-_STRUCTURAL = [(kind(ops.MAXPOOL, ops.CAT, ops.SHAPE, ops.PAD), _GRAD), (kind(ops.GATE), GateAsWeight())]
 
 
 def _lrp(name: str, layer: Rule, *, linear: Rule | None = None, first_rule: Rule | None = None,
          first_kinds: tuple[str, ...] = (ops.CONV, ops.LINEAR), affine: Rule | None = None,
          stabilizer: float = 1e-6) -> Method:
     """An LRP rule set: ``layer`` for convs (and linear layers unless ``linear`` is given), Pass for activations,
-    the z-rule (Norm) for sums and average pooling, gradient (winner-take-all / slicing) for max-pooling, concat,
-    padding and shape ops; BatchNorm left unfolded gets ``affine`` (default Pass, as zennit)."""
+    the z-rule (Norm) for sums and average pooling, the structural defaults (``fxrel.rules.composite.STRUCTURAL``)
+    for routing nodes and gates; BatchNorm left unfolded gets ``affine`` (default Pass, as zennit)."""
     pairs: list[tuple[Matcher, Rule]] = []
     if first_rule is not None:
         pairs.append((first(*first_kinds), first_rule))
     pairs += [(kind(ops.CONV), layer), (kind(ops.LINEAR), linear or layer),
               (kind(ops.ACTIVATION), Pass()), (kind(ops.AFFINE), affine or Pass()),
-              (kind(*ops.SUM_KINDS), Norm(stabilizer)), *_STRUCTURAL]
+              (kind(*ops.SUM_KINDS), Norm(stabilizer))]
     return Method(name, Composite(pairs, name), seed_logit)
 
 

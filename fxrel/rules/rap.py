@@ -77,7 +77,7 @@ from fxrel.rules.generic import (
     positive,
     positive_relevance,
 )
-from fxrel.rules.gradient import GateAsWeight, Gradient, Pass
+from fxrel.rules.gradient import Pass
 from fxrel.rules.lrp import SumSplit, ZBox, weights_neg, weights_pos
 from fxrel.rules.methods import Method, register, seed_gradient, seed_logit
 from fxrel.rules.shift import Shifted, total
@@ -195,8 +195,7 @@ def rap_composite(first_prop: str = "signed", negative_inputs: bool = False, res
     if first_prop != "generic":
         pairs.append((last(ops.LINEAR), FirstPropagation(linear, absolute=first_prop == "official")))
     pairs += [(kind(ops.CONV), conv), (kind(ops.LINEAR), linear), (kind(ops.ACTIVATION, ops.AFFINE), Pass()),
-              (kind(*ops.SUM_KINDS), SumSplit(absolute=residual == "absolute")), (kind(ops.GATE), GateAsWeight()),
-              (kind(ops.MAXPOOL, ops.CAT, ops.SHAPE, ops.PAD), Gradient())]
+              (kind(*ops.SUM_KINDS), SumSplit(absolute=residual == "absolute"))]
     return Composite(pairs, f"rap[{first_prop}, dense={dense}, residual={residual}]")
 
 

@@ -29,7 +29,7 @@ from fxrel.graphs import ops
 from fxrel.rules.base import Rule, RuleContext
 from fxrel.rules.composite import Composite, kind, reads_input, where
 from fxrel.rules.generic import GenericRule, Group, Term, negative_relevance, positive, positive_relevance
-from fxrel.rules.gradient import GateAsWeight, Gradient, Pass
+from fxrel.rules.gradient import Pass
 from fxrel.rules.lrp import ZBox
 from fxrel.rules.shift import Shifted
 
@@ -88,7 +88,4 @@ def sectional_composite() -> Composite:
         (kind(ops.ACTIVATION, ops.AFFINE), Pass()),
         (kind(ops.ADD), GenericRule((Group((Term(_positive_plus_tiny),)),), 0.0, "PositiveSplit(eps=1e-9)")),
         (kind(ops.AVGPOOL, ops.CENTER), GenericRule((Group((Term(_plus_tiny),)),), 0.0, "Norm(x+1e-9)")),
-        (kind(ops.MAXPOOL, ops.CAT, ops.SHAPE, ops.PAD), Gradient()),
-        (kind(ops.GATE), GateAsWeight()),
-        (lambda node, info: True, NotDecomposed()),
-    ], "rsp[sectional]")
+    ], "rsp[sectional]", default=NotDecomposed())

@@ -226,10 +226,9 @@ def srd_composite(bias_norm: str = "piece", input_bias: str = "absorbed") -> Com
         (kind(ops.ACTIVATION), PreActivation()),
         (kind(ops.CONV), ConvSharing(bias_norm)),
         (kind(ops.AFFINE, ops.LINEAR), OnePiece()),
-        (kind(ops.ADD, ops.CAT, ops.PAD, ops.SHAPE, ops.MAXPOOL, ops.AVGPOOL, ops.CENTER), Gradient()),
+        (kind(*ops.SUM_KINDS), Gradient()),
         (kind(ops.GATE), GateAsWeight(cotangent=True)), (kind(ops.ATTEND), AttentionAsWeights(cotangent=True)),
-        (lambda node, info: True, NotDecomposed("SRD")),
-    ], f"srd[bias_norm={bias_norm}, input_bias={input_bias}]")
+    ], f"srd[bias_norm={bias_norm}, input_bias={input_bias}]", default=NotDecomposed("SRD"))
 
 
 # --- the initial sharing ratio at X ------------------------------------------------------------------------------
