@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 
 from fxrel.errors import InputError, UnsupportedOpError
+from fxrel.explainer import cached_explainer
 from fxrel.graphs import ops
 
 aten = torch.ops.aten
@@ -87,8 +88,6 @@ def probe_like(x: torch.Tensor, probe: str, seed: int = 0) -> torch.Tensor:
 def apop_predict(model: nn.Module, x: torch.Tensor, probe: str | torch.Tensor = "zeros", relu: bool = False,
                  seed: int = 0) -> torch.Tensor:
     """The model's output on ``probe`` with the activation pattern of ``x`` frozen (Alg. 1), batched."""
-    from fxrel.explainer import cached_explainer
-
     canonical = cached_explainer(model).canonical_graph(x)
     probe_input = probe if isinstance(probe, torch.Tensor) else probe_like(x, probe, seed)
     if probe_input.shape != x.shape:

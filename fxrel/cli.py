@@ -236,14 +236,15 @@ def _size(args: argparse.Namespace) -> int:
 
 
 def _check_method(name: str, params: dict) -> bool:
-    """Fail fast on an unknown method or parameter; returns whether it is post-hoc (no single relevance graph)."""
-    import fxrel
-    from fxrel.posthoc import POST_HOC
+    """Fail fast on an unknown method or parameter; returns whether it is a wrapper (no single relevance graph)."""
+    from fxrel.catalog.registry import make_method, method_info
 
-    if name in POST_HOC:
-        return True
-    fxrel.make_method(name, **params)
-    return False
+    info = method_info(name)
+    if info.is_sweep:
+        make_method(name, **params)
+    else:
+        info.check(params)
+    return not info.is_sweep
 
 
 # --- output ---------------------------------------------------------------------------------------------------------
@@ -271,31 +272,36 @@ def _target_label(target: int | str) -> str:
 # --- subcommands ----------------------------------------------------------------------------------------------------
 def cmd_methods(args: argparse.Namespace) -> int:
     import fxrel
-    from fxrel.posthoc import POST_HOC
 
     table = fxrel.methods(detail=True)
     width = max(map(len, table))
     for name, info in table.items():
         print(f"{name.ljust(width)}  {info['description']} [{info['reference']}]")
         print(f"{''.ljust(width)}  output: {info['output']}")
-        if name in POST_HOC:
-            print(f"{''.ljust(width)}  post-hoc (no single relevance graph): its parameters go to --param")
+        if not info["sweep"]:
+            print(f"{''.ljust(width)}  post-hoc wrapper (no single relevance graph): its parameters go to --param")
     return EXIT_OK
 
 
+def _at_input_size(relevance, x):
+    """Relevance as drawn: as is when shaped like the input, else a map ``[N, H, W]`` resized to the input's."""
+    from fxrel.imageops import resize_maps
+    from fxrel.metrics import as_maps
+
+    if relevance.shape[-2:] == x.shape[-2:]:
+        return relevance
+    return resize_maps(as_maps(relevance), x.shape[-2:])
+
+
 def _explain_posthoc(model, x, target, method: str, params: dict):
-    """A post-hoc method's map for one target, as ``[1, H, W]`` at the input's size, and the model's logits."""
+    """A post-hoc wrapper's map for one target, at the input's size, and the model's logits."""
     import torch
 
     import fxrel
     from fxrel.explainer import resolve_targets
-    from fxrel.imageops import resize_maps
-    from fxrel.metrics import as_maps
 
     cls = resolve_targets(model, x, target)
-    relevance = as_maps(fxrel.explain(model, x, target=cls, method=method, **params).detach())
-    if relevance.shape[-2:] != x.shape[-2:]:
-        relevance = resize_maps(relevance, x.shape[-2:])
+    relevance = _at_input_size(fxrel.explain(model, x, target=cls, method=method, **params).detach(), x)
     with torch.no_grad():
         logits = model(x)
     return relevance.cpu(), logits, cls
@@ -344,7 +350,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
                 relevance, logits, cls = _explain_posthoc(model, x, target, args.method, params)
             else:
                 explanation = explainer.attribute(x, target)
-                relevance = next(iter(explanation.relevance.values())).detach().cpu()
+                relevance = _at_input_size(next(iter(explanation.relevance.values())).detach(), x).cpu()
                 logits, cls = explanation.output, explanation.targets
             results.append((target, int(cls[0]), relevance[0], logits.detach().float().cpu()[0]))
             bar.update()
@@ -366,7 +372,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
              f"prediction: class {predicted} (logit {logits[predicted]:+.6g}, p={probs[predicted]:.4f})"]
     for (target, cls, relevance, _), path in zip(results, written):
         total, logit = float(relevance.sum()), float(logits[cls])
-        ratio = f", ratio {total / logit:.4f}" if logit != 0 and not posthoc else ""
+        conserving = not posthoc and relevance.dim() == 3    # relevance shaped like the input (not a CAM map)
+        ratio = f", ratio {total / logit:.4f}" if logit != 0 and conserving else ""
         shown = f"{cls} ({target})" if isinstance(target, str) else f"{cls}"
         lines += [f"target:     class {shown}: relevance sum {total:+.6g} vs target logit {logit:+.6g}{ratio}",
                   f"heatmap:    {path}"]
@@ -384,7 +391,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
     params = parse_params(args.param)
     targets = parse_targets(args.target)
     if _check_method(args.method, params):
-        raise CLIError(f"'{args.method}' is post-hoc (several sweeps or a wrapper), it has no single relevance "
+        raise CLIError(f"'{args.method}' is a post-hoc wrapper (several sweeps), it has no single relevance "
                        "graph; inspect its base method instead")
     if args.format == "layers" and len(targets) != 1:
         raise CLIError("graph --format layers takes a single --target")

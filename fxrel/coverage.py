@@ -33,6 +33,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from fxrel.explainer import Explainer
+from fxrel.graphs import canonicalize, capture
 from fxrel.text import format_markdown, format_table
 
 CHECKS = ("captured", "canonical", "gradient", "lrp0", "lrp_eps")
@@ -154,9 +156,6 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def check_model(model: nn.Module, name: str, size: int | None = None, peers: bool = False,
                 seed: int = 0) -> ModelReport:
     """Run the checks of the module docstring on one model (eval mode is set here)."""
-    from fxrel.explainer import Explainer
-    from fxrel.graphs import canonicalize, capture
-
     report = ModelReport(name)
     model = model.eval().double()
     stage = "input size"

@@ -21,9 +21,12 @@ import torch
 from torch import nn
 
 from fxrel import metrics
-from fxrel.errors import InputError
+from fxrel.catalog.registry import REGISTRY, make_method, method_info
+from fxrel.errors import InputError, RuleError
+from fxrel.explainer import explain
 from fxrel.imageops import resize_maps
 from fxrel.text import format_markdown, format_table, parse_spec
+from fxrel.ucag import ucag
 
 __all__ = ["MetricSpec", "METRICS", "DEFAULT_METRICS", "DEFAULT_METHODS", "method_fn", "evaluate", "EvalResult"]
 
@@ -41,24 +44,21 @@ DEFAULT_METHODS = (
 
 def _parsed(spec: str, whole: str) -> tuple[str, dict]:
     """(name, parameters) of ``name`` / ``name[key=value,…]``, the parameters checked against the method's."""
-    import fxrel
-    from fxrel.rules.methods import REGISTRY, make_method
-
     try:
         name, params = parse_spec(spec)
     except ValueError as err:
         raise InputError(str(err)) from None
-    known = fxrel.methods(detail=True)
-    if name not in known or name == "ucag":
+    if name not in REGISTRY or name == "ucag":
         where = f" in '{whole}'" if whole != name else ""
         raise InputError(f"unknown method '{name}'{where}; use a name from `fxrel methods` or ucag:BASE")
-    if name in REGISTRY:
-        make_method(name, **params)  # unknown parameters: an error naming them and the method's own
-    else:
-        unknown = set(params) - set(known[name]["defaults"])
-        if unknown:
-            raise InputError(f"method '{name}' has no parameter(s) {', '.join(sorted(unknown))}; it takes "
-                             f"{', '.join(sorted(known[name]['defaults']))}")
+    info = method_info(name)
+    try:
+        if info.is_sweep:
+            make_method(name, **params)  # parameters checked, and their values by the method's own factory
+        else:
+            info.check(params)
+    except RuleError as err:  # a spec the user wrote
+        raise InputError(f"{err} (in '{whole}')") from None
     return name, params
 
 
@@ -68,9 +68,6 @@ def method_fn(spec: str, ucag_weighting: str = "sigmoid") -> MapFn:
     carry parameters); every method runs with its defaults but for those given (z^β bounds: each image's min/max).
     ``ucag_weighting``: UCAG's crop confidence (Eq. 4); ``"sigmoid"`` by default because the scenes are multi-label
     (the paper's ``"exp_softmax"`` assumes one class per image)."""
-    import fxrel
-    from fxrel.ucag import ucag
-
     base, _, wrapped = spec.partition(":")
     if base == "ucag" and wrapped:
         name, chosen = _parsed(wrapped, spec)
@@ -82,7 +79,7 @@ def method_fn(spec: str, ucag_weighting: str = "sigmoid") -> MapFn:
     name, params = _parsed(spec, spec)
 
     def run(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return metrics.as_maps(fxrel.explain(model, x, target=targets, method=name, **params))
+        return metrics.as_maps(explain(model, x, target=targets, method=name, **params))
     return run
 
 

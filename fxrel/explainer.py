@@ -16,13 +16,14 @@ import torch
 from torch import fx, nn
 from torch.fx.interpreter import Interpreter
 
-from fxrel.errors import InputError
+from fxrel.catalog.method import Method
+from fxrel.catalog.registry import make_method, method_info
+from fxrel.errors import InputError, RuleError
 from fxrel.graphs.builder import RelevanceGraph, build_relevance_graph
 from fxrel.graphs.canonical import canonicalize
 from fxrel.graphs.capture import capture, check_eval_mode
 from fxrel.rules.base import Rule
 from fxrel.rules.composite import Matcher, RulePlan
-from fxrel.rules.methods import REGISTRY, Method, make_method
 from fxrel.text import format_table
 
 Target = int | str | Sequence[int] | torch.Tensor | None
@@ -135,6 +136,8 @@ class Explainer:
         """The relevance program for inputs shaped like ``x`` (cached per signature and stop set)."""
         self._follow_parameters()
         stops = self.stops if stops is None else list(stops)
+        if stops is None:
+            stops = self.method.default_stops(self.canonical_graph(x))
         key = (*self._signature(x), tuple(stops) if stops is not None else None)
         if key not in self._graphs:
             canonical = self.canonical_graph(x)
@@ -252,6 +255,9 @@ class Explainer:
 
     def layer_table(self, x: torch.Tensor, target: Target = None) -> str:
         """How much relevance passes each canonical node (Σ over all but the batch axis): the conservation audit."""
+        if self.method.default_stops(self.canonical_graph(x)) is not None:
+            raise RuleError(f"method '{self.method.name}' returns a map at its layer, not relevance at every node; "
+                            "audit its sweep with method 'gradient' instead")
         explanation = self.attribute(x, target, stops=["*"])
         canonical = self.canonical_graph(x)
         rows = [("node", "kind", "module", "relevance sum per image")]
@@ -267,25 +273,40 @@ class Explainer:
 
 def explain(model: nn.Module, x: torch.Tensor, target: Target = None, method: str | Method = "epsilon_plus_flat",
             **kwargs: Any) -> torch.Tensor | dict[str, torch.Tensor]:
-    """Explain ``model`` on the batch ``x`` for ``target`` with ``method`` (keyword arguments: rule parameters and
-    :class:`Explainer` options; for the CAMs and wrappers of ``fxrel.posthoc``, their parameters). Explainers are
-    cached per (model, method, parameters), relevance programs per input signature, so repeated calls do not
-    rebuild or recompile."""
-    if isinstance(method, str) and method not in REGISTRY:
-        from fxrel.posthoc import POST_HOC  # CAMs and wrappers (imported lazily: they build on this module)
-
-        if method in POST_HOC:
-            return POST_HOC[method].run(model, x, target, **kwargs)
+    """Explain ``model`` on the batch ``x`` for ``target`` with ``method``, any name in ``fxrel.methods()`` or a
+    :class:`Method`. Keyword arguments: the method's parameters and, for sweeps, :class:`Explainer` options; an
+    unknown parameter is an error naming the valid ones. Explainers are cached per (model, method, parameters),
+    relevance programs per input signature, so repeated calls do not rebuild or recompile."""
+    if isinstance(method, str):
+        info = method_info(method)
+        if not info.is_sweep:  # a wrapper (Integrated Gradients, SmoothGrad, UCAG …) runs the sweeps it wraps
+            info.check(kwargs)
+            return info.run(model, x, target, **kwargs)
     return cached_explainer(model, method, **kwargs)(x, target)
+
+
+class WeakModelExplainer(Explainer):
+    """An explainer that holds its model weakly, so that caches keyed by the model do not keep it alive."""
+
+    @property  # type: ignore[override]
+    def model(self) -> nn.Module:
+        model = self._model_ref()
+        if model is None:
+            raise InputError("the model of this cached explainer has been garbage-collected")
+        return model
+
+    @model.setter
+    def model(self, model: nn.Module) -> None:
+        self._model_ref = weakref.ref(model)
 
 
 def cached_explainer(model: nn.Module, method: str | Method = "gradient", **kwargs: Any) -> Explainer:
     """The :class:`Explainer` for (model, method, parameters), built once and kept while the model lives (what
-    :func:`explain` and the helpers that only need a model's canonical graph use)."""
+    :func:`explain` and the helpers that only need a model's canonical graph use); it holds the model weakly."""
     key = (method if isinstance(method, str) else id(method), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
     per_model = _CACHE.setdefault(model, {})
     if key not in per_model:
-        per_model[key] = Explainer(model, method, **kwargs)
+        per_model[key] = WeakModelExplainer(model, method, **kwargs)
     return per_model[key]
 
 

@@ -21,9 +21,8 @@ from torch import nn
 
 from fxrel.errors import InputError
 from fxrel.explainer import Explainer, Target
-from fxrel.graphs.analysis import feature_maps
+from fxrel.graphs.analysis import feature_layer, feature_maps
 from fxrel.imageops import resize_maps
-from fxrel.rules.rsp import feature_layer
 
 RESOLUTIONS = ("input", "high", "low")
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxrel.catalog.registry import method_info, register_wrapper, signature_defaults
 from fxrel.errors import InputError
 from fxrel.explainer import Target, cached_explainer, explain
 from fxrel.graphs import ops
@@ -96,3 +97,9 @@ def agf_ssl(model: nn.Module, x: torch.Tensor, target: Target = None, references
         raise InputError("agf_ssl chooses its own target class (Alg. 2); leave target=None")
     targets = neighbour_targets(model, x, references, combine, batch_size)
     return explain(model, x, targets, method="agf", **agf_params)
+
+
+register_wrapper("agf_ssl", agf_ssl, "AGF of a self-supervised network: the class its own classifier gives the latent "
+                 "minus the nearest reference latent (references=images or latents; further parameters go to agf)",
+                 "Gur, Ali, Wolf 2021 (AGF, Alg. 2)", "as agf",
+                 {**signature_defaults(agf_ssl, skip=3), **method_info("agf").defaults})

@@ -58,15 +58,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxrel.catalog.cam import CAM_METHODS
+from fxrel.catalog.registry import REGISTRY, register_wrapper, signature_defaults
 from fxrel.errors import InputError
-from fxrel.explainer import resolve_targets
+from fxrel.explainer import explain, resolve_targets
 from fxrel.imageops import gaussian_blur, minmax_normalise, resize_maps
 from fxrel.wrappers import padded_chunks
 
 __all__ = ["UnfoldGeometry", "unfold_geometry", "unfold", "fold", "confidence_weights", "ucag", "CAM_METHODS"]
-
-#: base methods of the CAM family: computed signed (no final ReLU) and post-processed as in the official code
-CAM_METHODS = {"grad_cam": "gradcam", "grad_cam_pp": "gradcam++", "layer_cam": "layercam"}
 
 PartialExplainer = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 Weighting = Literal["exp_softmax", "exp_softmax_max", "softmax", "sigmoid", "none"]
@@ -179,20 +178,15 @@ def _partial_explainer(method: str | PartialExplainer, params: dict) -> tuple[Pa
                          f"got {type(method).__name__}")
     if method == "ucag":
         raise InputError("UCAG cannot wrap itself")
-    if method in CAM_METHODS:
-        from fxrel.cam import cam
-
-        def run_cam(model: nn.Module, crops: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            return cam(model, crops, targets, kind=CAM_METHODS[method], relu=False, **{"upsample": None, **params})
-        return run_cam, True
-    import fxrel
-
-    if method not in fxrel.methods():
+    if method not in REGISTRY:
         raise InputError(f"unknown base method {method!r}; see fxrel.methods()")
+    is_cam = method in CAM_METHODS
+    if is_cam:  # the CAM family: signed maps at the layer's resolution, post-processed as in the official code
+        params = {"upsample": None, **params, "relu": False}
 
     def run(model: nn.Module, crops: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return fxrel.explain(model, crops, target=targets, method=method, **params)
-    return run, False
+        return explain(model, crops, target=targets, method=method, **params)
+    return run, is_cam
 
 
 def _as_maps(relevance: torch.Tensor, rows: int) -> torch.Tensor:
@@ -248,3 +242,17 @@ def ucag(model: nn.Module, x: torch.Tensor, target: object = None, method: str |
     if postprocess == "cam" or (postprocess == "auto" and is_cam):
         out = gaussian_blur(minmax_normalise(out.clamp(min=0)), kernel_size=5, sigma=3.0)
     return out
+
+
+def _ucag_over_base(model: nn.Module, x: torch.Tensor, target: object = None, base: str = "grad_cam",
+                    base_params: dict | None = None, **params) -> torch.Tensor:
+    return ucag(model, x, target, method=base, method_params=base_params, **params)
+
+
+register_wrapper("ucag", _ucag_over_base,
+                 "UCAG of any method (base=NAME): n² crops (3/4 of the image) up-scaled to the "
+                 "input size (the paper's rho=0.555, alpha=2.6: 1.44×) explained as one batch, confidence-weighted and "
+                 "folded back", "Hong et al. 2023",
+                 "[N, H, W] at the input's size; CAM bases: in [0, 1] (ReLU, min–max, blur), others: signed",
+                 {"base": "grad_cam", "base_params": None,
+                  **{k: v for k, v in signature_defaults(ucag, skip=4).items() if k != "method_params"}})

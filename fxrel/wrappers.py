@@ -35,8 +35,9 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
+from fxrel.catalog.registry import register_wrapper, signature_defaults
 from fxrel.errors import InputError
-from fxrel.explainer import Explainer, Target
+from fxrel.explainer import Explainer, Target, cached_explainer
 
 INTEGRATION_RULES = ("riemann_trapezoid", "riemann_right", "riemann_left", "riemann_middle", "gausslegendre")
 DEFAULT_MAX_BATCH = 64
@@ -245,3 +246,22 @@ def smoothgrad(explainer: Explainer, x: torch.Tensor, target: Target = None, *, 
     return _weighted_row_sum(explainer, x, targets, samples, make_rows, lambda rows: weight.expand(len(rows)),
                              _chunk_rows(n * samples, chunk_size, max_batch),
                              transform=torch.square if squared else None)
+
+
+def over_base(wrapper: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``wrapper(explainer, x, target, **params)`` as a registered method: ``base`` names the wrapped method (its
+    parameters in ``base_params``), whose explainer is cached per model."""
+    def run(model: torch.nn.Module, x: torch.Tensor, target: Target = None, base: str = "gradient",
+            base_params: dict | None = None, **params) -> torch.Tensor:
+        return wrapper(cached_explainer(model, base, **(base_params or {})), x, target, **params)
+    return run
+
+
+_BASE = {"base": "gradient", "base_params": None}
+register_wrapper("integrated_gradients", over_base(integrated_gradients),
+                 "Integrated Gradients of any method (base=NAME): path points batched and chunked",
+                 "Sundararajan et al. 2017", "signed, shaped like the input; Σ ≈ f(x) − f(x₀) for base='gradient'",
+                 {**_BASE, **signature_defaults(integrated_gradients, skip=3)})
+register_wrapper("smoothgrad", over_base(smoothgrad), "SmoothGrad of any method (base=NAME): noisy copies batched",
+                 "Smilkov et al. 2017", "as the base method (squared=True: non-negative)",
+                 {**_BASE, **signature_defaults(smoothgrad, skip=3)})

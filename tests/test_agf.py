@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxrel
+from fxrel.catalog.agf import delta_shift, softmax_gaussian_gradient
 from fxrel.graphs import ops
 from fxrel.graphs.analysis import cut_nodes
-from fxrel.rules.agf import delta_shift, softmax_gaussian_gradient
 from fxrel.rules.factorization import factorize
 from fxrel.ssl import neighbour_targets
 from tests.helpers import object_masses, random_targets, rel_error, two_objects

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 import fxrel
+from fxrel.catalog.method import seed_gradient
 from fxrel.graphs import Stream, build_relevance_graph
 from fxrel.graphs.export import to_dot, to_networkx
 from fxrel.rules import Flat, Gradient, Pass, ZPlus, kind, module, where
-from fxrel.rules.methods import seed_gradient
 from tests.helpers import autograd_input_gradient, rel_error
 
 

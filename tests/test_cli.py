@@ -192,8 +192,17 @@ def test_graph_svg_and_json(tmp_path, capsys):
 
 
 def test_graph_of_posthoc_method_is_refused(capsys):
-    assert main(["graph", "tv:resnet18", "--method", "grad_cam", "--size", "16", "-q"]) == 2
+    assert main(["graph", "tv:resnet18", "--method", "ucag", "--size", "16", "-q"]) == 2
     assert "post-hoc" in capsys.readouterr().err
+
+
+def test_graph_of_a_cam_is_its_gradient_sweep_with_the_map_at_the_layer(capsys):
+    assert main(["graph", "tv:resnet18", "--method", "grad_cam", "--size", "32", "--format", "plan", "-q"]) == 0
+    plan = capsys.readouterr().out
+    assert "Gradient" in plan and "conv" in plan
+    assert main(["graph", "tv:resnet18", "--method", "grad_cam", "--size", "32", "--format", "code", "-q"]) == 0
+    code = capsys.readouterr().out
+    assert "einsum" in code and "interpolate" in code   # Grad-CAM's weighted sum and the resize, in the graph
 
 
 # --- demo models, demo grid, eval -----------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxrel
-from fxrel.rules.contrastive import lrp_preset, seed_sglrp_dual, seed_sglrp_target
-from fxrel.rules.methods import Method, seed_logit
+from fxrel.catalog.contrastive import lrp_preset, seed_sglrp_dual, seed_sglrp_target
+from fxrel.catalog.method import Method, seed_logit
 from tests.helpers import random_targets, rel_error
 from tests.strategies import cnn_architectures
 
@@ -203,8 +203,12 @@ def test_registry_lists_every_method_with_its_output_convention(net):
     from fxrel.cam import cam
     assert torch.equal(fxrel.explain(net, x, [1, 3], method="grad_cam", layer="features.4"),
                        cam(net, x, [1, 3], layer="features.4"))
+    # a CAM is a sweep: an explainer of its own, eager or compiled, with its rule plan
+    explainer = fxrel.Explainer(net, "grad_cam", layer="features.4")
+    assert torch.equal(explainer(x, [1, 3]), cam(net, x, [1, 3], layer="features.4"))
+    assert all(repr(rule).startswith("Gradient") for rule in explainer.rule_plan(x).values())
     with pytest.raises(fxrel.RuleError, match="post-hoc method"):
-        fxrel.Explainer(net, "grad_cam")
+        fxrel.Explainer(net, "ucag")
 
 
 class _ResidualNet(nn.Module):

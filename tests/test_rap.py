@@ -11,10 +11,10 @@ from hypothesis import given
 from torch import nn
 
 import fxrel
+from fxrel.catalog.method import Method, seed_gradient
+from fxrel.catalog.rap import RAPLayer, rap_composite
 from fxrel.graphs.analysis import cut_nodes
 from fxrel.rules.composite import module
-from fxrel.rules.methods import Method, seed_gradient
-from fxrel.rules.rap import RAPLayer, rap_composite
 from tests.helpers import random_targets, rel_error
 from tests.strategies import cnn_architectures
 

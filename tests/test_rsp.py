@@ -11,14 +11,14 @@ from hypothesis import given
 from torch import nn
 
 import fxrel
+from fxrel.catalog.method import Method, seed_gradient
+from fxrel.catalog.registry import make_method
+from fxrel.catalog.rgam import purge, relative_relevance, sections
+from fxrel.catalog.sectional import sectional_composite, sectional_rule
 from fxrel.graphs import canonicalize, capture, ops
-from fxrel.graphs.analysis import cut_nodes
+from fxrel.graphs.analysis import cut_nodes, feature_layer
 from fxrel.graphs.builder import build_relevance_graph
 from fxrel.rules.composite import module
-from fxrel.rules.methods import Method, make_method, seed_gradient
-from fxrel.rules.rgam import purge, relative_relevance, sections
-from fxrel.rules.rsp import feature_layer
-from fxrel.rules.sectional import sectional_composite, sectional_rule
 from tests.helpers import object_masses, random_targets, rel_error, two_objects
 from tests.strategies import cnn_architectures
 from tests.test_models import build
@@ -375,3 +375,29 @@ def test_registered_with_their_output_conventions():
         fxrel.Explainer(small_net(), "crsp", rgam_mode="official_single")
     with pytest.raises(fxrel.RuleError, match="hostile"):
         fxrel.Explainer(small_net(), "rsp", hostile="others")
+
+
+def test_repeated_rules_see_a_consistent_context_even_with_per_sample_weights():
+    """``Repeated(rule, K)`` hands the rule a replaced context (inputs and output repeated), so per-sample weight
+    VJPs work (RSP's sectional rule): copy k of a stream seeded with ``c_k · e_t`` equals ``c_k`` times the plain
+    sweep (the rules are homogeneous of degree 1 in the relevance)."""
+    from fxrel.rules import Gradient, kind
+    from fxrel.rules.batched import Repeated
+    from fxrel.rules.composite import Composite
+
+    net, x = small_net().double(), _x().double()
+    canonical = canonicalize(capture(net, x), (x,))
+
+    def run(copies: int, seed) -> torch.Tensor:
+        composite = Composite([(kind(ops.CONV), Repeated(sectional_rule(), copies)),
+                               (lambda node, info: True, Repeated(Gradient(), copies))])
+        streams = Method("repeated", composite, seed).streams(canonical)
+        graph = build_relevance_graph(canonical, streams)
+        mask = torch.zeros(len(x), 5, dtype=x.dtype)
+        mask[:, 2] = 1
+        return next(v for k, v in graph.module(x, mask).items() if k.startswith("repeated:"))
+
+    plain = run(1, seed_gradient)
+    both = run(2, lambda output, mask: torch.cat([mask, 3 * mask]))
+    assert both.shape == (2 * len(x), *x.shape[1:])
+    assert rel_error(both[:len(x)], plain) < 1e-12 and rel_error(both[len(x):], 3 * plain) < 1e-12

@@ -13,7 +13,7 @@ from torch import nn
 
 import fxrel
 from fxrel.graphs import ops
-from fxrel.rules.rsp import feature_layer
+from fxrel.graphs.analysis import feature_layer
 from fxrel.text import parse_spec
 from tests.helpers import random_targets, rel_error
 from tests.strategies import cnn_architectures

@@ -110,3 +110,53 @@ def module_outputs(gm: fx.GraphModule, rank: int = 4) -> list[str]:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     names = [name for name, node in last.items() if len(node_shape(node) or ()) == rank]
     return sorted(names, key=lambda name: (order[last[name]], name.count(".")))
+
+
+def _module_names(nodes: list[fx.Node]) -> str:
+    return candidate_list(list(dict.fromkeys(n.meta.get("fxrel_module") or n.name for n in nodes)))
+
+
+def _spatial_named(gm: fx.GraphModule, layer: str) -> fx.Node:
+    try:
+        node = find_node(gm, layer)
+    except RuleError as err:
+        raise RuleError(f"no node or module named '{layer}'; feature maps: {_module_names(feature_maps(gm))}") from err
+    if not is_spatial(node):
+        raise RuleError(f"layer '{layer}' outputs shape {node_shape(node)}; layer X must be a spatial feature map "
+                        f"[N, C, H, W] (feature maps: {_module_names(feature_maps(gm))})")
+    return node
+
+
+def nodes_above(gm: fx.GraphModule, layer: fx.Node) -> frozenset[str]:
+    """The names of the nodes computed from ``layer`` (the classifier side); ``RuleError`` if any of them also
+    reads a node ``layer`` does not feed, or if the model output does not depend on it."""
+    above: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and any(a is layer or a in above for a in ops.tensor_inputs(node)):
+            above.add(node)
+    for node in above:
+        foreign = [a.name for a in ops.tensor_inputs(node) if a is not layer and a not in above]
+        if foreign:
+            raise RuleError(f"layer X = '{layer.name}' does not separate the features from the classifier: node "
+                            f"'{node.name}' above it also reads {foreign}; give layer= a feature map every later layer "
+                            f"depends on (feature maps: {_module_names(feature_maps(gm))})")
+    logits = gm.graph.find_nodes(op="output")[0].args[0]
+    if logits not in above:
+        raise RuleError(f"the model output does not depend on layer X = '{layer.name}'")
+    return frozenset(n.name for n in above)
+
+
+def feature_layer(gm: fx.GraphModule, layer: str | None = None) -> tuple[fx.Node, frozenset[str]]:
+    """Layer X of the methods that enter there (RSP, SRD) — ``None``: the last separating spatial feature map
+    (:func:`last_feature_map` with ``separating=True``), else the named node or module — and the names of the nodes
+    above it (:func:`nodes_above`)."""
+    if layer is not None:
+        node = _spatial_named(gm, layer)
+    else:
+        try:
+            node = last_feature_map(gm, separating=True)
+        except RuleError as err:
+            raise RuleError(f"layer X is the last spatial feature map before the classifier, and this model has "
+                            f"none: {err}; methods entering at layer X (RSP, SRD) need a CNN") from None
+    return node, nodes_above(gm, node)
+

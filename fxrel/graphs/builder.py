@@ -18,6 +18,7 @@ serves), ``fxrel_rule`` and ``fxrel_stream``.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -59,6 +60,17 @@ class _Context:
     upstream: dict[str, Any]
     downstream: dict[str, list]
     builder: "_Builder"
+    #: (tag, fn) applied to the node's parameters before every :meth:`param` transform (set by :meth:`replace`)
+    param_transform: tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
+
+    def replace(self, *, inputs: Sequence[Any] | None = None, output: Any = None, weight: Any = None,
+                bias: Any = None, param_transform: tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
+                ) -> "_Context":
+        """A context for a modified node (inputs, output, weight, bias; ``param_transform``: the parameters that
+        :meth:`param` derives from); ``forward``, ``vjp`` and ``weight_vjp`` then use what was replaced."""
+        changes = {"inputs": None if inputs is None else list(inputs), "output": output, "weight": weight,
+                   "bias": bias, "param_transform": param_transform}
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     @property
     def nonnegative(self) -> bool:
@@ -87,6 +99,9 @@ class _Context:
         return spec
 
     def param(self, which: str, tag: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+        if self.param_transform is not None:
+            outer, transform = self.param_transform
+            return self.builder.derived_param(self.node, which, f"{outer}-{tag}", lambda p: fn(transform(p)))
         return self.builder.derived_param(self.node, which, tag, fn)
 
     def constant(self, value: torch.Tensor | float) -> Any:

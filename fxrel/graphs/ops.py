@@ -104,10 +104,43 @@ def _in_shape(node: fx.Node, i: int = 0) -> torch.Size:
     return _shape(node.args[i]) if isinstance(node.args[i], fx.Node) else _shape(node.args[0][i])
 
 
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A canonical convolution's geometry: ``aten.convolution``'s arguments and the kernel size."""
+
+    kernel: tuple[int, ...]
+    stride: list[int]
+    padding: list[int]
+    dilation: list[int]
+    transposed: bool
+    output_padding: list[int]
+    groups: int
+    in_size: tuple[int, ...]     #: spatial size of the input
+    out_size: tuple[int, ...]    #: spatial size of the output
+
+    @property
+    def pointwise(self) -> bool:
+        """A 1×1 (pointwise) convolution."""
+        return all(k == 1 for k in self.kernel)
+
+    def transpose_padding(self) -> list[int]:
+        """The output padding with which the transposed convolution maps the output size back to the input size
+        (the VJP of a strided convolution)."""
+        return [i - ((o - 1) * s - 2 * p + d * (k - 1) + 1) for i, o, s, p, d, k in
+                zip(self.in_size, self.out_size, self.stride, self.padding, self.dilation, self.kernel)]
+
+
+def conv_geometry(node: fx.Node) -> ConvGeometry:
+    """The typed view of a canonical convolution node."""
+    _, weight, _, stride, padding, dilation, transposed, output_padding, groups = node.args
+    return ConvGeometry(tuple(_shape(weight)[2:]), list(stride), list(padding), list(dilation), bool(transposed),
+                        list(output_padding), int(groups), tuple(_in_shape(node)[2:]), tuple(_shape(node)[2:]))
+
+
 def _conv_forward(node, inputs, weight, bias):
-    _, _, _, stride, padding, dilation, transposed, output_padding, groups = node.args
-    return aten.convolution.default(inputs[0], weight, bias, stride, padding, dilation, transposed,
-                                    output_padding, groups)
+    g = conv_geometry(node)
+    return aten.convolution.default(inputs[0], weight, bias, g.stride, g.padding, g.dilation, g.transposed,
+                                    g.output_padding, g.groups)
 
 
 def _weight_shape(node: fx.Node) -> torch.Size:
@@ -115,28 +148,25 @@ def _weight_shape(node: fx.Node) -> torch.Size:
 
 
 def _conv_vjp(node, grad, inputs, weight):
-    _, _, _, stride, padding, dilation, _, _, groups = node.args
-    in_size, out_size = _in_shape(node)[2:], _shape(node)[2:]
-    k = weight.shape[2:] if isinstance(weight, torch.Tensor) else _weight_shape(node)[2:]
-    output_padding = [i - ((o - 1) * s - 2 * p + d * (kk - 1) + 1)
-                      for i, o, s, p, d, kk in zip(in_size, out_size, stride, padding, dilation, k)]
-    return [aten.convolution.default(grad, weight, None, stride, padding, dilation, True, output_padding, groups)]
+    g = conv_geometry(node)
+    return [aten.convolution.default(grad, weight, None, g.stride, g.padding, g.dilation, True,
+                                     g.transpose_padding(), g.groups)]
 
 
 def _geometry(node: fx.Node) -> tuple[list[int], list[int], list[int], list[int], int]:
     """(kernel, dilation, padding, stride, groups) of a 2-D convolution (per-sample weights need im2col)."""
-    _, _, _, stride, padding, dilation, _, _, groups = node.args
-    k = list(_weight_shape(node)[2:])
-    if len(k) != 2:
+    g = conv_geometry(node)
+    if len(g.kernel) != 2:
         raise UnsupportedOpError(f"per-sample weights are implemented for 2-D convolutions; node '{node.name}' is a "
-                                 f"{len(k)}-D convolution (module '{node.meta.get('fxrel_module', '')}')")
-    return k, list(dilation), list(padding), list(stride), groups
+                                 f"{len(g.kernel)}-D convolution (module '{node.meta.get('fxrel_module', '')}')")
+    return list(g.kernel), g.dilation, g.padding, g.stride, g.groups
 
 
 def _grouped(node: fx.Node, t, channels: int):
-    """``[N, channels, …] → [N, groups, channels/groups, rest]``."""
-    groups = node.args[8]
-    return t.reshape(_in_shape(node)[0], groups, channels // groups, -1)
+    """``[N, channels, …] → [N, groups, channels/groups, rest]`` (``N`` as the tensor has it: streams may carry
+    several rows per sample)."""
+    groups = conv_geometry(node).groups
+    return t.unflatten(1, (groups, channels // groups)).flatten(3)
 
 
 def _patches(node: fx.Node, x):
@@ -147,7 +177,8 @@ def _patches(node: fx.Node, x):
 
 def _conv_per_sample_forward(node, inputs, weights):
     out_channels = _weight_shape(node)[0]
-    return aten.matmul.default(_grouped(node, weights, out_channels), _patches(node, inputs[0])).reshape(_shape(node))
+    out = aten.matmul.default(_grouped(node, weights, out_channels), _patches(node, inputs[0]))
+    return out.reshape(-1, *_shape(node)[1:])
 
 
 def _conv_per_sample_vjp(node, grad, inputs, weights):
@@ -155,15 +186,15 @@ def _conv_per_sample_vjp(node, grad, inputs, weights):
     out_channels = _weight_shape(node)[0]
     cols = aten.matmul.default(_grouped(node, weights, out_channels).transpose(-1, -2),
                                _grouped(node, grad, out_channels))
-    n, c = _in_shape(node)[:2]
-    return [aten.col2im.default(cols.reshape(n, c * k[0] * k[1], -1), list(_in_shape(node)[2:]), k, dilation,
+    c, positions = _in_shape(node)[1], math.prod(_shape(node)[2:])
+    return [aten.col2im.default(cols.reshape(-1, c * k[0] * k[1], positions), list(_in_shape(node)[2:]), k, dilation,
                                 padding, stride)]
 
 
 def _conv_weight_vjp(node, grad, inputs):
     out_channels = _weight_shape(node)[0]
     nu = aten.matmul.default(_grouped(node, grad, out_channels), _patches(node, inputs[0]).transpose(-1, -2))
-    return nu.reshape(_in_shape(node)[0], *_weight_shape(node))
+    return nu.reshape(-1, *_weight_shape(node))
 
 
 def _linear_forward(node, inputs, weight, bias):

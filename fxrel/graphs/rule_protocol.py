@@ -43,6 +43,13 @@ class RuleContext(Protocol):
     def constant(self, value: torch.Tensor | float) -> Any:
         """A tensor constant of the relevance graph (moved to the model's device and dtype)."""
 
+    def replace(self, *, inputs: Sequence[Any] | None = None, output: Any = None, weight: Any = None,
+                bias: Any = None, param_transform: tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
+                ) -> "RuleContext":
+        """The context of a modified node: given inputs, output, weight or bias (``forward``/``vjp``/``weight_vjp``
+        use them), and ``param_transform = (tag, fn)``: ``param`` derives from ``fn(parameter)``. Rules that wrap
+        rules (``Repeated``, ``Negated``) hand the inner rule such a context."""
+
 
 class Rule:
     """Base class of rule templates. Subclasses implement :meth:`__call__` and may restrict ``kinds``."""

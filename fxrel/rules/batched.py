@@ -18,26 +18,10 @@ def _repeat(value: Any, node: Any, copies: int) -> Any:
     return value.repeat(copies, *[1] * (rank - 1))
 
 
-class _RepeatedContext:
-    """A rule context whose inputs and output are repeated ``copies`` times along the batch axis."""
-
-    def __init__(self, ctx: RuleContext, copies: int) -> None:
-        self._ctx = ctx
-        self._copies = copies
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._ctx, name)
-
-    @property
-    def inputs(self) -> list[Any]:
-        return [_repeat(x, a, self._copies) for x, a in zip(self._ctx.inputs, ops.tensor_inputs(self._ctx.node))]
-
-    @property
-    def output(self) -> Any:
-        return _repeat(self._ctx.output, self._ctx.node, self._copies)
-
-    def vjp(self, grad: Any, weight: Any = None) -> list[Any]:
-        return ops.spec_of(self.node).vjp(self.node, grad, self.inputs, self.weight if weight is None else weight)
+def _repeated(ctx: RuleContext, copies: int) -> RuleContext:
+    """The context with the node's inputs and output repeated ``copies`` times along the batch axis."""
+    return ctx.replace(inputs=[_repeat(x, a, copies) for x, a in zip(ctx.inputs, ops.tensor_inputs(ctx.node))],
+                       output=_repeat(ctx.output, ctx.node, copies))
 
 
 class Repeated(Rule):
@@ -49,7 +33,7 @@ class Repeated(Rule):
         self.kinds = rule.kinds
 
     def __call__(self, ctx: RuleContext, relevance: Any) -> list[Any]:
-        return self.rule(_RepeatedContext(ctx, self.copies) if self.copies > 1 else ctx, relevance)
+        return self.rule(_repeated(ctx, self.copies) if self.copies > 1 else ctx, relevance)
 
     def __repr__(self) -> str:
         return f"Repeated({self.rule!r}, copies={self.copies})"

@@ -12,8 +12,8 @@ This is the generic rule of Montavon et al. (2019, Eq. 5-6) and AGF's Definition
 ``stab(z) = z + ε·sign(z)`` (``sign(0) = +1``, zennit's convention). The denominator's terms ``D_g`` are the group's
 own unless given (RAP sends a share ``Z_a2/(Z_a1 + Z_a2)`` through the negative contributors only). A term's weights
 may also be computed per sample from the relevance it explains (RSP's sectional weights ν, Eq. 3). LRP-0, ε, γ,
-αβ, z⁺, z^β, w² and flat (:mod:`fxrel.rules.lrp`), RAP's layer rule (:mod:`fxrel.rules.rap`) and RSP's sectional
-rule (:mod:`fxrel.rules.sectional`) are choices of terms; the rule itself exists once, here.
+αβ, z⁺, z^β, w² and flat (:mod:`fxrel.rules.lrp`), RAP's layer rule (:mod:`fxrel.catalog.rap`) and RSP's sectional
+rule (:mod:`fxrel.catalog.sectional`) are choices of terms; the rule itself exists once, here.
 """
 from __future__ import annotations
 

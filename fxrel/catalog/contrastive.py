@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 import torch
 
+from fxrel.catalog.method import CONSERVING, IMAGE_BOUND, Method, StreamSpec, seed_gradient, seed_logit
+from fxrel.catalog.registry import register
 from fxrel.errors import RuleError
 from fxrel.graphs import ops
 from fxrel.rules.base import Rule, RuleContext
@@ -25,7 +27,6 @@ from fxrel.rules.composite import Composite, first, kind, last
 from fxrel.rules.generic import divide
 from fxrel.rules.gradient import Gradient, Pass
 from fxrel.rules.lrp import Norm, SumSplit, WSquare, ZBox, ZPlus
-from fxrel.rules.methods import CONSERVING, IMAGE_BOUND, Method, StreamSpec, register, seed_gradient, seed_logit
 
 #: The scalar box of CLRP's official code, the extremes of ImageNet-normalised pixels (``low=CLRP_LOW,
 #: high=CLRP_HIGH`` reproduces it; the default is each image's own min/max).
@@ -87,43 +88,25 @@ def lrp_preset(preset: str, low: Any = IMAGE_BOUND, high: Any = IMAGE_BOUND, sum
     return Composite(pairs + (official if sums == "official" else split) + common, f"lrp[{preset}, sums={sums}]")
 
 
-for _preset, _what in (("zplus_box", "CLRP paper's LRP: z⁺ without bias, z^β first conv, WTA max-pool"),
-                       ("rap", "RAP repo relprop(alpha=1): α1β0, z^β with per-image bounds (AGF/UCAG baseline)"),
-                       ("deep_taylor", "innvestigate BoundedDeepTaylor: α1β0, w² classifier, z^β first layer")):
-    bounds = {} if _preset == "rap" else {"low": IMAGE_BOUND, "high": IMAGE_BOUND}  # rap: always the image's
-    register(f"lrp_{_preset}", _what, "LRP spec §4", CONSERVING, **bounds, sums="absolute")(
-        lambda _p=_preset, **b: Method(f"lrp_{_p}", lrp_preset(_p, **b), seed_logit))
+@register("lrp_zplus_box", "CLRP paper's LRP: z⁺ without bias, z^β first conv, WTA max-pool", "LRP spec §4",
+          CONSERVING)
+def _lrp_zplus_box(low: Any = IMAGE_BOUND, high: Any = IMAGE_BOUND, sums: str = "absolute") -> Method:
+    return Method("lrp_zplus_box", lrp_preset("zplus_box", low, high, sums), seed_logit)
+
+
+@register("lrp_rap", "RAP repo relprop(alpha=1): α1β0, z^β with per-image bounds (AGF/UCAG baseline)",
+          "LRP spec §4", CONSERVING)
+def _lrp_rap(sums: str = "absolute") -> Method:   # z^β bounds: always the image's own
+    return Method("lrp_rap", lrp_preset("rap", sums=sums), seed_logit)
+
+
+@register("lrp_deep_taylor", "innvestigate BoundedDeepTaylor: α1β0, w² classifier, z^β first layer", "LRP spec §4",
+          CONSERVING)
+def _lrp_deep_taylor(low: Any = IMAGE_BOUND, high: Any = IMAGE_BOUND, sums: str = "absolute") -> Method:
+    return Method("lrp_deep_taylor", lrp_preset("deep_taylor", low, high, sums), seed_logit)
 
 
 # --- CLRP2's negated last layer ----------------------------------------------------------------------------------
-class _NegatedLayer:
-    """A rule context whose layer computes ``−z``: weight and bias negated (so the output is ``−ctx.output``)."""
-
-    def __init__(self, ctx: RuleContext) -> None:
-        self._ctx = ctx
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._ctx, name)
-
-    @property
-    def weight(self) -> Any:
-        return self._ctx.param("weight", "negated", torch.neg)
-
-    @property
-    def bias(self) -> Any:
-        return None if self._ctx.bias is None else self._ctx.param("bias", "negated", torch.neg)
-
-    @property
-    def output(self) -> Any:
-        return -self._ctx.output
-
-    def param(self, which: str, tag: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-        return self._ctx.param(which, f"negated-{tag}", lambda p: fn(-p))
-
-    def vjp(self, grad: Any, weight: Any = None) -> list[Any]:
-        return self._ctx.vjp(grad, self.weight if weight is None else weight)
-
-
 class Negated(Rule):
     """``rule`` applied to the layer with its weights negated (CLRP2's dual concept ``W̄ = −W`` in the last layer)."""
 
@@ -133,7 +116,10 @@ class Negated(Rule):
         self.rule = rule
 
     def __call__(self, ctx: RuleContext, relevance: Any) -> list[Any]:
-        return self.rule(_NegatedLayer(ctx), relevance)
+        negated = ctx.replace(weight=ctx.param("weight", "negated", torch.neg), output=-ctx.output,
+                              bias=None if ctx.bias is None else ctx.param("bias", "negated", torch.neg),
+                              param_transform=("negated", torch.neg))
+        return self.rule(negated, relevance)
 
     def __repr__(self) -> str:
         return f"Negated({self.rule!r})"
@@ -204,9 +190,9 @@ def _combiner(name: str, target: str, dual: str, relu: bool = False) -> Callable
 # --- the methods -------------------------------------------------------------------------------------------------
 @register("clrp", "contrastive LRP: target minus dual concept (variant 1: other classes; 2: negated last layer)",
           "Gu et al. 2018 (CLRP)", "combine='paper': max(0, R − R_dual) ≥ 0; 'difference' signed; 'official' "
-          "R/ΣR − R_dual/ΣR_dual and 'agf' R − R_dual·ΣR/ΣR_dual sum to 0",
-          variant=1, combine="paper", preset="zplus_box", low=IMAGE_BOUND, high=IMAGE_BOUND, sums="absolute")
-def _clrp(variant: int, combine: str, preset: str, low: Any, high: Any, sums: str) -> Method:
+          "R/ΣR − R_dual/ΣR_dual and 'agf' R − R_dual·ΣR/ΣR_dual sum to 0")
+def _clrp(variant: int = 1, combine: str = "paper", preset: str = "zplus_box", low: Any = IMAGE_BOUND,
+          high: Any = IMAGE_BOUND, sums: str = "absolute") -> Method:
     composite = lrp_preset(preset, low, high, sums)
     if variant == 1:
         dual = StreamSpec("clrp_dual", composite, seed_clrp1_dual)
@@ -220,9 +206,9 @@ def _clrp(variant: int, combine: str, preset: str, low: Any, high: Any, sums: st
 
 
 @register("sglrp", "softmax-gradient LRP: target and softmax-weighted rest, scaled and subtracted",
-          "Iwana et al. 2019 (SGLRP)", "signed A^T − A^D·ΣA^T/ΣA^D (Σ = 0; relu=True keeps the positive part)",
-          preset="zplus_box", scaling=True, relu=False, low=IMAGE_BOUND, high=IMAGE_BOUND, sums="absolute")
-def _sglrp(preset: str, scaling: bool, relu: bool, low: Any, high: Any, sums: str) -> Method:
+          "Iwana et al. 2019 (SGLRP)", "signed A^T − A^D·ΣA^T/ΣA^D (Σ = 0; relu=True keeps the positive part)")
+def _sglrp(preset: str = "zplus_box", scaling: bool = True, relu: bool = False, low: Any = IMAGE_BOUND,
+           high: Any = IMAGE_BOUND, sums: str = "absolute") -> Method:
     """SGLRP. Default LRP: ``zplus_box`` (z⁺ in the classifier too). The official code's innvestigate DeepTaylor
     (``preset="deep_taylor"``) gives the classifier w², which ignores the input and the weights' sign, so both
     streams start from every channel the classifier weighs heavily, active or not, for or against the class; on the
@@ -257,10 +243,10 @@ def _excitation_backprop() -> Method:
     return Method("excitation_backprop", excitation_composite(), seed_gradient)
 
 
-@register("contrastive_excitation_backprop", "contrastive MWP: target minus the dual with negated classifier weights",
-          "Zhang et al. 2016 (c-MWP)", "signed difference of two probability maps (Σ = 0); combine='paper' clamps",
-          combine="difference")
-def _contrastive_excitation_backprop(combine: str) -> Method:
+@register("contrastive_excitation_backprop",
+          "contrastive MWP: target minus the dual with negated classifier weights", "Zhang et al. 2016 (c-MWP)",
+          "signed difference of two probability maps (Σ = 0); combine='paper' clamps")
+def _contrastive_excitation_backprop(combine: str = "difference") -> Method:
     dual = StreamSpec("excitation_dual", excitation_dual_composite(), seed_gradient)
     merge = None if combine == "none" else _combiner(combine, "excitation", "excitation_dual")
     return Method("excitation", excitation_composite(), seed_gradient, extra=(dual,), combine=merge)

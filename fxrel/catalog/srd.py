@@ -67,6 +67,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from fxrel.catalog.method import EnteringMethod
+from fxrel.catalog.registry import register
+from fxrel.catalog.rgam import class_gradients
+from fxrel.catalog.sectional import NotDecomposed
 from fxrel.errors import RuleError
 from fxrel.graphs import ops
 from fxrel.graphs.builder import Stream
@@ -74,10 +78,6 @@ from fxrel.rules.base import Rule, RuleContext
 from fxrel.rules.composite import Composite, kind, reads_input
 from fxrel.rules.generic import divide
 from fxrel.rules.gradient import AttentionAsWeights, GateAsWeight, Gradient
-from fxrel.rules.methods import register
-from fxrel.rules.rgam import class_gradients
-from fxrel.rules.rsp import SectionalMethod
-from fxrel.rules.sectional import NotDecomposed
 
 BIAS_NORMS = ("piece", "source")
 INITS = ("paper", "logit_share", "grad_cam")
@@ -177,7 +177,7 @@ class ConvSharing(Rule):
         if ctx.bias is None or self.absorb_bias:   # absorbed: the bias's share μ_b R_j stays with the bias
             return [grad]
         x, node = ctx.inputs[0], ctx.node
-        kernel = node.args[1].meta["tensor_meta"].shape[2:]
+        kernel = ops.conv_geometry(node).kernel
         if len(kernel) != 2:
             raise RuleError(f"SRD's bias shares are implemented for 2-D convolutions; node '{node.name}' is "
                             f"{len(kernel)}-D (module '{node.meta.get('fxrel_module', '')}')")
@@ -192,14 +192,13 @@ class ConvSharing(Rule):
 
     def _norms(self, ctx: RuleContext, x: Any) -> Any:
         """``n_tap(j)``, ``[N, taps, Ho, Wo]``: the norm of each tap's piece ``‖W_tap x_src‖`` or of its source."""
-        node = ctx.node
-        _, _, _, stride, padding, dilation, _, _, groups = node.args
-        kernel = node.args[1].meta["tensor_meta"].shape[2:]
+        node, g = ctx.node, ops.conv_geometry(ctx.node)
         if self.bias_norm == "source":
-            return F.conv2d(_pfv(x, x).sqrt(), ctx.constant(_tap_kernel(kernel)), None, stride, padding, dilation)
-        pieces = ctx.forward([x], ctx.param("weight", f"taps{groups}", _tap_expanded(groups)))
+            return F.conv2d(_pfv(x, x).sqrt(), ctx.constant(_tap_kernel(g.kernel)), None, g.stride, g.padding,
+                            g.dilation)
+        pieces = ctx.forward([x], ctx.param("weight", f"taps{g.groups}", _tap_expanded(g.groups)))
         out = node.meta["tensor_meta"].shape
-        pieces = pieces.view(out[0], groups, kernel[0] * kernel[1], out[1] // groups, *out[2:])
+        pieces = pieces.view(-1, g.groups, g.kernel[0] * g.kernel[1], out[1] // g.groups, *out[2:])
         return (pieces * pieces).sum((1, 3)).sqrt()
 
     def __repr__(self) -> str:
@@ -208,13 +207,9 @@ class ConvSharing(Rule):
 
 def _to_sources(ctx: RuleContext, per_tap: Any) -> Any:
     """``[N, taps, Ho, Wo] → [N, 1, H, W]``: each tap's share summed at its source position (padding drops it)."""
-    node = ctx.node
-    _, _, _, stride, padding, dilation, _, _, _ = node.args
-    kernel = node.args[1].meta["tensor_meta"].shape[2:]
-    in_size, out_size = node.args[0].meta["tensor_meta"].shape[2:], node.meta["tensor_meta"].shape[2:]
-    extra = [i - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
-             for i, o, s, p, d, k in zip(in_size, out_size, stride, padding, dilation, kernel)]
-    return F.conv_transpose2d(per_tap, ctx.constant(_tap_kernel(kernel)), None, stride, padding, extra, 1, dilation)
+    g = ops.conv_geometry(ctx.node)
+    return F.conv_transpose2d(per_tap, ctx.constant(_tap_kernel(g.kernel)), None, g.stride, g.padding,
+                              g.transpose_padding(), 1, g.dilation)
 
 
 def srd_composite(bias_norm: str = "piece", input_bias: str = "absorbed") -> Composite:
@@ -290,8 +285,8 @@ SRD_OUTPUT = ("signed, shaped like the stop node (input: like the image); its ch
 
 @register("srd", "sharing ratio decomposition: relevance of pre-activation pointwise feature vectors, shared by "
           "⟨piece, PFV⟩/‖PFV‖² through every conv, pooling, sum and concatenation below the encoder output",
-          "Han, Kim, Kwak 2024 (SRD)", SRD_OUTPUT, init="logit_share", contrast="auto", bias_norm="piece",
-          input_bias="absorbed", layer=None)
-def _srd(init: str, contrast: str | None, bias_norm: str, input_bias: str, layer: str | None) -> SectionalMethod:
-    return SectionalMethod("srd", srd_composite(bias_norm, input_bias), InitialSharing(init, contrast),
+          "Han, Kim, Kwak 2024 (SRD)", SRD_OUTPUT)
+def _srd(init: str = "logit_share", contrast: str | None = "auto", bias_norm: str = "piece",
+         input_bias: str = "absorbed", layer: str | None = None) -> EnteringMethod:
+    return EnteringMethod("srd", srd_composite(bias_norm, input_bias), InitialSharing(init, contrast),
                            pfv_relevance, layer=layer)

@@ -63,6 +63,8 @@ from typing import Any
 
 import torch
 
+from fxrel.catalog.method import Method, seed_gradient, seed_logit
+from fxrel.catalog.registry import register
 from fxrel.errors import RuleError
 from fxrel.graphs import ops
 from fxrel.rules.base import Rule, RuleContext
@@ -79,7 +81,6 @@ from fxrel.rules.generic import (
 )
 from fxrel.rules.gradient import Pass
 from fxrel.rules.lrp import SumSplit, ZBox, weights_neg, weights_pos
-from fxrel.rules.methods import Method, register, seed_gradient, seed_logit
 from fxrel.rules.shift import Shifted, total
 
 #: (Za1, Za2) for x⁺: the positive contributions f(x⁺; W⁺) and the magnitudes of the negative ones f(x⁺; |W⁻|)
@@ -202,8 +203,8 @@ def rap_composite(first_prop: str = "signed", negative_inputs: bool = False, res
 @register("rap", "relative attributing propagation: relevant/irrelevant split with uniform shifting in every "
           "convolution, signed contributions in the dense layers, z^β input (first_prop='official', dense='rap': "
           "the official code)", "Nam et al. 2020 (RAP)",
-          "signed, shaped like the input; Σ R = y_t (the target logit) after every layer",
-          first_prop="signed", dense="signed", negative_inputs=False, residual="absolute")
-def _rap(first_prop: str, dense: str, negative_inputs: bool, residual: str) -> Method:
+          "signed, shaped like the input; Σ R = y_t (the target logit) after every layer")
+def _rap(first_prop: str = "signed", dense: str = "signed", negative_inputs: bool = False,
+         residual: str = "absolute") -> Method:
     seed = seed_logit if first_prop == "generic" else seed_gradient  # official/signed: e_t; AGF/UCAG: y_t·e_t
     return Method("rap", rap_composite(first_prop, negative_inputs, residual, dense), seed)

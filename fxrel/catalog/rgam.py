@@ -30,15 +30,15 @@ from typing import Any, Collection
 import torch
 from torch import fx
 
+from fxrel.catalog.contrastive import excitation_composite, excitation_dual_composite
+from fxrel.catalog.method import seed_gradient
 from fxrel.errors import RuleError
 from fxrel.graphs.builder import Stream
 from fxrel.rules.base import Rule, RuleContext
 from fxrel.rules.batched import Repeated
 from fxrel.rules.composite import Composite, where
-from fxrel.rules.contrastive import excitation_composite, excitation_dual_composite
 from fxrel.rules.generic import divide
 from fxrel.rules.gradient import Gradient
-from fxrel.rules.methods import seed_gradient
 from fxrel.rules.shift import total
 
 MODES = ("paper", "paper_literal", "official_relative", "official_single")

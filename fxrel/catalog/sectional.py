@@ -15,7 +15,7 @@ shift (:mod:`fxrel.rules.shift`). ``ν`` depends on ``x``, ``R`` and the conv's 
 
 Other nodes (rsp.md §3.2–3.3): the input convolution gets z^β with each image's min/max (no bias, ``sdiv``);
 ReLU and BatchNorm the identity (without the official code's zero mask at ``x·γ/σ = 0``, see
-:mod:`fxrel.rules.rap`); residual sums ``R_a = (a⁺ + ε)/(a⁺ + b⁺ + 2ε) · R``; average pooling the z-rule on
+:mod:`fxrel.catalog.rap`); residual sums ``R_a = (a⁺ + ε)/(a⁺ + b⁺ + 2ε) · R``; average pooling the z-rule on
 ``x + ε`` (``ε = 10⁻⁹``); max pooling winner-take-all (what the official z-rule on ``x + ε`` amounts to);
 concatenation slicing; forks a sum (the official BasicBlock ``Clone`` multiplies instead — a bug). Nodes above X
 are never reached; a node below X with no sectional rule (a linear layer) is an error.
@@ -63,7 +63,7 @@ def _positive_plus_tiny(x: Any, ctx: RuleContext) -> Any:
 
 def _pointwise(node: Any) -> bool:
     """A 1×1 (pointwise) convolution: RSP skips the shift there (the code tests ``kernel_height == 1``)."""
-    return node.meta.get("fxrel_kind") == ops.CONV and all(k == 1 for k in node.args[1].meta["tensor_meta"].shape[2:])
+    return node.meta.get("fxrel_kind") == ops.CONV and ops.conv_geometry(node).pointwise
 
 
 class NotDecomposed(Rule):

@@ -42,7 +42,7 @@ computed in closed form (:func:`softmax_gaussian_gradient`; the relevance graph 
   zero); **residual sums, average pooling, centring** — RAP's absolute split ``Φ_a = |a| / Σ|·| · Φ``
   (``residual="absolute"``, default) or the official signed z-split ``Φ_a = a ⊙ sdiv(Φ, Σ·)`` (``"official"``, the
   official z-rule ∝ ``x`` at the poolings). Both conserve; the signed split amplifies where the operands nearly
-  cancel, as for RAP (:mod:`fxrel.rules.rap`) — measured on the trained demo ResNet (16 scenes, 36 image/class pairs):
+  cancel, as for RAP (:mod:`fxrel.catalog.rap`) — measured on the trained demo ResNet (16 scenes, 36 image/class pairs):
   pointing game 0.14 with the signed split at the sums, 1.00 with the absolute one (energy pointing game 0.21 →
   0.70); on zoo-densenet, whose transitions average-pool a convolution's signed output, 0.28 with the signed split
   at the poolings, 0.97 with the absolute one (12 scenes, 29 pairs);
@@ -93,6 +93,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from fxrel.catalog.method import Method, StreamSpec, seed_gradient
+from fxrel.catalog.registry import register
 from fxrel.errors import RuleError
 from fxrel.graphs import ops
 from fxrel.rules.base import Rule, RuleContext
@@ -101,7 +103,6 @@ from fxrel.rules.factorization import check_options, factorize, max_normalize
 from fxrel.rules.generic import GenericRule, Group, Term, absolute, ones
 from fxrel.rules.gradient import Gradient, Pass
 from fxrel.rules.lrp import SumSplit, ZBox
-from fxrel.rules.methods import Method, StreamSpec, register, seed_gradient
 from fxrel.rules.shift import total, uniform_shift
 
 #: name of the gradient stream (a helper stream of the sweep)
@@ -293,7 +294,7 @@ def _pointwise_or_residual(node: fx.Node) -> bool:
     BatchNorms) is an operand of a residual sum."""
     if node.meta.get("fxrel_kind") != ops.CONV:
         return False
-    if all(k == 1 for k in node.args[1].meta["tensor_meta"].shape[2:]):
+    if ops.conv_geometry(node).pointwise:
         return True
     frontier = [node]
     while frontier:
@@ -337,11 +338,11 @@ AGF_OUTPUT = ("signed, shaped like the input; Σ Φ = Σ X ⊙ ∂s/∂X at the 
 
 @register("agf", "attribution guided factorization: gradient and attribution streams in one sweep, absolute and "
           "input-agnostic influence, guided factorization of activations and gradients, Δ-shift",
-          "Gur, Ali, Wolf 2021 (AGF)", AGF_OUTPUT, slope=10.0, ridge=1.0, background="negative", flat="paper",
-          residual="absolute", score="logit", gate="sign", no_a=False, no_fx=True, no_fdx=False, no_m=False,
-          no_reg=False, gradcam=False, normalize=False)
-def _agf(slope: float | None, ridge: float, background: str, flat: str, residual: str, score: str, gate: str,
-         no_a: bool, no_fx: bool, no_fdx: bool, no_m: bool, no_reg: bool, gradcam: bool, normalize: bool) -> Method:
+          "Gur, Ali, Wolf 2021 (AGF)", AGF_OUTPUT)
+def _agf(slope: float | None = 10.0, ridge: float = 1.0, background: str = "negative", flat: str = "paper",
+         residual: str = "absolute", score: str = "logit", gate: str = "sign",
+         no_a: bool = False, no_fx: bool = True, no_fdx: bool = False, no_m: bool = False, no_reg: bool = False,
+         gradcam: bool = False, normalize: bool = False) -> Method:
     check_options(slope, ridge, background)
     if score not in SCORES:
         raise RuleError(f"score must be one of {tuple(SCORES)}, got {score!r}")
