@@ -200,3 +200,15 @@ def test_cam_with_a_compiled_gradient_explainer(vgg):
     compiled = fxrel.Explainer(model, "gradient", compile=True)
     for kind in fcam.CAM_KINDS:
         assert_rel(fcam.cam(compiled, x, targets, kind=kind), fcam.cam(model, x, targets, kind=kind))
+
+
+def test_cams_are_sweeps_eager_and_compiled(vgg):
+    """Each CAM is a registered sweep: its map is the relevance graph's output at the layer (the formula recorded
+    into the graph), equal to the post-hoc driver's, and the same under torch.compile."""
+    model, x, targets = vgg
+    for name, kind in (("grad_cam", "gradcam"), ("grad_cam_pp", "gradcam++"), ("layer_cam", "layercam")):
+        eager = fxrel.Explainer(model, name, layer="features.6")
+        torch.testing.assert_close(eager(x, targets), fcam.cam(model, x, targets, "features.6", kind=kind))
+        compiled = fxrel.Explainer(model, name, layer="features.6", compile=True)
+        assert_rel(compiled(x, targets), eager(x, targets))
+    assert fxrel.Explainer(model, "grad_cam", upsample=None)(x, targets).shape[-2:] != x.shape[-2:]
