@@ -1,7 +1,8 @@
 """The handler table: which function canonicalises which ATen target, and where a node came from.
 
-Handler modules register with :func:`handles`. :func:`source_line` and :func:`module_path` give a node's
-provenance for canonical nodes and error messages.
+Handler modules register with :func:`handles`; a target registered twice is an error (as in torch's
+``register_decomposition``), so one target has exactly one handler. :func:`source_line` and :func:`module_path`
+give a node's provenance for canonical nodes and error messages.
 """
 from __future__ import annotations
 
@@ -16,11 +17,24 @@ Handler = Callable[["_Canonicalizer", fx.Node], Any]
 HANDLERS: dict[Any, Handler] = {}
 
 
+def _qualname(fn: Any) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
 def handles(*targets: Any) -> Callable[[Handler], Handler]:
-    """Register a canonicalisation handler for ATen targets."""
+    """Register a canonicalisation handler for ATen targets.
+
+    Raises ``ValueError`` naming the target and both handlers when a target already has one (nothing of that
+    registration is recorded then)."""
     def register(fn: Handler) -> Handler:
+        seen: dict[Any, Handler] = {}
         for t in targets:
-            HANDLERS[t] = fn
+            previous = HANDLERS.get(t, seen.get(t))
+            if previous is not None:
+                raise ValueError(f"duplicate canonicalisation handler for {t}: already handled by "
+                                 f"{_qualname(previous)}, cannot also register {_qualname(fn)}")
+            seen[t] = fn
+        HANDLERS.update(seen)
         return fn
     return register
 
