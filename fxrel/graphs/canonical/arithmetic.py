@@ -1,0 +1,107 @@
+"""Elementwise arithmetic: sums and products with constants become ``channel_affine``, sums of two computed tensors
+``add``, products of a feature map and a gate ``channel_gate``; divisions that close a normaliser's statistic go to
+:mod:`~fxrel.graphs.canonical.normalisers`."""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import fx
+
+from fxrel.graphs import ops
+from fxrel.graphs.canonical.gates import _GATE_ACTIVATIONS, _gates, _is_statistic, _source, _unexpanded
+from fxrel.graphs.canonical.normalisers import _divided_by_std, _response_scale
+from fxrel.graphs.canonical.pending import _pending
+from fxrel.graphs.canonical.registry import handles
+from fxrel.graphs.ops import aten
+
+if TYPE_CHECKING:
+    from fxrel.graphs.canonical.walker import _Canonicalizer
+
+
+def _operand(c: _Canonicalizer, node: Any, like: fx.Node) -> torch.Tensor | None:
+    """A constant operand (a Python number, a parameter or a folded constant) as a tensor in ``like``'s dtype, or
+    ``None`` for a computed tensor."""
+    if isinstance(node, fx.Node) and not c.is_const(node):
+        return None
+    dtype = like.meta["val"].dtype
+    return c.const(node).to(dtype) if isinstance(node, fx.Node) else torch.tensor(node, dtype=dtype)
+
+
+def _affine(c: _Canonicalizer, x: fx.Node, scale: torch.Tensor | None, shift: torch.Tensor | None):
+    """``x·scale + shift`` with constant ``scale``/``shift`` as a canonical ``channel_affine`` (layer scale, NFNet's
+    α/β gains, ``x + 0``); an identity is dropped."""
+    if shift is not None and not bool((shift != 0).any()):
+        shift = None
+    if scale is None or (scale.numel() == 1 and float(scale) == 1.0):
+        if shift is None:
+            return c.value(x)
+        scale = torch.ones((), dtype=shift.dtype)
+    return c.emit(ops.channel_affine, (c.value(x), c.param(scale, "scale"), c.param(shift, "shift")))
+
+
+@handles(aten.add.Tensor, aten.sub.Tensor)
+def _add(c: _Canonicalizer, n: fx.Node):
+    """A sum of two computed tensors (residual connections); a constant added or subtracted is an affine shift."""
+    a, b = n.args[:2]
+    alpha = n.kwargs.get("alpha", 1)
+    sign = -1 if n.target is aten.sub.Tensor else 1
+    pending = _pending(c, a)
+    if pending is not None and not (pending.squared or pending.root) and sign == 1 and isinstance(b, (int, float)):
+        return replace(pending, eps=pending.eps + b)
+    ca, cb = _operand(c, a, n), _operand(c, b, n)
+    if ca is None and cb is None:
+        if alpha != 1 or sign != 1:
+            raise c.unsupported("difference or alpha≠1 of two computed tensors (only sums are canonical)")
+        return c.emit(aten.add.Tensor, (c.value(a), c.value(b)))
+    if ca is not None and cb is not None:
+        raise c.unsupported("sum of two constants that was not folded")
+    if cb is not None:
+        return _affine(c, a, None, cb * (sign * alpha))
+    return _affine(c, b, torch.tensor(float(sign * alpha), dtype=ca.dtype), ca)
+
+
+@handles(aten.mul.Tensor, aten.div.Tensor)
+def _mul(c: _Canonicalizer, n: fx.Node):
+    """A product with a constant is an affine (``x·s``, ``x/s``); a feature map times a broadcast gate
+    (squeeze-excitation) is ``channel_gate(value, gate)``."""
+    a, b = n.args[:2]
+    if n.target is aten.div.Tensor and _pending(c, a) is not None and _pending(c, b) is not None:
+        return _response_scale(c, _pending(c, a), _pending(c, b))
+    if n.target is aten.div.Tensor and _pending(c, b) is not None and _pending(c, b).root:
+        return _divided_by_std(c, a, _pending(c, b))
+    if n.target is aten.div.Tensor:
+        divisor = _operand(c, b, n)
+        if divisor is None or _operand(c, a, n) is not None or n.kwargs.get("rounding_mode"):
+            raise c.unsupported("division by a computed tensor (only division by a constant is canonical)")
+        return _affine(c, a, 1 / divisor, None)
+    for value, other in ((a, b), (b, a)):
+        scale = _operand(c, other, n)
+        if scale is not None and _operand(c, value, n) is None:
+            return _affine(c, value, scale, None)
+    sa, sb = _unexpanded(a), _unexpanded(b)
+    squashed = [op for op in (a, b) if _source(op).target in _GATE_ACTIVATIONS or _is_statistic(c, _source(op))]
+    if _gates(sb, sa):
+        value, gate = a, b
+    elif _gates(sa, sb):
+        value, gate = b, a
+    elif sa == sb and len(squashed) == 1:  # same shapes (1×1 maps, GhostNetV2's upsampled gate): the squashed one
+        gate = squashed[0]
+        value = b if gate is a else a
+    else:
+        raise c.unsupported(f"product of tensors shaped {tuple(sa)} and {tuple(sb)} (only a feature map times a "
+                            "gate broadcast over some of its dims, or times a same-shaped sigmoid/softmax gate, "
+                            "is canonical)")
+    return c.emit(ops.channel_gate, (c.value(value), c.value(gate)))
+
+
+@handles(aten.addcmul.default)
+def _addcmul(c: _Canonicalizer, n: fx.Node):
+    """``a + value·b·t`` with constants ``a``, ``b`` and a computed ``t`` (GRN's affine): an affine of ``t``."""
+    a, b, t = n.args[:3]
+    value = n.kwargs.get("value", 1)
+    shift, scale = _operand(c, a, n), _operand(c, b, n)
+    if shift is None or scale is None or _operand(c, t, n) is not None:
+        raise c.unsupported("addcmul of computed tensors (only constant + constant·tensor is canonical)")
+    return _affine(c, t, scale * value, shift)

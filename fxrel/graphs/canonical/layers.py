@@ -1,0 +1,103 @@
+"""Handlers for parametrised layers: convolutions, linear layers, Batch/Layer/GroupNorm."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import fx
+
+from fxrel.graphs import ops
+from fxrel.graphs.canonical.registry import handles
+from fxrel.graphs.ops import aten
+
+if TYPE_CHECKING:
+    from fxrel.graphs.canonical.walker import _Canonicalizer
+
+
+@handles(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default)
+def _conv(c: _Canonicalizer, n: fx.Node):
+    x, w, b = n.args[0], n.args[1], n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+    weight = c.const(w)
+    dims = weight.dim() - 2
+    if n.target is aten.convolution.default:
+        _, _, _, stride, padding, dilation, transposed, output_padding, groups = n.args
+        if transposed:
+            raise c.unsupported("transposed convolution")
+    else:
+        names = ("stride", "padding", "dilation", "groups")
+        given = dict(zip(names, n.args[3:]), **n.kwargs)
+        stride, padding = given.get("stride", [1] * dims), given.get("padding", [0] * dims)
+        dilation, groups = given.get("dilation", [1] * dims), given.get("groups", 1)
+    if isinstance(padding, str):
+        raise c.unsupported(f"string padding '{padding}'")
+
+    def expand(v: Any) -> list:
+        return list(v) * dims if len(v) == 1 else list(v)
+    return c.emit(aten.convolution.default,
+                  (c.value(x), c.param(weight, "weight"), c.param(c.const(b), "bias"), expand(stride),
+                   expand(padding), expand(dilation), False, [0] * dims, groups))
+
+
+@handles(aten.linear.default)
+def _linear(c: _Canonicalizer, n: fx.Node):
+    b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+    return c.emit(aten.linear.default, (c.value(n.args[0]), c.param(c.const(n.args[1]), "weight"),
+                                        c.param(c.const(b), "bias")))
+
+
+@handles(aten._native_batch_norm_legit_no_training.default, aten.batch_norm.default)
+def _batch_norm(c: _Canonicalizer, n: fx.Node):
+    if n.target is aten.batch_norm.default:
+        x, w, b, mean, var, training, _, eps = n.args[:8]
+        if training:
+            raise c.unsupported("BatchNorm in training mode")
+    else:
+        x, w, b, mean, var, _, eps = n.args
+    mean, var = c.const(mean), c.const(var)
+    w, b = c.const(w), c.const(b)
+    scale = torch.rsqrt(var + eps) * (w if w is not None else 1.0)
+    shift = (b if b is not None else 0.0) - mean * scale
+    rank = len(n.meta["val"][0].shape if isinstance(n.meta["val"], (tuple, list)) else n.meta["val"].shape)
+    view = (-1,) + (1,) * (rank - 2)
+    node = c.emit(ops.channel_affine, (c.value(x), c.param(scale.reshape(view), "scale"),
+                                       c.param(shift.reshape(view), "shift")))
+    return (node,) if n.target is aten._native_batch_norm_legit_no_training.default else node
+
+
+def _normalized(c: _Canonicalizer, x: fx.Node, dims: list[int], eps: float, weight: torch.Tensor | None,
+                bias: torch.Tensor | None) -> fx.Node:
+    """``(x − μ)/σ · γ + β`` over ``dims`` as ``affine(gate(center(x), inv_std(center(x))))``: the mean subtraction
+    is linear, 1/σ a statistic gating it (the LN-rule keeps it constant), γ, β a per-channel affine."""
+    centered = c.emit(ops.center, (x, dims))
+    normalized = c.emit(ops.channel_gate, (centered, c.emit(ops.inv_std, (centered, dims, eps))))
+    if weight is None and bias is None:
+        return normalized
+    weight = torch.ones_like(bias) if weight is None else weight
+    return c.emit(ops.channel_affine, (normalized, c.param(weight, "scale"), c.param(bias, "shift")))
+
+
+@handles(aten.layer_norm.default)
+def _layer_norm(c: _Canonicalizer, n: fx.Node):
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    a = dict(zip(names, n.args), **n.kwargs)
+    rank = len(a["input"].meta["val"].shape)
+    dims = list(range(rank - len(a["normalized_shape"]), rank))
+    return _normalized(c, c.value(a["input"]), dims, a.get("eps", 1e-5), c.const(a.get("weight")),
+                       c.const(a.get("bias")))
+
+
+@handles(aten.group_norm.default)
+def _group_norm(c: _Canonicalizer, n: fx.Node):
+    """GroupNorm: the channels viewed as ``[N, G, C/G·H·W]``, normalised over the last axis, viewed back."""
+    names = ("input", "num_groups", "weight", "bias", "eps")
+    a = dict(zip(names, n.args), **n.kwargs)
+    shape = list(a["input"].meta["val"].shape)
+    grouped = c.emit(aten.reshape.default, (c.value(a["input"]), [shape[0], a["num_groups"], -1]))
+    normalized = c.emit(aten.reshape.default, (_normalized(c, grouped, [2], a.get("eps", 1e-5), None, None), shape))
+    weight, bias = c.const(a.get("weight")), c.const(a.get("bias"))
+    if weight is None and bias is None:
+        return normalized
+    view = (-1,) + (1,) * (len(shape) - 2)
+    weight = torch.ones_like(bias) if weight is None else weight
+    bias = None if bias is None else bias.reshape(view)
+    return c.emit(ops.channel_affine, (normalized, c.param(weight.reshape(view), "scale"), c.param(bias, "shift")))

@@ -1,0 +1,69 @@
+"""Handlers for reductions: spatial means (average pooling) and sums, which are a mean times a count or a sum of
+slices; a mean inside a normaliser's statistic is left to :mod:`~fxrel.graphs.canonical.normalisers`' pattern."""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import fx
+
+from fxrel.graphs import ops
+from fxrel.graphs.canonical.pending import _Pending, _pending
+from fxrel.graphs.canonical.registry import handles
+from fxrel.graphs.canonical.structural import _passthrough
+from fxrel.graphs.ops import aten
+
+if TYPE_CHECKING:
+    from fxrel.graphs.canonical.walker import _Canonicalizer
+
+
+def _spatial_sum(c: _Canonicalizer, x: fx.Node, dims: list[int], keepdim: bool, count: int,
+                 dtype: torch.dtype) -> fx.Node:
+    """A sum over spatial dims as their mean (a canonical average pooling) times their size ``count``."""
+    mean = c.emit(aten.mean.dim, (x, dims, keepdim))
+    return c.emit(ops.channel_affine, (mean, c.param(torch.tensor(float(count), dtype=dtype), "scale"), None))
+
+
+@handles(aten.sum.dim_IntList)
+def _sum(c: _Canonicalizer, n: fx.Node):
+    """A sum over spatial axes is a mean times their size; over a short non-batch axis (SKNet's branch axis), the
+    sum of its slices."""
+    x, dims = n.args[0], n.args[1]
+    keepdim = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+    shape = x.meta["val"].shape
+    dims = sorted({d % len(shape) for d in (dims or range(len(shape)))})
+    if n.kwargs.get("dtype") is not None:
+        raise c.unsupported("sum with a dtype conversion")
+    if ops.is_spatial_mean(dims, len(shape)):
+        return _spatial_sum(c, c.value(x), dims, keepdim, math.prod(shape[d] for d in dims), x.meta["val"].dtype)
+    if len(dims) != 1 or dims[0] == 0 or shape[dims[0]] > 16:
+        raise c.unsupported(f"sum over dims {dims} of a tensor shaped {tuple(shape)} (spatial sums and sums over a "
+                            "non-batch axis of ≤ 16 entries are canonical)")
+    dim = dims[0]
+    parts = [c.emit(aten.slice.Tensor, (c.value(x), dim, i, i + 1, 1)) for i in range(shape[dim])]
+    if not keepdim:
+        parts = [c.emit(aten.squeeze.dim, (p, dim)) for p in parts]
+    total = parts[0]
+    for part in parts[1:]:
+        total = c.emit(aten.add.Tensor, (total, part))
+    return total
+
+
+@handles(aten.mean.dim)
+def _mean(c: _Canonicalizer, n: fx.Node):
+    rank = len(n.args[0].meta["val"].shape)
+    pending = _pending(c, n.args[0])
+    if pending is not None and pending.norm:
+        keepdim = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+        if not keepdim:
+            raise c.unsupported("mean of a norm without keepdim")
+        return _Pending(pending.x, pending.dims, norm=True, channel_dims=tuple(d % rank for d in n.args[1]))
+    if pending is not None and pending.squared:
+        keepdim = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+        if not keepdim:
+            raise c.unsupported("mean of squares without keepdim (only rsqrt(mean(x², keepdim=True) + ε) is canonical)")
+        return _Pending(pending.x, tuple(d % rank for d in n.args[1]))
+    if not ops.is_spatial_mean(n.args[1], rank):
+        raise c.unsupported(f"mean over dims {n.args[1]} (only spatial means are canonical)")
+    return _passthrough(c, n)
