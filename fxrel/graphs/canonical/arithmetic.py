@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import fx
@@ -12,12 +12,9 @@ from torch import fx
 from fxrel.graphs import ops
 from fxrel.graphs.canonical.gates import _GATE_ACTIVATIONS, _gates, _is_statistic, _source, _unexpanded
 from fxrel.graphs.canonical.normalisers import _divided_by_std, _response_scale
-from fxrel.graphs.canonical.pending import _pending
 from fxrel.graphs.canonical.registry import handles
+from fxrel.graphs.canonical.walker import _Canonicalizer
 from fxrel.graphs.ops import aten
-
-if TYPE_CHECKING:
-    from fxrel.graphs.canonical.walker import _Canonicalizer
 
 
 def _operand(c: _Canonicalizer, node: Any, like: fx.Node) -> torch.Tensor | None:
@@ -47,7 +44,7 @@ def _add(c: _Canonicalizer, n: fx.Node):
     a, b = n.args[:2]
     alpha = n.kwargs.get("alpha", 1)
     sign = -1 if n.target is aten.sub.Tensor else 1
-    pending = _pending(c, a)
+    pending = c.pending(a)
     if pending is not None and not (pending.squared or pending.root) and sign == 1 and isinstance(b, (int, float)):
         return replace(pending, eps=pending.eps + b)
     ca, cb = _operand(c, a, n), _operand(c, b, n)
@@ -67,10 +64,10 @@ def _mul(c: _Canonicalizer, n: fx.Node):
     """A product with a constant is an affine (``x·s``, ``x/s``); a feature map times a broadcast gate
     (squeeze-excitation) is ``channel_gate(value, gate)``."""
     a, b = n.args[:2]
-    if n.target is aten.div.Tensor and _pending(c, a) is not None and _pending(c, b) is not None:
-        return _response_scale(c, _pending(c, a), _pending(c, b))
-    if n.target is aten.div.Tensor and _pending(c, b) is not None and _pending(c, b).root:
-        return _divided_by_std(c, a, _pending(c, b))
+    if n.target is aten.div.Tensor and c.pending(a) is not None and c.pending(b) is not None:
+        return _response_scale(c, c.pending(a), c.pending(b))
+    if n.target is aten.div.Tensor and c.pending(b) is not None and c.pending(b).root:
+        return _divided_by_std(c, a, c.pending(b))
     if n.target is aten.div.Tensor:
         divisor = _operand(c, b, n)
         if divisor is None or _operand(c, a, n) is not None or n.kwargs.get("rounding_mode"):

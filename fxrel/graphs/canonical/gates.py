@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import fx
 
 from fxrel.graphs import ops
 from fxrel.graphs.canonical.normalisers import _reshaped
-from fxrel.graphs.canonical.pending import _pending
 from fxrel.graphs.canonical.reductions import _spatial_sum
 from fxrel.graphs.canonical.registry import handles
+from fxrel.graphs.canonical.walker import _Canonicalizer
 from fxrel.graphs.ops import aten
-
-if TYPE_CHECKING:
-    from fxrel.graphs.canonical.walker import _Canonicalizer
 
 
 def _gates(gate: torch.Size, value: torch.Size) -> bool:
@@ -52,7 +48,7 @@ def _is_statistic(c: _Canonicalizer, node: fx.Node) -> bool:
 @handles(aten.expand.default)
 def _expand(c: _Canonicalizer, n: fx.Node):
     """``gate.expand_as(x)`` feeding products only (ECA, SE variants): left as an implicit broadcast."""
-    if _pending(c, n.args[0]) is not None:
+    if c.pending(n.args[0]) is not None:
         return _reshaped(c, n)
     if not n.users or any(u.target is not aten.mul.Tensor for u in n.users):
         raise c.unsupported("expand whose result is used other than in a product with a feature map")

@@ -1,17 +1,15 @@
 """Handlers for parametrised layers: convolutions, linear layers, Batch/Layer/GroupNorm."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import fx
 
 from fxrel.graphs import ops
 from fxrel.graphs.canonical.registry import handles
+from fxrel.graphs.canonical.walker import _Canonicalizer
 from fxrel.graphs.ops import aten
-
-if TYPE_CHECKING:
-    from fxrel.graphs.canonical.walker import _Canonicalizer
 
 
 @handles(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default)

@@ -7,17 +7,14 @@ until ``rsqrt`` or the division closes them as one ``inv_std`` / ``response_scal
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from torch import fx
 
 from fxrel.graphs import ops
-from fxrel.graphs.canonical.pending import _Pending, _pending
+from fxrel.graphs.canonical.pending import _Pending
 from fxrel.graphs.canonical.registry import handles
+from fxrel.graphs.canonical.walker import _Canonicalizer
 from fxrel.graphs.ops import aten
-
-if TYPE_CHECKING:
-    from fxrel.graphs.canonical.walker import _Canonicalizer
 
 
 @handles(aten.pow.Tensor_Scalar)
@@ -65,12 +62,12 @@ def _response_scale(c: _Canonicalizer, numerator: _Pending, denominator: _Pendin
 
 
 def _reshaped(c: _Canonicalizer, n: fx.Node) -> _Pending:
-    return replace(_pending(c, n.args[0]), view=tuple(n.meta["val"].shape))
+    return replace(c.pending(n.args[0]), view=tuple(n.meta["val"].shape))
 
 
 @handles(aten.sqrt.default)
 def _sqrt(c: _Canonicalizer, n: fx.Node):
-    pending = _pending(c, n.args[0])
+    pending = c.pending(n.args[0])
     if pending is None or pending.squared or pending.norm or pending.root:
         raise c.unsupported("sqrt of something other than a normaliser's var(x) + ε or mean(x²) + ε")
     return replace(pending, root=True)
@@ -91,7 +88,7 @@ def _divided_by_std(c: _Canonicalizer, value: fx.Node, std: _Pending) -> fx.Node
 
 @handles(aten.rsqrt.default)
 def _rsqrt(c: _Canonicalizer, n: fx.Node):
-    pending = _pending(c, n.args[0])
+    pending = c.pending(n.args[0])
     if pending is None or pending.squared or pending.root or pending.norm:
         raise c.unsupported("rsqrt of something other than a normaliser's mean(x²) + ε or var(x) + ε")
     args = (c.value(pending.x), list(pending.dims), pending.eps)

@@ -2,12 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 from torch import fx
-
-if TYPE_CHECKING:
-    from fxrel.graphs.canonical.walker import _Canonicalizer
 
 
 @dataclass(frozen=True)
@@ -25,8 +21,3 @@ class _Pending:
     channel_dims: tuple[int, ...] = () #: the mean of that norm, over these dims
     root: bool = False                 #: ``sqrt(var(x) + ε)``, awaiting ``value / ·`` (EvoNorm's group std)
     view: tuple[int, ...] | None = None  #: the shape it was expanded and reshaped to for that division
-
-
-def _pending(c: _Canonicalizer, node: Any) -> _Pending | None:
-    value = c.env.get(node) if isinstance(node, fx.Node) else None
-    return value if isinstance(value, _Pending) else None

@@ -3,19 +3,16 @@ slices; a mean inside a normaliser's statistic is left to :mod:`~fxrel.graphs.ca
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import fx
 
 from fxrel.graphs import ops
-from fxrel.graphs.canonical.pending import _Pending, _pending
+from fxrel.graphs.canonical.pending import _Pending
 from fxrel.graphs.canonical.registry import handles
 from fxrel.graphs.canonical.structural import _passthrough
+from fxrel.graphs.canonical.walker import _Canonicalizer
 from fxrel.graphs.ops import aten
-
-if TYPE_CHECKING:
-    from fxrel.graphs.canonical.walker import _Canonicalizer
 
 
 def _spatial_sum(c: _Canonicalizer, x: fx.Node, dims: list[int], keepdim: bool, count: int,
@@ -53,7 +50,7 @@ def _sum(c: _Canonicalizer, n: fx.Node):
 @handles(aten.mean.dim)
 def _mean(c: _Canonicalizer, n: fx.Node):
     rank = len(n.args[0].meta["val"].shape)
-    pending = _pending(c, n.args[0])
+    pending = c.pending(n.args[0])
     if pending is not None and pending.norm:
         keepdim = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
         if not keepdim:

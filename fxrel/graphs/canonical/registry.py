@@ -6,14 +6,12 @@ give a node's provenance for canonical nodes and error messages.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from torch import fx
 
-if TYPE_CHECKING:
-    from fxrel.graphs.canonical.walker import _Canonicalizer
-
-Handler = Callable[["_Canonicalizer", fx.Node], Any]
+#: ``(canonicalizer, node) → value``; the canonicalizer is :class:`fxrel.graphs.canonical.walker._Canonicalizer`
+Handler = Callable[[Any, fx.Node], Any]
 HANDLERS: dict[Any, Handler] = {}
 
 

@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import TYPE_CHECKING
 
 import torch
 from torch import fx
 
 from fxrel.graphs import ops
 from fxrel.graphs.canonical.normalisers import _reshaped
-from fxrel.graphs.canonical.pending import _pending
 from fxrel.graphs.canonical.registry import handles
+from fxrel.graphs.canonical.walker import _Canonicalizer
 from fxrel.graphs.ops import aten
-
-if TYPE_CHECKING:
-    from fxrel.graphs.canonical.walker import _Canonicalizer
 
 
 @handles(operator.getitem)
@@ -32,7 +28,7 @@ def _getitem(c: _Canonicalizer, n: fx.Node):
 @handles(*ops.ACTIVATIONS, *ops.SHAPE_OPS, aten.max_pool2d.default, aten.avg_pool2d.default,
          aten.adaptive_avg_pool2d.default, aten.cat.default)
 def _passthrough(c: _Canonicalizer, n: fx.Node):
-    if n.target in ops.SHAPE_OPS and _pending(c, n.args[0]) is not None:   # a statistic reshaped for a division
+    if n.target in ops.SHAPE_OPS and c.pending(n.args[0]) is not None:   # a statistic reshaped for a division
         return _reshaped(c, n)
     target = aten.view.default if n.target is aten._unsafe_view.default else n.target
     args = tuple([c.value(a) for a in n.args[0]] if i == 0 and isinstance(n.args[0], (list, tuple)) else c.value(a)
@@ -126,7 +122,7 @@ def _to_copy(c: _Canonicalizer, n: fx.Node):
     if set(n.kwargs) - {"dtype", "layout", "device", "memory_format"} or (dtype is not None
                                                                           and not dtype.is_floating_point):
         raise c.unsupported(f"copy with {n.kwargs} (only floating-point dtype casts are canonical)")
-    return _pending(c, n.args[0]) or c.value(n.args[0])
+    return c.pending(n.args[0]) or c.value(n.args[0])
 
 
 @handles(aten.dropout.default, aten.detach.default, aten.lift_fresh_copy.default)

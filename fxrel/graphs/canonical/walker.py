@@ -69,6 +69,11 @@ class _Canonicalizer:
                                    "is used where a computed feature map is expected")
         return self.env[node] if isinstance(node, fx.Node) else node
 
+    def pending(self, node: Any) -> _Pending | None:
+        """The half-recognised statistic ``node`` stands for, if it is one."""
+        value = self.env.get(node) if isinstance(node, fx.Node) else None
+        return value if isinstance(value, _Pending) else None
+
     def emit(self, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
         """Emit one canonical call node carrying the current source node's provenance."""
         node = self.graph.call_function(target, args, kwargs or {})
