@@ -92,6 +92,26 @@ class OpSpec:
     per_sample: PerSample | None = None
 
 
+_SCHEMA_DEFAULT = object()
+
+
+def argument(node: fx.Node, name: str, default: Any = _SCHEMA_DEFAULT) -> Any:
+    """The value of an ATen call's argument ``name`` — positional or keyword — else ``default``, else the default
+    of the op's schema (what ``torch.fx.operator_schemas.normalize_function`` resolves, for one argument)."""
+    for i, arg in enumerate(node.target._schema.arguments):
+        if arg.name == name:
+            if i < len(node.args) and not arg.kwarg_only:
+                return node.args[i]
+            if name in node.kwargs:
+                return node.kwargs[name]
+            if default is not _SCHEMA_DEFAULT:
+                return default
+            if arg.has_default_value():
+                return arg.default_value
+            raise KeyError(f"{node.target} call '{node.name}' gives no argument {name!r}")
+    raise KeyError(f"{node.target} has no argument {name!r}")
+
+
 def _first(node: fx.Node) -> list[fx.Node]:
     return [node.args[0]]
 
@@ -225,12 +245,11 @@ def _maxpool_vjp(node, grad, inputs, weight=None):
 
 def _pool_args(node: fx.Node) -> tuple:
     """(kernel, stride, padding, dilation, ceil_mode) of a max_pool2d node, defaults filled in."""
-    args = list(node.args[1:]) + [None] * (5 - len(node.args[1:]))
-    k = list(args[0])
-    s = list(args[1]) if args[1] else k
-    p = list(args[2]) if args[2] is not None else [0, 0]
-    d = list(args[3]) if args[3] is not None else [1, 1]
-    return k, s, p, d, bool(args[4])
+    k = list(argument(node, "kernel_size"))
+    s = list(argument(node, "stride", None) or k)
+    p = list(argument(node, "padding", None) or [0, 0])
+    d = list(argument(node, "dilation", None) or [1, 1])
+    return k, s, p, d, bool(argument(node, "ceil_mode", False))
 
 
 def _avgpool_forward(node, inputs, weight=None, bias=None):
@@ -242,17 +261,15 @@ def _avgpool_vjp(node, grad, inputs, weight=None):
     if node.target is aten.adaptive_avg_pool2d.default:
         return [aten._adaptive_avg_pool2d_backward.default(grad, x)]
     if node.target is aten.avg_pool2d.default:
-        names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
         defaults = dict(stride=[], padding=[0, 0], ceil_mode=False, count_include_pad=True, divisor_override=None)
-        given = dict(zip(names, node.args[1:]), **node.kwargs)
-        a = {n: given.get(n, defaults.get(n)) for n in names}
+        a = {name: argument(node, name, defaults.get(name)) for name in ("kernel_size", *defaults)}
         stride = a["stride"] or a["kernel_size"]
         return [aten.avg_pool2d_backward.default(grad, x, a["kernel_size"], stride, a["padding"], a["ceil_mode"],
                                                  a["count_include_pad"], a["divisor_override"])]
     # aten.mean.dim(x, dims, keepdim)
     shape = _in_shape(node)
     dims = sorted(d % len(shape) for d in node.args[1])
-    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    keepdim = argument(node, "keepdim", False)
     count = math.prod(shape[d] for d in dims)
     g = grad
     if not keepdim:
@@ -405,7 +422,7 @@ def _cat_inputs(node: fx.Node) -> list[fx.Node]:
 
 
 def _cat_dim(node: fx.Node) -> int:
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    dim = argument(node, "dim", 0)
     return dim % len(_shape(node))
 
 
@@ -508,11 +525,11 @@ def activation_derivative(node: fx.Node, x):
     if t is aten.relu.default:
         return (x > 0).to(x.dtype)
     if t is aten.hardtanh.default:
-        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
-        hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
+        lo = argument(node, "min_val", -1.0)
+        hi = argument(node, "max_val", 1.0)
         return ((x > lo) & (x < hi)).to(x.dtype)
     if t is aten.leaky_relu.default:
-        slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
+        slope = argument(node, "negative_slope", 0.01)
         return (x > 0).to(x.dtype) * (1 - slope) + slope   # in x's dtype (a float32 slope would round)
     if t is aten.elu.default:
         alpha, scale, input_scale = (list(node.args[1:]) + [1.0, 1.0, 1.0])[:3]

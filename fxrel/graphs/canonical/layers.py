@@ -14,7 +14,7 @@ from fxrel.graphs.ops import aten
 
 @handles(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default)
 def _conv(c: _Canonicalizer, n: fx.Node):
-    x, w, b = n.args[0], n.args[1], n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+    x, w, b = n.args[0], n.args[1], ops.argument(n, "bias", None)
     weight = c.const(w)
     dims = weight.dim() - 2
     if n.target is aten.convolution.default:
@@ -38,7 +38,7 @@ def _conv(c: _Canonicalizer, n: fx.Node):
 
 @handles(aten.linear.default)
 def _linear(c: _Canonicalizer, n: fx.Node):
-    b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+    b = ops.argument(n, "bias", None)
     return c.emit(aten.linear.default, (c.value(n.args[0]), c.param(c.const(n.args[1]), "weight"),
                                         c.param(c.const(b), "bias")))
 

@@ -30,8 +30,8 @@ def _pow(c: _Canonicalizer, n: fx.Node):
 def _var(c: _Canonicalizer, n: fx.Node):
     x, dims = n.args[0], n.args[1]
     if n.target is aten.var.dim:
-        correction = int(n.args[2] if len(n.args) > 2 else n.kwargs.get("unbiased", True))
-        keepdim = n.args[3] if len(n.args) > 3 else n.kwargs.get("keepdim", False)
+        correction = int(ops.argument(n, "unbiased", True))
+        keepdim = ops.argument(n, "keepdim", False)
     else:
         correction, keepdim = n.kwargs.get("correction", 1), n.kwargs.get("keepdim", False)
     if not keepdim or dims is None:
@@ -44,7 +44,7 @@ def _var(c: _Canonicalizer, n: fx.Node):
 @handles(aten.linalg_vector_norm.default)
 def _vector_norm(c: _Canonicalizer, n: fx.Node):
     x, order, dims = (list(n.args) + [2, None][len(n.args) - 1:])[:3]
-    keepdim = n.args[3] if len(n.args) > 3 else n.kwargs.get("keepdim", False)
+    keepdim = ops.argument(n, "keepdim", False)
     if order != 2 or dims is None or not keepdim:
         raise c.unsupported("vector norm other than ‖x‖₂ over given dims with keepdim (GlobalResponseNorm's)")
     c.value(x)

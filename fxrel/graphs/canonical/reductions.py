@@ -27,7 +27,7 @@ def _sum(c: _Canonicalizer, n: fx.Node):
     """A sum over spatial axes is a mean times their size; over a short non-batch axis (SKNet's branch axis), the
     sum of its slices."""
     x, dims = n.args[0], n.args[1]
-    keepdim = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+    keepdim = ops.argument(n, "keepdim", False)
     shape = x.meta["val"].shape
     dims = sorted({d % len(shape) for d in (dims or range(len(shape)))})
     if n.kwargs.get("dtype") is not None:
@@ -52,12 +52,12 @@ def _mean(c: _Canonicalizer, n: fx.Node):
     rank = len(n.args[0].meta["val"].shape)
     pending = c.pending(n.args[0])
     if pending is not None and pending.norm:
-        keepdim = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+        keepdim = ops.argument(n, "keepdim", False)
         if not keepdim:
             raise c.unsupported("mean of a norm without keepdim")
         return _Pending(pending.x, pending.dims, norm=True, channel_dims=tuple(d % rank for d in n.args[1]))
     if pending is not None and pending.squared:
-        keepdim = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+        keepdim = ops.argument(n, "keepdim", False)
         if not keepdim:
             raise c.unsupported("mean of squares without keepdim (only rsqrt(mean(x², keepdim=True) + ε) is canonical)")
         return _Pending(pending.x, tuple(d % rank for d in n.args[1]))

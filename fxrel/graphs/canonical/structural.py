@@ -64,7 +64,7 @@ def _slice(c: _Canonicalizer, n: fx.Node):
 def _split(c: _Canonicalizer, n: fx.Node):
     """``split``/``chunk``: one canonical slice per piece (``getitem`` then picks them)."""
     x, sizes = n.args[0], n.args[1]
-    dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
+    dim = ops.argument(n, "dim", 0)
     shape = x.meta["val"].shape
     dim %= len(shape)
     if isinstance(sizes, int):
@@ -77,7 +77,7 @@ def _split(c: _Canonicalizer, n: fx.Node):
 def _unbind(c: _Canonicalizer, n: fx.Node):
     """``unbind``: one squeezed canonical slice per index (``getitem`` picks them; attention's q, k, v)."""
     x = n.args[0]
-    dim = (n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)) % len(x.meta["val"].shape)
+    dim = ops.argument(n, "dim", 0) % len(x.meta["val"].shape)
     return tuple(c.emit(aten.squeeze.dim, (_slice_node(c, x, dim, i, i + 1), dim))
                  for i in range(x.meta["val"].shape[dim]))
 
@@ -86,7 +86,7 @@ def _unbind(c: _Canonicalizer, n: fx.Node):
 def _stack(c: _Canonicalizer, n: fx.Node):
     """``stack`` = ``unsqueeze`` of each tensor, then ``cat`` (SKNet's branches)."""
     tensors = n.args[0]
-    dim = (n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)) % (len(tensors[0].meta["val"].shape) + 1)
+    dim = ops.argument(n, "dim", 0) % (len(tensors[0].meta["val"].shape) + 1)
     if dim == 0:
         raise c.unsupported("stacking along the batch axis")
     return c.emit(aten.cat.default, ([c.emit(aten.unsqueeze.default, (c.value(t), dim)) for t in tensors], dim))
@@ -94,8 +94,8 @@ def _stack(c: _Canonicalizer, n: fx.Node):
 
 @handles(aten.pad.default, aten.constant_pad_nd.default)
 def _pad(c: _Canonicalizer, n: fx.Node):
-    mode = n.args[2] if len(n.args) > 2 else n.kwargs.get("mode", "constant")
-    value = n.args[3] if len(n.args) > 3 else n.kwargs.get("value", 0.0)
+    mode = ops.argument(n, "mode", "constant")
+    value = ops.argument(n, "value", 0.0)
     if n.target is aten.constant_pad_nd.default:
         mode, value = "constant", (n.args[2] if len(n.args) > 2 else 0.0)
     pads = list(n.args[1])
