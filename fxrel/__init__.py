@@ -5,11 +5,11 @@
 """
 from fxrel import cam, ssl, ucag, wrappers  # noqa: F401  (the wrappers register themselves)
 from fxrel.catalog import REGISTRY, Method, describe, make_method
-from fxrel.errors import CaptureError, FxrelError, InputError, RuleError, UnsupportedOpError
+from fxrel.errors import CaptureError, FxrelError, InputError, NumericalError, RuleError, UnsupportedOpError
 from fxrel.explainer import Explainer, Explanation, explain
 
 __all__ = ["explain", "Explainer", "Explanation", "Method", "make_method", "methods", "REGISTRY", "FxrelError",
-           "CaptureError", "UnsupportedOpError", "RuleError", "InputError"]
+           "CaptureError", "UnsupportedOpError", "RuleError", "InputError", "NumericalError"]
 __version__ = "0.1.0"
 
 

@@ -19,3 +19,7 @@ class RuleError(FxrelError):
 
 class InputError(FxrelError, ValueError):
     """Bad user input: wrong shape, NaN values, class index out of range …"""
+
+
+class NumericalError(FxrelError, ArithmeticError):
+    """A result is not finite; the message names the first relevance-graph node where non-finite values appear."""

@@ -8,7 +8,9 @@ or changed in place (their version counters) and rebuilds.
 from __future__ import annotations
 
 import itertools
+import threading
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -18,29 +20,92 @@ from torch.fx.interpreter import Interpreter
 
 from fxrel.catalog.method import Method
 from fxrel.catalog.registry import make_method, method_info
-from fxrel.errors import InputError, RuleError
+from fxrel.errors import InputError, NumericalError, RuleError
 from fxrel.graphs.builder import RelevanceGraph, build_relevance_graph
 from fxrel.graphs.canonical import canonicalize
-from fxrel.graphs.capture import capture, check_eval_mode
+from fxrel.graphs.capture import capture
 from fxrel.rules.base import Rule
 from fxrel.rules.composite import Matcher, RulePlan
 from fxrel.text import format_table
+from fxrel.validation import check_input, check_model, check_seed, node_names, target_indices
 
 Target = int | str | Sequence[int] | torch.Tensor | None
 
+#: the input signatures (shape, dtype, device) whose programs one explainer keeps; the least recently used go first
+PROGRAMS_PER_EXPLAINER = 16
+#: values sampled from each parameter for the weights' fingerprint (see :meth:`Explainer._parameter_stamp`)
+FINGERPRINT_SAMPLES = 8
 
-def _explicit_targets(target: Target, rows: int, device: torch.device, classes: int | None) -> torch.Tensor:
-    idx = torch.as_tensor(target, device=device).long().flatten()
-    if idx.numel() == 1:
-        idx = idx.expand(rows)
-    if idx.numel() != rows:
-        raise InputError(f"got {idx.numel()} targets for a batch of {rows}")
-    if classes is not None:
-        bad = idx[(idx < 0) | (idx >= classes)]
-        if bad.numel():
-            raise InputError(f"class index {bad[0].item()} out of range: the model has {classes} classes "
-                             f"(valid 0…{classes - 1})")
-    return idx
+
+class LRUCache(OrderedDict):
+    """A dict that keeps its ``size`` most recently used entries."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def __getitem__(self, key: Any) -> Any:
+        self.move_to_end(key)
+        return super().__getitem__(key)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+
+
+_MODEL_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The lock every explainer of ``model`` holds while it reads or captures the model and builds programs:
+    capturing swaps the model's parameters for fake tensors for a moment, which no other thread may see. Running
+    a built program needs no lock."""
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
+
+
+def _checked_rules(rules: Any) -> list[tuple[Matcher, Rule]]:
+    """Rule overrides as ``(matcher, rule)`` pairs: a callable matcher and a :class:`Rule`."""
+    pairs = list(rules)
+    for i, pair in enumerate(pairs):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and callable(pair[0])
+                and isinstance(pair[1], Rule)):
+            raise InputError(f"rules[{i}] must be a (matcher, Rule) pair, e.g. (kind('conv'), ZPlus()); got "
+                             f"{pair!r:.80}")
+    return [tuple(p) for p in pairs]
+
+
+def _non_finite_report(graph: RelevanceGraph, x: torch.Tensor, mask: torch.Tensor) -> str:
+    """Where the first non-finite value of a relevance program appears: re-run it node by node."""
+    first: list[fx.Node] = []
+
+    class _Watch(Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            value = super().run_node(n)
+            if not first and isinstance(value, torch.Tensor) and value.is_floating_point() \
+                    and not torch.isfinite(value).all():
+                first.append(n)
+            return value
+
+    with torch.no_grad():
+        _Watch(graph.module).run(x, mask)
+    if not first:
+        return "the relevance is not finite (no single node could be named)"
+    n = first[0]
+    forward = n.meta.get("fxrel_forward", n.name)
+    module = next((c.meta.get("fxrel_module", "") for c in graph.canonical.graph.nodes if c.name == forward), "")
+    if n.meta.get("fxrel_role") in (None, "forward"):
+        return (f"the model's own forward pass is not finite from node '{forward}' (module '{module}') on: the "
+                "input overflows the model (scale it down, or use float64)")
+    return (f"the relevance is not finite from relevance-graph node '{n.name}' on: stream "
+            f"'{n.meta.get('fxrel_stream', '')}', rule {n.meta.get('fxrel_rule', '?')} at forward node '{forward}' "
+            f"(module '{module}', dtype {x.dtype}); a stabiliser may be too small for this dtype")
 
 
 def targets_from_scores(scores: torch.Tensor, target: Target) -> torch.Tensor:
@@ -53,7 +118,7 @@ def targets_from_scores(scores: torch.Tensor, target: Target) -> torch.Tensor:
         if k > scores.shape[1]:
             raise InputError(f"top-{k} requested but the model has only {scores.shape[1]} classes")
         return scores.topk(k, dim=1).indices[:, k - 1]
-    return _explicit_targets(target, len(scores), scores.device, scores.shape[1])
+    return target_indices(target, len(scores), scores.device, scores.shape[1])
 
 
 def resolve_targets(model: nn.Module, x: torch.Tensor, target: Target) -> torch.Tensor:
@@ -92,19 +157,24 @@ class Explainer:
                  rules: Sequence[tuple[Matcher, Rule]] = (), start: str | None = None,
                  stops: Sequence[str] | None = None, compile: bool = False, fold_batchnorm: bool = True,
                  **params: Any) -> None:
-        check_eval_mode(model)
-        self.model = model
+        self.model = check_model(model)
+        if not isinstance(method, (str, Method)):
+            raise InputError(f"method must be a method name or a fxrel.Method, got {type(method).__name__}")
         self.method = method if isinstance(method, Method) else make_method(method, **params)
         if isinstance(method, Method) and params:
             raise InputError(f"parameters {sorted(params)} given with a Method object; set them on the Method")
-        self.rules = list(rules)
-        self.start, self.stops = start, (list(stops) if stops is not None else None)
+        self.rules = _checked_rules(rules)
+        starts = node_names(start, "start")
+        if starts is not None and len(starts) != 1:
+            raise InputError(f"start must be one node or module name, got {starts}")
+        self.start, self.stops = (starts[0] if starts else None), node_names(stops, "stops")
         self.compile = compile
         self.fold_batchnorm = fold_batchnorm
         self._stamp: tuple | None = None
-        self._canonical: dict[tuple, fx.GraphModule] = {}
-        self._graphs: dict[tuple, RelevanceGraph] = {}
-        self._runners: dict[tuple, Any] = {}
+        self._canonical: LRUCache = LRUCache(PROGRAMS_PER_EXPLAINER)
+        self._graphs: LRUCache = LRUCache(PROGRAMS_PER_EXPLAINER)
+        self._runners: LRUCache = LRUCache(PROGRAMS_PER_EXPLAINER)
+        self._lock = model_lock(model)
 
     def using(self, method: str | Method, **params: Any) -> "Explainer":
         """Another method on the same model, sharing the captured canonical graphs already built (no second
@@ -122,11 +192,12 @@ class Explainer:
 
     def canonical_graph(self, x: torch.Tensor) -> fx.GraphModule:
         """The canonical forward graph for inputs shaped like ``x`` (cached)."""
-        self._follow_parameters()
-        key = self._signature(x)
-        if key not in self._canonical:
-            self._canonical[key] = canonicalize(capture(self.model, x), (x,), self.fold_batchnorm)
-        return self._canonical[key]
+        with self._lock:
+            self._follow_parameters()
+            key = self._signature(x)
+            if key not in self._canonical:
+                self._canonical[key] = canonicalize(capture(self.model, x), (x,), self.fold_batchnorm)
+            return self._canonical[key]
 
     def rule_plan(self, x: torch.Tensor) -> RulePlan:
         """Which rule each canonical node gets, for inputs shaped like ``x``."""
@@ -134,24 +205,26 @@ class Explainer:
 
     def relevance_graph(self, x: torch.Tensor, stops: Sequence[str] | None = None) -> RelevanceGraph:
         """The relevance program for inputs shaped like ``x`` (cached per signature and stop set)."""
-        self._follow_parameters()
-        stops = self.stops if stops is None else list(stops)
-        if stops is None:
-            stops = self.method.default_stops(self.canonical_graph(x))
-        key = (*self._signature(x), tuple(stops) if stops is not None else None)
-        if key not in self._graphs:
-            canonical = self.canonical_graph(x)
-            streams = self.method.streams(canonical, self.rules)
-            self._graphs[key] = build_relevance_graph(canonical, streams, self.start, stops, self.method.combine)
-        return self._graphs[key]
+        with self._lock:
+            self._follow_parameters()
+            stops = self.stops if stops is None else node_names(stops, "stops")
+            if stops is None:
+                stops = self.method.default_stops(self.canonical_graph(x))
+            key = (*self._signature(x), tuple(stops) if stops is not None else None)
+            if key not in self._graphs:
+                canonical = self.canonical_graph(x)
+                streams = self.method.streams(canonical, self.rules)
+                self._graphs[key] = build_relevance_graph(canonical, streams, self.start, stops, self.method.combine)
+            return self._graphs[key]
 
     def _runner(self, x: torch.Tensor, stops: Sequence[str] | None) -> tuple[RelevanceGraph, Any]:
-        self._follow_parameters()
-        graph = self.relevance_graph(x, stops)
-        key = (*self._signature(x), tuple(graph.stops), self.compile)
-        if key not in self._runners:
-            self._runners[key] = torch.compile(graph.module, fullgraph=True) if self.compile else graph.module
-        return graph, self._runners[key]
+        with self._lock:
+            self._follow_parameters()
+            graph = self.relevance_graph(x, stops)
+            key = (*self._signature(x), tuple(graph.stops), self.compile)
+            if key not in self._runners:
+                self._runners[key] = torch.compile(graph.module, fullgraph=True) if self.compile else graph.module
+            return graph, self._runners[key]
 
     def clear(self) -> None:
         """Forget every built graph (rebuilt on the next call)."""
@@ -160,31 +233,34 @@ class Explainer:
         self._runners.clear()
 
     def _parameter_stamp(self) -> tuple:
-        """Identity and in-place version counter of every parameter and buffer: changes whenever weights are
-        replaced, loaded (``load_state_dict`` copies in place) or re-initialised."""
-        return tuple((id(t), t._version) for t in itertools.chain(self.model.parameters(), self.model.buffers()))
+        """What identifies the weights: every parameter's and buffer's identity, storage and in-place version
+        counter (replaced, loaded — ``load_state_dict`` copies in place — or re-initialised weights), plus a
+        fingerprint of :data:`FINGERPRINT_SAMPLES` values of each, which catches writes through ``.data`` (they
+        bypass the version counter). A write through ``.data`` that changes none of the sampled values goes
+        unnoticed; call :meth:`clear` after such surgery."""
+        tensors = list(itertools.chain(self.model.parameters(), self.model.buffers()))
+        with torch.no_grad():
+            samples = [t.detach().flatten()[::max(1, t.numel() // FINGERPRINT_SAMPLES)][:FINGERPRINT_SAMPLES]
+                       for t in tensors if t.numel()]
+            fingerprint = torch.cat([s.double() for s in samples]).tolist() if samples else []
+        return tuple((id(t), t.data_ptr(), t._version) for t in tensors), tuple(fingerprint)
 
     def _follow_parameters(self) -> None:
         """The built programs hold the parameters as graph constants: rebuild them after the weights changed."""
-        stamp = self._parameter_stamp()
-        if stamp != self._stamp:
-            self.clear()
-            self._stamp = stamp
+        with self._lock:
+            stamp = self._parameter_stamp()
+            if stamp != self._stamp:
+                self.clear()
+                self._stamp = stamp
 
     # -- running ----------------------------------------------------------------------------------------------------
-    def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise InputError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise InputError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-        if x.dim() < 2:
-            raise InputError(f"x must be batched (batch first), got shape {tuple(x.shape)}")
-        if not torch.isfinite(x).all():
-            bad = "NaN" if torch.isnan(x).any() else "infinite"
-            raise InputError(f"x contains {bad} values; relevance of a non-finite input is undefined")
-        param = next(iter(self.model.parameters()), None)
-        if param is not None and param.device != x.device:
-            raise InputError(f"x is on {x.device} but the model is on {param.device}; move one of them")
+    def check_call(self, x: torch.Tensor) -> None:
+        """The checks of every call: the model (an eval-mode ``nn.Module``: the mode may have changed since the
+        explainer was built) and the input (see :mod:`fxrel.validation`)."""
+        with self._lock:  # not while another thread captures the model (torch.export swaps its parameters)
+            check_model(self.model)
+            param = next(iter(self.model.parameters()), None)
+            check_input(x, None if param is None else param.device)
 
     def resolve_targets(self, x: torch.Tensor, target: Target, graph: RelevanceGraph | None = None
                         ) -> torch.Tensor:
@@ -199,7 +275,7 @@ class Explainer:
                 scores = self.model(x) if graph is None else self._start_output(graph, x)
             return targets_from_scores(scores, target)
         classes = None if graph is None else self._start_shape(graph)[-1]
-        return _explicit_targets(target, len(x), x.device, classes)
+        return target_indices(target, len(x), x.device, classes)
 
     @staticmethod
     def _start_shape(graph: RelevanceGraph) -> torch.Size:
@@ -207,8 +283,12 @@ class Explainer:
 
     def _seed_mask(self, graph: RelevanceGraph, x: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
         """The one-hot mask on the start node's output for ``target``."""
-        idx = self.resolve_targets(x, target, graph)
         shape = self._start_shape(graph)
+        if len(shape) < 2 or shape[0] != len(x):
+            raise InputError(f"the start node '{graph.start}' outputs shape {tuple(shape)}; a class target needs "
+                             f"scores shaped [batch ({len(x)}), …, classes]: give start= a node that has them, or "
+                             "seed= a tensor shaped like the output")
+        idx = self.resolve_targets(x, target, graph)
         mask = torch.zeros(shape, dtype=x.dtype, device=x.device)
         mask[torch.arange(shape[0], device=x.device), ..., idx] = 1
         return mask, idx
@@ -219,14 +299,16 @@ class Explainer:
         or ``"top-k"`` (the k-th highest class). ``seed`` replaces the one-hot target mask: a tensor shaped like the
         start node's output, which the method turns into the initial relevance (gradient methods: ``R = seed``;
         LRP methods: ``R = y ⊙ seed``). ``stops`` overrides the explainer's stop nodes for this call."""
-        self._check_input(x)
+        self.check_call(x)
         graph, run = self._runner(x, stops)
         with torch.no_grad():
             if seed is None:
                 mask, idx = self._seed_mask(graph, x, target)
             else:
-                mask, idx = seed.to(x), None
+                mask, idx = check_seed(seed, self._start_shape(graph), x), None
             result = run(x, mask)
+        if not all(torch.isfinite(v).all() for v in result.values()):
+            raise NumericalError(_non_finite_report(graph, x, mask))
         # one stream (or a combined result): keyed by stop; several uncombined streams: "stream:stop"
         single = len(graph.streams) == 1 or self.method.combine is not None
         values = {k.split(":", 1)[1]: v for k, v in result.items() if k.startswith("value:")}
@@ -304,10 +386,12 @@ def cached_explainer(model: nn.Module, method: str | Method = "gradient", **kwar
     """The :class:`Explainer` for (model, method, parameters), built once and kept while the model lives (what
     :func:`explain` and the helpers that only need a model's canonical graph use); it holds the model weakly."""
     key = (method if isinstance(method, str) else id(method), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
-    per_model = _CACHE.setdefault(model, {})
-    if key not in per_model:
-        per_model[key] = WeakModelExplainer(model, method, **kwargs)
-    return per_model[key]
+    check_model(model)
+    with model_lock(model):
+        per_model = _CACHE.setdefault(model, {})
+        if key not in per_model:
+            per_model[key] = WeakModelExplainer(model, method, **kwargs)
+        return per_model[key]
 
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()

@@ -171,7 +171,7 @@ def integrated_gradients(explainer: Explainer, x: torch.Tensor, target: Target =
     so one relevance program serves all chunks. ``multiply_by_inputs=False`` returns the path-averaged map
     ``Σ_k w_k g(·)`` without the ``(x − x₀)`` factor. Returns a tensor shaped like ``x``.
     """
-    explainer._check_input(x)
+    explainer.check_call(x)
     alphas, weights = integration_parameters(rule, steps)
     x0 = _baseline(x, baseline)
     targets = explainer.resolve_targets(x, target)
@@ -227,7 +227,7 @@ def smoothgrad(explainer: Explainer, x: torch.Tensor, target: Target = None, *, 
     ``len(x) · samples`` noisy copies run as a batch in equally shaped chunks (see :func:`integrated_gradients`).
     Returns a tensor shaped like ``x``.
     """
-    explainer._check_input(x)
+    explainer.check_call(x)
     _check_count("samples", samples)
     if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise < 0:
         raise InputError(f"noise must be a finite number ≥ 0 (std as a fraction of the image's range), got {noise!r}")

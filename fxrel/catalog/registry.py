@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 
 from fxrel.catalog.method import SIGNED, Method
 from fxrel.errors import RuleError
+from fxrel.validation import check_parameters
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class MethodInfo:
         if unknown:
             takes = f"it takes {', '.join(sorted(self.defaults))}" if self.defaults else "it takes no parameters"
             raise RuleError(f"method '{self.name}' has no parameter(s) {', '.join(unknown)}; {takes}")
+        check_parameters(self.name, dict(params))
 
 
 REGISTRY: dict[str, MethodInfo] = {}
