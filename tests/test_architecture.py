@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fxrel"
 #: the layers, lowest first; a module may import from its own layer and the ones below. Prefixes match a module and
 #: its submodules; the longest matching prefix decides.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("fxrel.errors", "fxrel.text", "fxrel.imageops", "fxrel.sample_images", "fxrel.random_weights"),
+    ("fxrel.errors", "fxrel.outputs", "fxrel.text", "fxrel.imageops", "fxrel.sample_images", "fxrel.random_weights"),
     ("fxrel.graphs",),
     ("fxrel.rules",),
     ("fxrel.catalog",),
