@@ -3,8 +3,13 @@
 
 Every error a user can cause (a bad argument, an unknown method or model, a missing image or weight file, a class
 index out of range, any :class:`fxrel.FxrelError`) is reported as one ``fxrel: error: <message>`` line on stderr with
-exit code 2 and no traceback. Output files are written atomically (temp file, then rename) and only after all the
-work that could fail is done, so a failed run never leaves a half-written file behind.
+exit code 2 and no traceback.
+
+A command's output files are all or nothing (:mod:`fxrel.outputs`): their paths are claimed before any work (two
+outputs naming one file, or a folder in an output's place, is a usage error up front), each is written to a temp file
+in its destination folder, and all are moved into place together at the end, only when the whole command succeeded.
+A failed or interrupted run leaves no new output and no temp file, and files already at the destinations unchanged.
+Paths are printed once the files are in place.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
+from fxrel.outputs import OutputSet, staged_outputs
 from fxrel.text import parse_value, split_specs
 
 __all__ = ["main"]
@@ -248,12 +254,18 @@ def _check_method(name: str, params: dict) -> bool:
 
 
 # --- output ---------------------------------------------------------------------------------------------------------
-def write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` atomically (temp file in the same folder, then rename)."""
-    body = text if text.endswith("\n") else text + "\n"
-    from fxrel.visualize import atomic_write
+def _claim_outputs(**paths: str | os.PathLike[str] | None) -> OutputSet:
+    """The command's output files (option name → path, ``None`` when not asked for), claimed before any work."""
+    outputs = staged_outputs()
+    for option, path in paths.items():
+        if path is not None:
+            outputs.claim(path, f"--{option}")
+    return outputs
 
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(body, encoding="utf-8"))
+
+def _print_written(outputs: OutputSet) -> None:
+    for path in outputs.paths:
+        print(f"wrote {path}")
 
 
 def _progress(total: int, desc: str, quiet: bool):
@@ -328,8 +340,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
     plan_path = None if posthoc else (Path(args.plan) if args.plan else out.with_name(f"{out.stem}.plan.txt"))
     outs = [out] if len(targets) == 1 else [out.with_name(f"{out.stem}.{_target_label(t)}{out.suffix}")
                                             for t in targets]
+    outputs = staged_outputs()   # every file or none: a clash (e.g. --plan = --out, a target twice) fails here
+    for path, target in zip(outs, targets):
+        outputs.claim(path, "heatmap" if len(targets) == 1 else f"heatmap of target {target}")
+    if plan_path is not None:
+        outputs.claim(plan_path, "rule plan")
 
-    with _progress(3 + len(targets), "fxrel explain", args.quiet) as bar:
+    with outputs, _progress(3 + len(targets), "fxrel explain", args.quiet) as bar:
         bar.set_description("loading model")
         model = _prepare_model(args)
         x = _model_input(args, image)
@@ -356,11 +373,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
             bar.update()
 
         bar.set_description("writing")
-        written = [visualize.save_heatmap(path, relevance, image=image)
-                   for path, (_, _, relevance, _) in zip(outs, results)]
+        for path, (_, _, relevance, _) in zip(outs, results):
+            visualize.save_heatmap(outputs.stage(path), relevance, image=image)
         if plan_path is not None:
-            write_text(plan_path, plan_text)
+            outputs.write_text(plan_path, plan_text)
         bar.update()
+    # here every file is in place
 
     logits = results[0][3]
     probs = torch.softmax(logits, dim=0)
@@ -370,7 +388,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
              f"method:     {args.method}" + (f" {params}" if params else ""),
              f"input:      {args.image or _default_input_label(args, size)}",
              f"prediction: class {predicted} (logit {logits[predicted]:+.6g}, p={probs[predicted]:.4f})"]
-    for (target, cls, relevance, _), path in zip(results, written):
+    for (target, cls, relevance, _), path in zip(results, outs):
         total, logit = float(relevance.sum()), float(logits[cls])
         conserving = not posthoc and relevance.dim() == 3    # relevance shaped like the input (not a CAM map)
         ratio = f", ratio {total / logit:.4f}" if logit != 0 and conserving else ""
@@ -395,10 +413,11 @@ def cmd_graph(args: argparse.Namespace) -> int:
                        "graph; inspect its base method instead")
     if args.format == "layers" and len(targets) != 1:
         raise CLIError("graph --format layers takes a single --target")
+    outputs = _claim_outputs(out=args.out)
 
     import fxrel
 
-    with _progress(2, "fxrel graph", args.quiet) as bar:
+    with outputs, _progress(2, "fxrel graph", args.quiet) as bar:
         bar.set_description("loading model")
         model = _prepare_model(args)
         explainer = fxrel.Explainer(model, args.method, compile=False, **params)
@@ -417,10 +436,12 @@ def cmd_graph(args: argparse.Namespace) -> int:
             text = json.dumps(export.to_json(explainer.relevance_graph(x)), indent=1)
         else:
             text = explainer.relevance_graph(x).code
+        if args.out:
+            outputs.write_text(args.out, text)
         bar.update()
 
     if args.out:
-        print(f"wrote {write_text(args.out, text)}")
+        print(f"wrote {args.out}")
     else:
         print(text.strip("\n"))
     return EXIT_OK
@@ -454,15 +475,29 @@ DEMO_GRID_METHODS = ("gradient_x_input", "integrated_gradients", "epsilon_plus_f
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import torch
-
-    from fxrel import visualize
-    from fxrel.demo import CLASS_NAMES, DEMO_MODELS, demo_model, make_scenes
-    from fxrel.evaluation import method_fn
+    from fxrel.demo import DEMO_MODELS
 
     (model_name,) = _csv(args.model, (), DEMO_MODELS, "model")
     methods = _demo_methods(args.methods, DEMO_GRID_METHODS)
     out = Path(args.out)
+    with _claim_outputs(out=out) as outputs:
+        n_scenes, pairs = _demo_grid(args, model_name, methods, outputs)
+    print(f"model:   {model_name} (trained demo weights, {n_scenes} test scenes, seed {args.seed})")
+    print(f"rows:    image, explained class (its logit); {len(pairs)} rows")
+    print(f"methods: {', '.join(methods)}")
+    print(f"grid:    {out}")
+    return EXIT_OK
+
+
+def _demo_grid(args: argparse.Namespace, model_name: str, methods: list[str], outputs: OutputSet):
+    """``fxrel demo``'s work: the grid staged in ``outputs``; returns the number of scenes and the (scene, class)
+    pairs, the grid's rows."""
+    import torch
+
+    from fxrel import visualize
+    from fxrel.demo import CLASS_NAMES, demo_model, make_scenes
+    from fxrel.evaluation import method_fn
+
     scenes = make_scenes(args.images, seed=args.seed, split="test", size=args.size)
     model = demo_model(model_name, device=_device(args.device))
     pairs = [(i, int(c)) for i in range(len(scenes)) for c in scenes.labels[i].nonzero().flatten().tolist()]
@@ -479,12 +514,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     rows = [f"image {i}: {CLASS_NAMES[c]} ({logits[k, c]:+.1f})" for k, (i, c) in enumerate(pairs)]
     maps = [[columns[j][k] for j in range(len(methods))] for k in range(len(pairs))]
     images = [scenes.images[i] for i, _ in pairs]
-    path = visualize.save_grid(out, rows, methods, maps, images=images, overlay_alpha=0.6)
-    print(f"model:   {model_name} (trained demo weights, {len(scenes)} test scenes, seed {args.seed})")
-    print(f"rows:    image, explained class (its logit); {len(pairs)} rows")
-    print(f"methods: {', '.join(methods)}")
-    print(f"grid:    {path}")
-    return EXIT_OK
+    visualize.save_grid(outputs.stage(args.out), rows, methods, maps, images=images, overlay_alpha=0.6)
+    return len(scenes), pairs
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -499,6 +530,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                    for name in groups.get(item, (item,))]
     methods = _demo_methods(args.methods, evaluation.DEFAULT_METHODS)
     metric_names = _csv(args.metrics, evaluation.DEFAULT_METRICS, list(evaluation.METRICS), "metrics")
+    outputs = _claim_outputs(markdown=args.markdown, json=args.json)
     rank, world = evaluation.distributed_world()
     device = _device(args.device)
     if world > 1 and device.type == "cuda":
@@ -525,13 +557,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"{world} process{'es' if world > 1 else ''}; ↑/↓: higher/lower is better; (L) all labels, "
               "(P) correctly predicted labels; s: seconds")
     table = result.table()
+    with outputs:
+        if args.markdown:
+            outputs.write_text(args.markdown, header + "\n\n" + result.table(markdown=True))
+        if args.json:
+            outputs.write_text(args.json, json.dumps(result.to_json(), indent=1))
     print(header)
     print(table)
-    if args.markdown:
-        markdown = header + "\n\n" + result.table(markdown=True)
-        print(f"wrote {write_text(args.markdown, markdown)}")
-    if args.json:
-        print(f"wrote {write_text(args.json, json.dumps(result.to_json(), indent=1))}")
+    _print_written(outputs)
     return EXIT_OK
 
 
@@ -546,6 +579,7 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     seeds = _csv(args.methods, fidelity.SEED_METHODS, fidelity.SEED_METHODS, "methods")
     methods = fidelity.methods_to_run(seeds)
     metric_names = _csv(args.metrics, fidelity.FIDELITY_METRICS, list(evaluation.METRICS), "metrics")
+    outputs = _claim_outputs(markdown=args.markdown, json=args.json)
     scenes = make_scenes(args.images, seed=args.seed, split="test")
     device = _device(args.device)
     models = {name: scene_model(name, device=device) for name in model_names}
@@ -561,17 +595,20 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
               f"{int((scenes.labels.sum(1) > 1).sum())} scenes with several objects; every method with its default "
               "parameters")
     verdicts = fidelity.verdict_table(result, model_names, seeds)
+    with outputs:
+        if args.markdown:
+            command = ("fxrel fidelity " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["fidelity"]
+                       else "fxrel fidelity")
+            text = (f"# Seed methods on the evaluation zoo\n\n{fidelity.__doc__.strip()}\n\nCommand: `{command}`\n\n"
+                    f"{fidelity.model_summary(model_names)}\n\n{header}; ↑/↓: higher/lower is better, s: seconds\n\n"
+                    f"{result.table(markdown=True)}\n\n## The bar\n\n{verdicts}\n")
+            outputs.write_text(args.markdown, text)
+        if args.json:
+            outputs.write_text(args.json, json.dumps(result.to_json(), indent=1))
     print(header)
     print(result.table())
     print(verdicts)
-    if args.markdown:
-        command = "fxrel fidelity " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["fidelity"] else "fxrel fidelity"
-        text = (f"# Seed methods on the evaluation zoo\n\n{fidelity.__doc__.strip()}\n\nCommand: `{command}`\n\n"
-                f"{fidelity.model_summary(model_names)}\n\n{header}; ↑/↓: higher/lower is better, s: seconds\n\n"
-                f"{result.table(markdown=True)}\n\n## The bar\n\n{verdicts}\n")
-        print(f"wrote {write_text(args.markdown, text)}")
-    if args.json:
-        print(f"wrote {write_text(args.json, json.dumps(result.to_json(), indent=1))}")
+    _print_written(outputs)
     return EXIT_OK
 
 
@@ -585,17 +622,21 @@ def cmd_models(args: argparse.Namespace) -> int:
         names = names[:args.limit]
     if not names:
         raise CLIError(f"no timm model matches '{args.pattern}'")
+    # the journal is appended to row by row (a sweep resumes from it), so it is claimed against clashes, not staged
+    outputs = _claim_outputs(markdown=args.markdown, json=args.json, journal=args.journal)
     with _progress(len(names), "fxrel models", args.quiet) as bar:
         def step(name: str) -> None:
             bar.set_description(name)
             bar.update()
 
         rows = coverage.coverage(names, peers=args.peers, progress=step, journal=args.journal, isolate=args.isolate)
+    with outputs:
+        if args.markdown:
+            outputs.write_text(args.markdown, coverage.table(rows, markdown=True, peers=args.peers))
+        if args.json:
+            outputs.write_text(args.json, coverage.to_json(rows))
     print(coverage.table(rows, peers=args.peers))
-    if args.markdown:
-        print(f"wrote {write_text(args.markdown, coverage.table(rows, markdown=True, peers=args.peers))}")
-    if args.json:
-        print(f"wrote {write_text(args.json, coverage.to_json(rows))}")
+    _print_written(outputs)
     return EXIT_OK
 
 

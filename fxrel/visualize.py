@@ -12,9 +12,7 @@ then :func:`os.replace`), so a failed save never leaves a partial PNG behind.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -22,6 +20,8 @@ import matplotlib
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+
+from fxrel import outputs
 
 __all__ = ["relevance_to_map", "heatmap_rgb", "overlay", "save_heatmap", "save_grid"]
 
@@ -142,28 +142,11 @@ def _single_map(relevance: torch.Tensor) -> torch.Tensor:
     return m
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp)`` on a temp file next to ``path``, then move it into place with the mode a plain ``open``
-    would give (``0666 & ~umask``; ``mkstemp`` alone leaves 0600). A failure leaves nothing behind."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return target
+    would give (``0666 & ~umask``; ``mkstemp`` alone leaves 0600). A failure leaves nothing behind (see
+    :mod:`fxrel.outputs`, which stages several files of one operation together)."""
+    return outputs.atomic_write(path, write)
 
 
 def save_heatmap(

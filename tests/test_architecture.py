@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fxrel"
 #: the layers, lowest first; a module may import from its own layer and the ones below. Prefixes match a module and
 #: its submodules; the longest matching prefix decides.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("fxrel.errors", "fxrel.text", "fxrel.imageops", "fxrel.sample_images", "fxrel.random_weights", "fxrel.validation"),
+    ("fxrel.errors", "fxrel.outputs", "fxrel.text", "fxrel.imageops", "fxrel.sample_images", "fxrel.random_weights",
+     "fxrel.validation"),
     ("fxrel.graphs",),
     ("fxrel.rules",),
     ("fxrel.catalog",),
