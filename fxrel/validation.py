@@ -1,7 +1,8 @@
 """Validation at the door: every argument a user passes is checked once, here, before anything is built or run.
 
-Each check raises :class:`~fxrel.errors.InputError` (or :class:`~fxrel.errors.CaptureError` for a model in training
-mode) naming the argument, what was given and what is valid. The method parameters' domains (``epsilon ≥ 0`` …)
+Each check raises :class:`~fxrel.errors.InputError` (:class:`~fxrel.errors.CaptureError` for a model in training
+mode, :class:`~fxrel.errors.RuleError` for a method parameter) naming the argument, what was given and what is
+valid. The method parameters' domains (``epsilon ≥ 0`` …)
 live beside the registry (:data:`PARAMETER_DOMAINS`), keyed by parameter name, so a parameter means the same thing
 in every method that takes it.
 """
@@ -14,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from fxrel.errors import CaptureError, InputError
+from fxrel.errors import CaptureError, InputError, RuleError
 
 
 def _shown(value: Any) -> str:
@@ -137,8 +138,8 @@ def _non_negative(name: str, value: Any) -> str | None:
     return _real(name, value)
 
 
-def _optional_non_negative(name: str, value: Any) -> str | None:
-    return None if value is None else _real(name, value)
+def _optional_positive(name: str, value: Any) -> str | None:
+    return None if value is None else _real(name, value, strict=True)
 
 
 def _positive_int(name: str, value: Any) -> str | None:
@@ -168,7 +169,7 @@ def _flag(name: str, value: Any) -> str | None:
 #: parameter name → check ``(name, value) → message or None``; a parameter means the same in every method
 PARAMETER_DOMAINS: dict[str, Callable[[str, Any], str | None]] = {
     "epsilon": _non_negative, "stabilizer": _non_negative, "gamma": _non_negative, "alpha": _non_negative,
-    "beta": _non_negative, "ridge": _non_negative, "noise": _non_negative, "slope": _optional_non_negative,
+    "beta": _non_negative, "ridge": _non_negative, "noise": _non_negative, "slope": _optional_positive,
     "steps": _positive_int, "samples": _positive_int, "n": _positive_int, "chunk_size": _optional_positive_int,
     "max_batch": _positive_int, "batch_size": _positive_int, "low": _bound, "high": _bound,
     "relu": _flag, "squared": _flag, "center": _flag, "multiply_by_inputs": _flag, "normalize": _flag,
@@ -187,7 +188,7 @@ def check_parameters(method: str, params: dict[str, Any]) -> None:
         check = _METHOD_DOMAINS.get((method, name), PARAMETER_DOMAINS.get(name))
         message = check(name, value) if check is not None else None
         if message:
-            raise InputError(f"method '{method}': {message}")
+            raise RuleError(f"method '{method}': {message}")
     low, high = params.get("low"), params.get("high")
     if isinstance(low, numbers.Real) and isinstance(high, numbers.Real) and low > high:
-        raise InputError(f"method '{method}': low ({low}) must not exceed high ({high})")
+        raise RuleError(f"method '{method}': low ({low}) must not exceed high ({high})")

@@ -97,7 +97,7 @@ BAD_PARAMETERS = [
 
 @pytest.mark.parametrize("method, params, words", BAD_PARAMETERS, ids=[f"{m}-{w[:20]}" for m, _, w in BAD_PARAMETERS])
 def test_bad_parameter_values_are_named(method, params, words):
-    raises_naming(fxrel.InputError, f"method '{method}'.*{words}",
+    raises_naming(fxrel.RuleError, f"method '{method}'.*{words}",
                   lambda: fxrel.explain(MODEL, X, 0, method=method, **params))
 
 
@@ -105,7 +105,7 @@ def test_bad_parameter_values_are_named(method, params, words):
 @given(st.one_of(st.floats(max_value=-1e-300), st.just(float("nan")), st.text(max_size=5), st.none(),
                  st.lists(st.integers(), max_size=2)))
 def test_any_bad_epsilon_is_named(epsilon):
-    raises_naming(fxrel.InputError, "epsilon", lambda: fxrel.Explainer(MODEL, "lrp_epsilon", epsilon=epsilon))
+    raises_naming(fxrel.RuleError, "epsilon", lambda: fxrel.Explainer(MODEL, "lrp_epsilon", epsilon=epsilon))
 
 
 @settings(max_examples=15, deadline=None)
