@@ -205,3 +205,10 @@ def test_a_non_finite_relevance_names_its_relevance_node_and_rule():
     explainer = fxrel.Explainer(MODEL, "gradient", rules=[(kind("linear"), Exploding())])
     with pytest.raises(fxrel.NumericalError, match=r"relevance-graph node .*rule Exploding.*forward node"):
         explainer(X, 0)
+
+
+@pytest.mark.parametrize("method", ["srd", "rsp", "crsp"])
+def test_methods_entering_at_layer_x_name_themselves_on_an_mlp(method):
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    with pytest.raises(fxrel.RuleError, match=r"no spatial feature map.*methods entering at layer X \(RSP, SRD\)"):
+        fxrel.explain(mlp, X, 0, method=method)
