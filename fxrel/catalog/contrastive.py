@@ -24,7 +24,7 @@ from fxrel.errors import RuleError
 from fxrel.graphs import ops
 from fxrel.rules.base import Rule, RuleContext
 from fxrel.rules.composite import Composite, first, kind, last
-from fxrel.rules.generic import divide
+from fxrel.rules.generic import divide, dtype_of, stabilizer_for
 from fxrel.rules.gradient import Gradient, Pass
 from fxrel.rules.lrp import Norm, SumSplit, WSquare, ZBox, ZPlus
 
@@ -139,7 +139,7 @@ def seed_clrp1_dual(output: Any, mask: Any) -> Any:
 def seed_sglrp_target(output: Any, mask: Any) -> Any:
     """SGLRP's target seed ``(p_t(1 − p_t) + 10⁻⁸) e_t`` (∂p_t/∂y_t, kept away from 0)."""
     p = torch.softmax(output, -1)
-    return (p * (1 - p) + 1e-8) * mask
+    return (p * (1 - p) + stabilizer_for(1e-8, dtype_of(output))) * mask
 
 
 def seed_sglrp_dual(output: Any, mask: Any) -> Any:

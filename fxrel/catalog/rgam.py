@@ -37,13 +37,14 @@ from fxrel.graphs.builder import Stream
 from fxrel.rules.base import Rule, RuleContext
 from fxrel.rules.batched import Repeated
 from fxrel.rules.composite import Composite, where
-from fxrel.rules.generic import divide
+from fxrel.rules.generic import divide, dtype_of, stabilizer_for
 from fxrel.rules.gradient import Gradient
 from fxrel.rules.shift import total
 
 MODES = ("paper", "paper_literal", "official_relative", "official_single")
 HOSTILE = ("predicted", "all")
-#: the official code's guard in its max- and sum-normalisations
+#: the official code's guard in its max- and sum-normalisations (raised to ``finfo(dtype).tiny`` where it would
+#: underflow, float16: :func:`fxrel.rules.generic.stabilizer_for`)
 GUARD = 1e-9
 
 
@@ -73,29 +74,31 @@ def sections(f: Any) -> Any:
     return (2 * divide(pos, total(pos), 0.0) + divide(neg, -total(neg), 0.0)).view_as(f)
 
 
-def relative_gam(f: Any) -> Any:
+def relative_gam(f: Any, dtype: torch.dtype | None = None) -> Any:
     """Steps 3–4 as the official ``relative_GAM``: normalise the signed parts, sum over channels, rescale the spatial
-    map to +2/−1 and spread it evenly over the channels (every conflicting unit is gone by construction)."""
+    map to +2/−1 and spread it evenly over the channels (every conflicting unit is gone by construction).
+    ``dtype``: the maps' dtype (default ``f``'s where known), which :data:`GUARD` must not underflow in."""
+    guard = stabilizer_for(GUARD, dtype or dtype_of(f))
     flat = f.flatten(1)
     pos, neg = flat.clamp(min=0), flat.clamp(max=0)
-    pos = pos / (total(pos) + GUARD)
+    pos = pos / (total(pos) + guard)
     neg = divide(neg, neg.amin(1, keepdim=True), 0.0)
-    neg = neg / (total(neg) + GUARD) * total(pos)
+    neg = neg / (total(neg) + guard) * total(pos)
     spatial = (pos - neg).view_as(f).sum(1, keepdim=True)
     s = spatial.flatten(1)
     up, down = s * (s > 0).to(s.dtype), s * (s <= 0).to(s.dtype)
-    m = 2 * up / (total(up) + GUARD) - down / (total(down) + GUARD)
+    m = 2 * up / (total(up) + guard) - down / (total(down) + guard)
     return (m.view_as(spatial) / f.size(1)).expand_as(f)
 
 
-def relative_relevance(f: Any, mode: str) -> Any:
-    """Steps 3–4 of ``mode`` on the comparative map ``F``."""
+def relative_relevance(f: Any, mode: str, dtype: torch.dtype | None = None) -> Any:
+    """Steps 3–4 of ``mode`` on the comparative map ``F`` (``dtype``: see :func:`relative_gam`)."""
     if mode == "paper":
         return sections(purge(f))
     if mode == "paper_literal":
         purged = purge(f)
         return 2 * purged.clamp(min=0) + purged.clamp(max=0)
-    return relative_gam(f)
+    return relative_gam(f, dtype)
 
 
 def _check_mode(mode: str, modes: Collection[str]) -> None:
@@ -139,13 +142,15 @@ class GradientMap:
 
     def __call__(self, logits: Any, mask: Any, activation: Any, arrived: dict[str, Any]) -> Any:
         gradient = arrived[self.stream]
+        dtype = dtype_of(activation)
+        guard = stabilizer_for(GUARD, dtype)
         if self.mode == "official_single":
             cam = (activation * gradient.mean((2, 3), keepdim=True)).flatten(1)
-            return (cam / (cam.amax(1, keepdim=True) + GUARD)).view_as(activation)
+            return (cam / (cam.amax(1, keepdim=True) + guard)).view_as(activation)
         alpha = gradient.mean((2, 3)).view(mask.size(1), mask.size(0), -1)
         maps = activation.unsqueeze(0) * alpha[..., None, None]                       # A ⊙ α^c, [K, N, C, H, W]
         if self.mode == "official_relative":
-            maps = maps / (maps.flatten(2).amax(2)[..., None, None, None] + GUARD)
+            maps = maps / (maps.flatten(2).amax(2)[..., None, None, None] + guard)
         else:
             maps = maps.clamp(min=0)
             maps = divide(maps, maps.flatten(2).amax(2)[..., None, None, None], 0.0)  # λ_c: maximum 1
@@ -154,7 +159,7 @@ class GradientMap:
         n = hostile.sum(1)[:, None, None, None]
         target = _weighted(mask, maps)
         f = torch.where(n > 0, n * target - _weighted(hostile, maps), target)
-        return relative_relevance(f, self.mode)
+        return relative_relevance(f, self.mode, dtype)
 
     def __repr__(self) -> str:
         return f"GradientMap(mode={self.mode!r}, hostile={self.hostile!r})"
@@ -176,7 +181,7 @@ class ContrastiveExcitationMap:
 
     def __call__(self, logits: Any, mask: Any, activation: Any, arrived: dict[str, Any]) -> Any:
         target, dual = self.streams
-        return relative_relevance(arrived[target] - arrived[dual], self.mode)
+        return relative_relevance(arrived[target] - arrived[dual], self.mode, dtype_of(activation))
 
     def __repr__(self) -> str:
         return f"ContrastiveExcitationMap(mode={self.mode!r})"

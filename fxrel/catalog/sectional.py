@@ -28,12 +28,22 @@ from fxrel.errors import RuleError
 from fxrel.graphs import ops
 from fxrel.rules.base import Rule, RuleContext
 from fxrel.rules.composite import Composite, kind, reads_input, where
-from fxrel.rules.generic import GenericRule, Group, Term, negative_relevance, positive, positive_relevance
+from fxrel.rules.generic import (
+    GenericRule,
+    Group,
+    Term,
+    dtype_of,
+    negative_relevance,
+    positive,
+    positive_relevance,
+    stabilizer_for,
+)
 from fxrel.rules.gradient import Pass
 from fxrel.rules.lrp import ZBox
 from fxrel.rules.shift import Shifted
 
-#: the official code's ε in the pooling and sum rules
+#: the official code's ε in the pooling and sum rules (raised to ``finfo(dtype).tiny`` in float16, where 1e-9
+#: rounds to 0: :func:`fxrel.rules.generic.stabilizer_for`)
 TINY = 1e-9
 
 
@@ -53,12 +63,16 @@ def sectional_rule() -> GenericRule:
     return rule
 
 
+def _tiny(ctx: RuleContext) -> float:
+    return stabilizer_for(TINY, dtype_of(ctx.node))
+
+
 def _plus_tiny(x: Any, ctx: RuleContext) -> Any:
-    return x + TINY
+    return x + _tiny(ctx)
 
 
 def _positive_plus_tiny(x: Any, ctx: RuleContext) -> Any:
-    return x.clamp(min=0) + TINY
+    return x.clamp(min=0) + _tiny(ctx)
 
 
 def _pointwise(node: Any) -> bool:

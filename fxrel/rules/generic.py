@@ -14,6 +14,23 @@ own unless given (RAP sends a share ``Z_a2/(Z_a1 + Z_a2)`` through the negative 
 may also be computed per sample from the relevance it explains (RSP's sectional weights ν, Eq. 3). LRP-0, ε, γ,
 αβ, z⁺, z^β, w² and flat (:mod:`fxrel.rules.lrp`), RAP's layer rule (:mod:`fxrel.catalog.rap`) and RSP's sectional
 rule (:mod:`fxrel.catalog.sectional`) are choices of terms; the rule itself exists once, here.
+
+Stabilisers and the dtype. ``ε`` is an absolute constant (``1e-6`` in the LRP rules, ``1e-9`` in the contrastive
+presets and RSP, ``1e-20`` in excitation backprop), but a denominator is computed in the model's dtype, where a
+small ``ε`` may not exist: below ``finfo(dtype).tiny``, the smallest normal number (float16: ``6.1e-5``; float32 and
+bfloat16: ``1.2e-38``), ``ε`` is subnormal or rounds to 0. Then ``stab(0) = 0`` and ``0/0`` is NaN, or
+``R / stab(z)`` with a subnormal ``stab(z)`` overflows to ``inf`` and ``inf · 0`` is NaN further down. So every
+stabiliser is raised to the dtype's smallest normal where it falls below it (:func:`stabilizer_for`)::
+
+    stab(z) = z + ε'·sign(z),    ε' = max(ε, finfo(dtype).tiny)
+
+with ``dtype`` the node's output dtype, read at graph-build time from the canonical node's
+``meta["tensor_meta"]`` (:func:`dtype_of`; the relevance graph is built per input dtype). Every stabiliser in use
+is ≥ ``1e-20`` ≫ ``1.2e-38``, so float32, float64 and bfloat16 denominators are exactly what they were; only
+float16 ones change, where ``ε ≥ 6.1e-5`` (float16 resolves ``z`` only to ``4.9e-4`` relative anyway). The
+smallest normal rather than the smallest subnormal (``6e-8``): at a dead unit (``z = 0``, relevance ``R``),
+``R/6e-8`` overflows float16 from ``R > 4e-3`` on, ``R/6.1e-5`` only from ``R > 4``. ``ε = 0`` (``sdiv``) stays
+zero-safe division in every dtype.
 """
 from __future__ import annotations
 
@@ -21,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
+from torch import fx
 
 from fxrel.graphs import ops
 from fxrel.rules.base import Rule, RuleContext
@@ -30,15 +48,42 @@ ParamMod = Callable[[torch.Tensor], torch.Tensor]
 SampleWeights = Callable[[RuleContext, list, Any], Any]
 
 
-def stabilize(z: Any, epsilon: float) -> Any:
-    """``z + ε·sign(z)`` with ``sign(0) = +1``: moves every denominator away from zero by ``ε``."""
+def dtype_of(value: Any) -> torch.dtype | None:
+    """The dtype of a tensor, of an fx node or of a proxy of a node that carries ``tensor_meta`` (every canonical
+    node and its copy in the relevance graph; nodes recorded by rules carry none); ``None`` when unknown."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype
+    node = value.node if isinstance(value, fx.Proxy) else value
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    dtype = getattr(meta, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def stabilizer_for(epsilon: float, dtype: torch.dtype | None, normal: bool = True) -> float:
+    """``ε' = max(ε, finfo(dtype).tiny)`` for ``ε > 0``: a stabiliser is never subnormal or zero in the dtype it is
+    added in (see the module docstring). ``ε = 0``, an unknown or non-floating dtype: ``ε`` unchanged. Exact for
+    every ``ε ≥ 1.2e-38`` in float32, float64 and bfloat16; raises ``ε < 6.1e-5`` to ``6.1e-5`` in float16.
+    ``normal=False`` only keeps ``ε`` from rounding to 0: ``ε' = max(ε, finfo.tiny · finfo.eps)``, the smallest
+    subnormal (for guards added to quantities that are themselves tiny, Grad-CAM++'s ``2G² + ΣA·G³``)."""
+    if epsilon <= 0 or dtype is None or not dtype.is_floating_point:
+        return epsilon
+    info = torch.finfo(dtype)
+    floor = info.tiny if normal else info.tiny * info.eps
+    return epsilon if epsilon >= floor else floor
+
+
+def stabilize(z: Any, epsilon: float, dtype: torch.dtype | None = None) -> Any:
+    """``z + ε'·sign(z)`` with ``sign(0) = +1``: moves every denominator away from zero by ``ε' = max(ε,
+    finfo(dtype).tiny)`` (:func:`stabilizer_for`; ``dtype`` defaults to ``z``'s where known)."""
+    epsilon = stabilizer_for(epsilon, dtype or dtype_of(z))
     return torch.where(z >= 0, z + epsilon, z - epsilon)
 
 
-def divide(relevance: Any, z: Any, epsilon: float) -> Any:
-    """``relevance / stab(z)``; with ``ε = 0`` a zero denominator sends nothing (``sdiv`` of the LRP spec §6)."""
+def divide(relevance: Any, z: Any, epsilon: float, dtype: torch.dtype | None = None) -> Any:
+    """``relevance / stab(z)`` (:func:`stabilize`, ``ε`` raised to the dtype's smallest normal); with ``ε = 0`` a
+    zero denominator sends nothing (``sdiv`` of the LRP spec §6) in every dtype."""
     if epsilon > 0:
-        return relevance / stabilize(z, epsilon)
+        return relevance / stabilize(z, epsilon, dtype)
     zero = z == 0
     return torch.where(zero, 0.0, relevance / torch.where(zero, 1.0, z))
 
@@ -102,7 +147,8 @@ class Group:
 
 @dataclass(repr=False)
 class GenericRule(Rule):
-    """The generic propagation rule over groups of modified terms (see the module docstring)."""
+    """The generic propagation rule over groups of modified terms (see the module docstring). ``stabilizer`` is
+    ``ε``, applied as ``ε' = max(ε, finfo(dtype).tiny)`` in the dtype of the node (:func:`stabilizer_for`)."""
 
     groups: tuple[Group, ...] = field(default_factory=lambda: (Group((Term(),)),))
     stabilizer: float = 1e-6
@@ -127,7 +173,7 @@ class GenericRule(Rule):
             passes = {term: self._pass(ctx, term, part, shared)
                       for term in self._live(ctx, group.terms + (group.denominator or ()))}
             z = sum(term.sign * passes[term][2] for term in self._live(ctx, group.denominator or group.terms))
-            scaled = divide(part, z, self.stabilizer)
+            scaled = divide(part, z, self.stabilizer, dtype_of(ctx.node))   # ε' = max(ε, finfo.tiny)
             if group.mask is not None:
                 scaled = scaled * group.mask(ctx.output).to(scaled.dtype)
             for term in self._live(ctx, group.terms):
