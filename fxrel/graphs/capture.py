@@ -9,16 +9,83 @@ needs. Parameters and buffers become ``get_attr`` nodes of the returned module; 
 
 The captured graph is specialised to the example's shape (batch size included); ``fxrel`` builds one explainer per
 input shape and caches it.
+
+Tracing runs the user's ``forward`` on fake tensors; the user's model is left as it was (:func:`_untouched`): its
+forward hooks are detached while tracing (they would see fake tensors) and every module's attributes are restored
+afterwards (a forward that stores ``self.last = h`` would otherwise keep a fake tensor). A custom
+``torch.autograd.Function`` is refused by name: tracing sees only its forward, so its own backward could not be
+honoured and every gradient-based method would silently differ from autograd.
 """
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import Sequence
+import threading
+import traceback
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterator, Sequence
 
 import torch
 from torch import fx, nn
+from torch.nn.modules import module as module_globals
 
-from fxrel.errors import CaptureError
+from fxrel.errors import CaptureError, UnsupportedOpError
+from fxrel.validation import check_model
+
+_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+          "_forward_pre_hooks_with_kwargs")
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_hooks_always_called", "_global_forward_pre_hooks",
+                 "_global_forward_hooks_with_kwargs")
+_TORCH = Path(torch.__file__).parent
+
+
+@contextlib.contextmanager
+def _untouched(model: nn.Module) -> Iterator[list[type]]:
+    """While tracing: the model's and the global forward hooks detached, the custom autograd Functions this thread
+    applies recorded (yielded); afterwards — also on errors — every module's attributes as they were before."""
+    saved = [(m, dict(vars(m))) for m in model.modules()]
+    global_hooks = {name: getattr(module_globals, name) for name in _GLOBAL_HOOKS if hasattr(module_globals, name)}
+    applied: list[type] = []
+    original_apply = torch.autograd.Function.__dict__["apply"]
+    thread = threading.get_ident()
+
+    def recording_apply(cls, *args, **kwargs):
+        if threading.get_ident() == thread:
+            applied.append(cls)
+        return original_apply.__get__(None, cls)(*args, **kwargs)
+
+    try:
+        for m, _ in saved:
+            for name in _HOOKS:
+                if name in vars(m):
+                    vars(m)[name] = OrderedDict()
+        for name, hooks in global_hooks.items():
+            setattr(module_globals, name, OrderedDict() if isinstance(hooks, OrderedDict) else type(hooks)())
+        torch.autograd.Function.apply = classmethod(recording_apply)
+        yield applied
+    finally:
+        torch.autograd.Function.apply = original_apply
+        for name, hooks in global_hooks.items():
+            setattr(module_globals, name, hooks)
+        for m, before in saved:
+            current = vars(m)
+            for key in [k for k in current if k not in before]:
+                del current[key]
+            for key, value in before.items():
+                if current.get(key, _MISSING) is not value:
+                    current[key] = value
+
+
+_MISSING = object()
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The innermost frame of the exception's traceback outside torch and fxrel: the user's line."""
+    here = Path(__file__).parents[1]
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not (Path(f.filename).is_relative_to(_TORCH) or Path(f.filename).is_relative_to(here))]
+    return f"; at {frames[-1].filename}:{frames[-1].lineno}: {frames[-1].line}" if frames else ""
 
 
 def as_input_tuple(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -26,17 +93,6 @@ def as_input_tuple(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tup
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     return tuple(example_inputs)
-
-
-def check_eval_mode(model: nn.Module) -> None:
-    """Raise ``CaptureError`` naming the modules that are in training mode."""
-    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
-    if training:
-        shown = ", ".join(training[:5]) + (f" and {len(training) - 5} more" if len(training) > 5 else "")
-        raise CaptureError(
-            f"model is in training mode ({shown}); call model.eval() first: BatchNorm and dropout must use their "
-            "inference behaviour for an explanation to be well defined"
-        )
 
 
 def _attr_name(qualified: str) -> str:
@@ -49,17 +105,22 @@ def capture(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
     The module owns references to the model's parameters and buffers (``get_attr`` nodes, named ``p_<path>``);
     ``node.meta['fxrel_param']`` on each ``get_attr`` node holds the parameter's qualified name in the model.
     """
-    if not isinstance(model, nn.Module):
-        raise CaptureError(f"expected an nn.Module, got {type(model).__name__}")
-    check_eval_mode(model)
+    check_model(model)
     inputs = as_input_tuple(example_inputs)
     name = type(model).__name__
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _untouched(model) as functions:
             program = torch.export.export(model, inputs).run_decompositions({})
-    except Exception as exc:  # export raises many kinds of errors; name the model and keep the cause
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CaptureError(f"torch.export could not capture {name}: {type(exc).__name__}: {first}") from exc
+    except Exception as exc:  # export raises many kinds of errors; name the model, the user's line, keep the cause
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()][:3]
+        raise CaptureError(f"torch.export could not capture {name}: {type(exc).__name__}: {' '.join(lines)}"
+                           f"{_user_frame(exc)}") from exc
+    custom = list(dict.fromkeys(f for f in functions if not f.__module__.startswith("torch")))
+    if custom:
+        shown = ", ".join(f"{f.__qualname__} ({f.__module__})" for f in custom)
+        raise UnsupportedOpError(f"{name} applies the custom torch.autograd.Function {shown}: fxrel traces its forward "
+                                 "only, so its own backward cannot be honoured and gradients would silently differ "
+                                 "from autograd; write it with torch ops (or as a module fxrel can trace)")
 
     signature = program.graph_signature
     lifted = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
