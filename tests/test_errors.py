@@ -71,7 +71,7 @@ def test_unbatched_and_integer_inputs():
 def test_unknown_method_and_parameter():
     with pytest.raises(fxrel.RuleError, match="unknown method 'lrp_magic'"):
         fxrel.Explainer(tiny(), "lrp_magic")
-    with pytest.raises(fxrel.RuleError, match="no parameter\\(s\\) gamma; it takes epsilon"):
+    with pytest.raises(fxrel.RuleError, match="no parameter\\(s\\) gamma; it takes attention, epsilon"):
         fxrel.Explainer(tiny(), "lrp_epsilon", gamma=0.5)
     with pytest.raises(fxrel.RuleError, match="takes no parameters"):
         fxrel.Explainer(tiny(), "gradient", epsilon=1.0)

@@ -61,6 +61,34 @@ def test_attributes_set_by_forward_are_restored(method):
     assert "last_features" not in vars(fresh) and fresh.calls == 0
 
 
+class Caching(nn.Module):
+    """Caches a derived tensor in a plain dict on its first call, as timm's LeViT and EfficientFormer do with their
+    attention biases: tracing would leave a FakeTensor in the cache, and every later call would use it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.offsets = nn.Linear(4, 3), nn.Parameter(torch.randn(3))
+        self.cache: dict[str, torch.Tensor] = {}
+        self.seen: list[int] = []
+
+    def forward(self, x):
+        if "offsets" not in self.cache:
+            self.cache["offsets"] = self.offsets * 2
+        self.seen.append(x.shape[0])
+        return self.fc(x) + self.cache["offsets"]
+
+
+def test_containers_filled_by_forward_are_restored():
+    model, x = Caching().eval(), torch.randn(2, 4, dtype=torch.float64)
+    model.double()
+    fxrel.explain(model, x, 0, method="gradient")
+    assert model.cache == {} and model.seen == []
+    xg = x.clone().requires_grad_()
+    (reference,) = torch.autograd.grad(model(xg)[:, 0].sum(), xg)   # the model still computes with real tensors
+    assert torch.allclose(fxrel.explain(model, x, 0, method="gradient"), reference, rtol=1e-12)
+    assert all(_no_fakes(v) for v in model.cache.values())
+
+
 def test_hooks_see_no_fake_tensors_and_stay_registered():
     model, x = Recording().eval(), torch.randn(2, 3, 8, 8)
     seen: list[type] = []

@@ -321,15 +321,28 @@ def test_multi_query_attention_sums_over_the_shared_head():
         assert relevance.shape == x.shape and torch.isfinite(relevance).all()
 
 
-def test_masked_attention_is_named():
-    class Causal(_Attention):
+def test_masked_attention_is_exact_and_dropout_is_named():
+    """Causal masking and a boolean mask become a −∞ attention bias: the gradient stays autograd's."""
+    class Masked(_Attention):
+        def __init__(self, dropout: float = 0.0) -> None:
+            super().__init__()
+            self.dropout = dropout
+
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             q = x.flatten(2).transpose(-1, -2)
-            return F.scaled_dot_product_attention(q, q, q, is_causal=True).transpose(-1, -2).reshape(x.shape)
+            keep = torch.ones(q.shape[-2], q.shape[-2], dtype=torch.bool).tril()
+            out = F.scaled_dot_product_attention(q, q, q, is_causal=True, dropout_p=self.dropout) + \
+                F.scaled_dot_product_attention(q, 2 * q, q, attn_mask=keep.flip(0))
+            return out.transpose(-1, -2).reshape(x.shape)
 
-    net = nn.Sequential(nn.Conv2d(3, 6, 1), Causal()).eval()
-    with pytest.raises(UnsupportedOpError, match="causal masking"):
-        fxrel.Explainer(net, "gradient").canonical_graph(torch.randn(1, 3, 4, 4))
+    net = nn.Sequential(nn.Conv2d(3, 6, 1), Masked(), nn.Flatten(), nn.Linear(96, 3)).eval().double()
+    x = _x(size=4)
+    xg = x.clone().requires_grad_()
+    (reference,) = torch.autograd.grad(net(xg)[:, 1].sum(), xg)
+    assert torch.allclose(fxrel.Explainer(net, "gradient")(x, 1), reference, rtol=1e-10, atol=1e-14)
+    net[1].dropout = 0.5
+    with pytest.raises(UnsupportedOpError, match="dropout"):
+        fxrel.Explainer(net, "gradient").canonical_graph(x)
 
 
 class _ChannelsLastNorm(nn.Module):

@@ -248,6 +248,70 @@ class _Attention(nn.Module):
         return torch.cat([a.flatten(1), b.flatten(1)], 1)
 
 
+class _Tokens(nn.Module):
+    """A transformer's token plumbing: class, distillation and register tokens concatenated with the patch tokens
+    (``with_tokens``), a position embedding, timm's ``qkv.permute(2, 0, 3, 1, 4).unbind(0)`` (the batch moves to
+    axis 1), sequence-first attention as torch's MultiheadAttention runs it (heads folded into the batch), a
+    difference of two computed tensors, ``x[:, 0]``, a mean over tokens, a gated MLP's product, a negation and
+    ``type_as``; ``padding="same"`` convolutions with an even and an odd total."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.same = nn.Conv2d(3, 4, 2, stride=2), nn.Conv2d(3, 3, 2, padding="same")
+        self.same_odd = nn.Conv2d(3, 3, 3, padding="same", dilation=2)
+        self.cls, self.dist, self.reg = (nn.Parameter(torch.randn(1, 1, 4)), nn.Parameter(torch.randn(1, 1, 4)),
+                                         nn.Parameter(torch.randn(1, 2, 4)))
+        self.pos = nn.Parameter(torch.randn(1, 8, 4))
+        self.qkv, self.mha = nn.Linear(4, 12), nn.MultiheadAttention(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        x = self.same_odd(self.same(x))
+        t = self.embed(x).flatten(2).transpose(1, 2)                               # [N, 4, 4]
+        t = torch.cat([self.cls.expand(n, -1, -1), self.dist.expand(n, -1, -1), t[:, :1],
+                       self.reg.expand(n, -1, -1)[:, :1], t[:, 1:]], 1)   # tokens before, between and after
+        t = torch.cat([t, self.reg[:, 1:].expand(n, -1, -1)], 1) + self.pos
+        q, k, v = self.qkv(t).reshape(n, 8, 3, 2, 2).permute(2, 0, 3, 1, 4).unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, 8, 4)
+        s = t.transpose(0, 1)
+        b = self.mha(s, s, s, need_weights=False)[0].transpose(0, 1)
+        d = a - 0.5 * b
+        gated = F.silu(d) * (-t).type_as(t)                                        # SwiGLU's product, a negation
+        return torch.cat([d[:, 0], (d - t).mean(1), gated[:, 1]], 1)
+
+
+class _WrittenAttention(nn.Module):
+    """Attention written out, as timm's LeViT, EfficientFormer, CaiT and Swin write it: ``q @ kᵀ`` scaled, plus a
+    position bias, reshaped to add a window mask and back, softmax, ``@ v``; talking heads (the logits and the
+    weights mixed across heads by linear layers: a ``bilinear`` product); ``v @ aᵀ``; per-head temperatures on
+    ``F.normalize``-d q and k; a masked SDPA; a roll and strided slices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.mix_logits, self.mix_weights = nn.Linear(4, 12), nn.Linear(2, 2), nn.Linear(2, 2)
+        self.bias = nn.Parameter(torch.randn(2, 6, 6))
+        self.temperature = nn.Parameter(torch.rand(2, 1, 1) + 0.5)
+        self.register_buffer("mask", torch.randn(3, 6, 6))
+        self.register_buffer("keep", torch.rand(6, 6) > 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        t = torch.roll(x.flatten(2).transpose(1, 2), shifts=(2,), dims=(1,))       # [N, 6, 4]
+        q, k, v = self.qkv(t).reshape(n, 6, 3, 2, 2).permute(2, 0, 3, 1, 4).unbind(0)
+        logits = (q @ k.transpose(-2, -1)) * 0.5 + self.bias
+        windows = logits.view(-1, 3, 2, 6, 6) + self.mask.unsqueeze(1)[None, :n]   # [N/3, 3, heads, 6, 6]
+        a = windows.view(-1, 2, 6, 6).softmax(-1) @ v
+        heads = self.mix_logits((q @ k.transpose(-2, -1)).permute(0, 2, 3, 1)).permute(0, 3, 1, 2).softmax(-1)
+        b = self.mix_weights(heads.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) @ v
+        c = v.transpose(-2, -1) @ ((q @ k.transpose(-2, -1)) / 3).softmax(-1).transpose(-2, -1)
+        qn, kn = F.normalize(q, dim=-1), F.normalize(k, dim=-1)            # XCiT's cross-covariance attention
+        d = ((qn @ kn.transpose(-2, -1)) * self.temperature).softmax(-1) @ v
+        e = F.scaled_dot_product_attention(q, k, v, attn_mask=self.keep) + F.scaled_dot_product_attention(
+            q, k, v, attn_mask=self.bias)
+        out = torch.cat([a, b, c.transpose(-2, -1), d, e], -1)
+        return torch.cat([out[:, :, ::2].flatten(1), out[..., 1:7:3].flatten(1)], 1)
+
+
 #: name → (model, example input, fold_batchnorm)
 CASES: dict[str, Callable[[], tuple[nn.Module, torch.Tensor, bool]]] = {
     "convs": lambda: (_Convs(), _x(2, 3, 9, 9), True),
@@ -264,6 +328,8 @@ CASES: dict[str, Callable[[], tuple[nn.Module, torch.Tensor, bool]]] = {
     "norms": lambda: (_Norms(), _x(2, 4, 4, 4), True),
     "softmax": lambda: (_Softmax(), _x(2, 4, 4, 4), True),
     "attention": lambda: (_Attention(), _x(2, 4, 3, 3), True),
+    "tokens": lambda: (_Tokens(), _x(2, 3, 4, 4), True),
+    "written_attention": lambda: (_WrittenAttention(), _x(3, 4, 2, 3), True),
 }
 
 
@@ -362,8 +428,7 @@ def _check_vjp(case: str, node: fx.Node, values: dict[fx.Node, Any], seed: int) 
     expected = torch.autograd.grad(out, list(leaves.values()), grad, allow_unused=True)
 
     weight = bias = None
-    if node.meta.get("fxrel_kind") in ops.PARAM_KINDS:   # as the builder hands them to rules
-        weight, bias = (values[p] if p is not None else None for p in ops.weight_and_bias(node))
+    weight, bias = (values[p] if p is not None else None for p in ops.weight_and_bias(node))  # as the builder does
     assert _same(spec.forward(node, [values[a] for a in inputs], weight, bias), values[node])
     got = spec.vjp(node, grad, [values[a] for a in inputs], weight)
     assert len(got) == len(inputs), f"{case}/{node.name}: {len(got)} cotangents for {len(inputs)} inputs"

@@ -60,9 +60,29 @@ class _BatchSlice(nn.Module):
         return x[:1].mean((2, 3))
 
 
-@pytest.mark.parametrize("model, match", [(_Strided(), "step 2"), (_BatchSlice(), "batch axis")])
-def test_slices_that_are_not_canonical_are_named(model, match):
-    with pytest.raises(fxrel.UnsupportedOpError, match=match):
+class _BatchSoftmax(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3)).softmax(0)
+
+
+class _BatchMovedSlice(nn.Module):
+    """The batch moved to axis 1 by a permute, then sliced there."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(1, 0, 2, 3)[:, :1].mean((2, 3)).transpose(0, 1)
+
+
+def test_strided_slices_have_the_exact_gradient():
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    model = _Strided().eval()
+    xg = x.clone().requires_grad_()
+    (reference,) = torch.autograd.grad(model(xg)[:, 1].sum(), xg)
+    assert torch.allclose(fxrel.Explainer(model, "gradient")(x, 1), reference, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("model", [_BatchSlice(), _BatchSoftmax(), _BatchMovedSlice()])
+def test_ops_that_mix_samples_are_named(model):
+    with pytest.raises(fxrel.UnsupportedOpError, match="mix the samples of a batch.*batch axis"):
         fxrel.Explainer(model.eval(), "gradient")(torch.randn(2, 3, 6, 6), 0)
 
 

@@ -7,7 +7,7 @@ from fxrel.catalog.method import CONSERVING, IMAGE_BOUND, Method, seed_gradient,
 from fxrel.catalog.registry import register
 from fxrel.graphs import ops
 from fxrel.rules.base import Rule
-from fxrel.rules.composite import Composite, Matcher, first, kind
+from fxrel.rules.composite import Composite, Matcher, attention_pairs, first, kind
 from fxrel.rules.gradient import DeconvNet, Gradient, GuidedBackprop, Pass
 from fxrel.rules.lrp import AlphaBeta, Epsilon, Flat, Gamma, Norm, WSquare, ZBox, ZPlus
 
@@ -17,11 +17,13 @@ _GRAD = Gradient()
 
 def _lrp(name: str, layer: Rule, *, linear: Rule | None = None, first_rule: Rule | None = None,
          first_kinds: tuple[str, ...] = (ops.CONV, ops.LINEAR), affine: Rule | None = None,
-         stabilizer: float = 1e-6) -> Method:
+         stabilizer: float = 1e-6, attention: str = "cp") -> Method:
     """An LRP rule set: ``layer`` for convs (and linear layers unless ``linear`` is given), Pass for activations,
     the z-rule (Norm) for sums and average pooling, the structural defaults (``fxrel.rules.composite.STRUCTURAL``)
-    for routing nodes and gates; BatchNorm left unfolded gets ``affine`` (default Pass, as zennit)."""
-    pairs: list[tuple[Matcher, Rule]] = []
+    for routing nodes and gates; BatchNorm left unfolded gets ``affine`` (default Pass, as zennit). ``attention``:
+    ``"cp"`` keeps attention weights constant (CP-LRP), ``"attnlrp"`` explains them (AttnLRP's softmax and uniform
+    rules, :func:`fxrel.rules.composite.attention_pairs`)."""
+    pairs: list[tuple[Matcher, Rule]] = list(attention_pairs(attention, stabilizer or 1e-6))
     if first_rule is not None:
         pairs.append((first(*first_kinds), first_rule))
     pairs += [(kind(ops.CONV), layer), (kind(ops.LINEAR), linear or layer),
@@ -64,67 +66,75 @@ def _deconvnet() -> Method:
 
 @register("lrp_0", "LRP-0: z-rule with biases in every linear node (= gradient × input on ReLU nets)",
           "Bach et al. 2015", output=CONSERVING)
-def _lrp0(stabilizer: float = 0.0) -> Method:
+def _lrp0(stabilizer: float = 0.0, attention: str = "cp") -> Method:
     rule = Epsilon(stabilizer)
-    return _lrp("lrp_0", rule, affine=rule, stabilizer=stabilizer)
+    return _lrp("lrp_0", rule, affine=rule, stabilizer=stabilizer, attention=attention)
 
 
 @register("lrp_epsilon", "LRP-ε in every conv/linear/affine node (ε also stabilises sums and pooling)",
           "Bach et al. 2015; Montavon et al. 2019", output=CONSERVING)
-def _lrp_eps(epsilon: float = 1e-6) -> Method:
+def _lrp_eps(epsilon: float = 1e-6, attention: str = "cp") -> Method:
     rule = Epsilon(epsilon)
-    return _lrp("lrp_epsilon", rule, affine=rule, stabilizer=epsilon)
+    return _lrp("lrp_epsilon", rule, affine=rule, stabilizer=epsilon, attention=attention)
 
 
 @register("lrp_gamma", "LRP-γ in every conv/linear layer", "Montavon et al. 2019", output=CONSERVING)
-def _lrp_gamma(gamma: float = 0.25, stabilizer: float = 1e-6) -> Method:
-    return _lrp("lrp_gamma", Gamma(gamma, stabilizer), stabilizer=stabilizer)
+def _lrp_gamma(gamma: float = 0.25, stabilizer: float = 1e-6, attention: str = "cp") -> Method:
+    return _lrp("lrp_gamma", Gamma(gamma, stabilizer), stabilizer=stabilizer, attention=attention)
 
 
 @register("lrp_zplus", "LRP-z⁺ (α1β0) in every conv/linear layer", "Montavon et al. 2017", output=CONSERVING)
-def _lrp_zplus(stabilizer: float = 1e-6) -> Method:
-    return _lrp("lrp_zplus", ZPlus(stabilizer), stabilizer=stabilizer)
+def _lrp_zplus(stabilizer: float = 1e-6, attention: str = "cp") -> Method:
+    return _lrp("lrp_zplus", ZPlus(stabilizer), stabilizer=stabilizer, attention=attention)
 
 
 @register("lrp_alpha_beta", "LRP-αβ in every conv/linear layer", "Bach et al. 2015", output=CONSERVING)
-def _lrp_ab(alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6) -> Method:
-    return _lrp("lrp_alpha_beta", AlphaBeta(alpha, beta, stabilizer), stabilizer=stabilizer)
+def _lrp_ab(alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6, attention: str = "cp") -> Method:
+    return _lrp("lrp_alpha_beta", AlphaBeta(alpha, beta, stabilizer), stabilizer=stabilizer, attention=attention)
 
 
 @register("lrp_flat", "flat rule in every conv/linear layer (uniform over receptive fields)",
           "Lapuschkin et al. 2019", output=CONSERVING)
-def _lrp_flat(stabilizer: float = 1e-6) -> Method:
-    return _lrp("lrp_flat", Flat(stabilizer), stabilizer=stabilizer)
+def _lrp_flat(stabilizer: float = 1e-6, attention: str = "cp") -> Method:
+    return _lrp("lrp_flat", Flat(stabilizer), stabilizer=stabilizer, attention=attention)
 
 
 @register("lrp_wsquare", "w² rule in every conv/linear layer", "Montavon et al. 2017", output=CONSERVING)
-def _lrp_w2(stabilizer: float = 1e-6) -> Method:
-    return _lrp("lrp_wsquare", WSquare(stabilizer), stabilizer=stabilizer)
+def _lrp_w2(stabilizer: float = 1e-6, attention: str = "cp") -> Method:
+    return _lrp("lrp_wsquare", WSquare(stabilizer), stabilizer=stabilizer, attention=attention)
 
 
 @register("lrp_zbox", "z^β (box) at the first layer, z⁺ elsewhere", "Montavon et al. 2017", output=CONSERVING)
-def _lrp_zbox(low=IMAGE_BOUND, high=IMAGE_BOUND, stabilizer: float = 1e-6) -> Method:
+def _lrp_zbox(low=IMAGE_BOUND, high=IMAGE_BOUND, stabilizer: float = 1e-6, attention: str = "cp") -> Method:
     return _lrp("lrp_zbox", ZPlus(stabilizer), first_rule=ZBox(low, high, stabilizer), first_kinds=(ops.CONV,),
-                stabilizer=stabilizer)
+                stabilizer=stabilizer, attention=attention)
 
 
 @register("epsilon_plus_flat", "zennit EpsilonPlusFlat: flat first layer, z⁺ convs, ε linear layers",
           "zennit; Kohlbrenner et al. 2020", output=CONSERVING)
-def _epf(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> Method:
+def _epf(epsilon: float = 1e-6, stabilizer: float = 1e-6, attention: str = "cp") -> Method:
     return _lrp("epsilon_plus_flat", ZPlus(stabilizer), linear=Epsilon(epsilon), first_rule=Flat(stabilizer),
-                stabilizer=stabilizer)
+                stabilizer=stabilizer, attention=attention)
 
 
 @register("epsilon_gamma_box", "zennit EpsilonGammaBox: z^β first conv, γ convs, ε linear layers",
           "zennit; Montavon et al. 2019", output=CONSERVING)
 def _egb(low=IMAGE_BOUND, high=IMAGE_BOUND, epsilon: float = 1e-6, gamma: float = 0.25,
-         stabilizer: float = 1e-6) -> Method:
+         stabilizer: float = 1e-6, attention: str = "cp") -> Method:
     return _lrp("epsilon_gamma_box", Gamma(gamma, stabilizer), linear=Epsilon(epsilon),
-                first_rule=ZBox(low, high, stabilizer), first_kinds=(ops.CONV,), stabilizer=stabilizer)
+                first_rule=ZBox(low, high, stabilizer), first_kinds=(ops.CONV,), stabilizer=stabilizer,
+                attention=attention)
 
 
 @register("epsilon_alpha2_beta1_flat", "zennit EpsilonAlpha2Beta1Flat: flat first layer, α2β1 convs, ε linear",
           "zennit; Bach et al. 2015", output=CONSERVING)
-def _eabf(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> Method:
+def _eabf(epsilon: float = 1e-6, stabilizer: float = 1e-6, attention: str = "cp") -> Method:
     return _lrp("epsilon_alpha2_beta1_flat", AlphaBeta(2.0, 1.0, stabilizer), linear=Epsilon(epsilon),
-                first_rule=Flat(stabilizer), stabilizer=stabilizer)
+                first_rule=Flat(stabilizer), stabilizer=stabilizer, attention=attention)
+
+
+@register("attn_lrp", "AttnLRP: LRP-ε in every layer, the softmax Taylor rule and the uniform rule in attention",
+          "Achtibat et al. 2024", output=CONSERVING)
+def _attn_lrp(epsilon: float = 1e-6, attention: str = "attnlrp") -> Method:
+    rule = Epsilon(epsilon)
+    return _lrp("attn_lrp", rule, affine=rule, stabilizer=epsilon, attention=attention)

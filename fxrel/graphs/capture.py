@@ -12,13 +12,15 @@ input shape and caches it.
 
 Tracing runs the user's ``forward`` on fake tensors; the user's model is left as it was (:func:`_untouched`): its
 forward hooks are detached while tracing (they would see fake tensors) and every module's attributes are restored
-afterwards (a forward that stores ``self.last = h`` would otherwise keep a fake tensor). A custom
+afterwards, and the contents of plain dicts, lists and sets among them (a forward that stores ``self.last = h`` or
+caches into ``self.cache[key]`` would otherwise keep a fake tensor). A custom
 ``torch.autograd.Function`` is refused by name: tracing sees only its forward, so its own backward could not be
 honoured and every gradient-based method would silently differ from autograd.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 import threading
 import traceback
@@ -45,6 +47,10 @@ def _untouched(model: nn.Module) -> Iterator[list[type]]:
     """While tracing: the model's and the global forward hooks detached, the custom autograd Functions this thread
     applies recorded (yielded); afterwards — also on errors — every module's attributes as they were before."""
     saved = [(m, dict(vars(m))) for m in model.modules()]
+    # plain containers the forward may fill in place (timm's LeViT/EfficientFormer cache their attention biases in
+    # a dict on the first call, which would keep a FakeTensor): their contents, restored in place
+    contents = [(value, copy.copy(value)) for _, attributes in saved for value in attributes.values()
+                if type(value) in (dict, list, set)]
     global_hooks = {name: getattr(module_globals, name) for name in _GLOBAL_HOOKS if hasattr(module_globals, name)}
     applied: list[type] = []
     original_apply = torch.autograd.Function.__dict__["apply"]
@@ -68,6 +74,12 @@ def _untouched(model: nn.Module) -> Iterator[list[type]]:
         torch.autograd.Function.apply = original_apply
         for name, hooks in global_hooks.items():
             setattr(module_globals, name, hooks)
+        for container, before in contents:
+            container.clear()
+            if isinstance(container, list):
+                container.extend(before)
+            else:
+                container.update(before)
         for m, before in saved:
             current = vars(m)
             for key in [k for k in current if k not in before]:

@@ -31,8 +31,8 @@ aten = torch.ops.aten
 
 # --- kinds -----------------------------------------------------------------------------------------------------
 (INPUT, PARAM, CONV, LINEAR, AFFINE, ACTIVATION, MAXPOOL, AVGPOOL, ADD, CAT, SHAPE, PAD, GATE, CENTER, STAT, ATTEND,
- OUTPUT) = ("input", "param", "conv", "linear", "affine", "activation", "maxpool", "avgpool", "add", "cat", "shape",
-            "pad", "gate", "center", "stat", "attend", "output")
+ BILINEAR, OUTPUT) = ("input", "param", "conv", "linear", "affine", "activation", "maxpool", "avgpool", "add", "cat",
+                      "shape", "pad", "gate", "center", "stat", "attend", "bilinear", "output")
 #: Kinds of canonical call nodes, with what they are.
 KINDS: dict[str, str] = {
     CONV: "convolution of any stride/padding/dilation/groups (weights w, optional bias b)",
@@ -44,15 +44,20 @@ KINDS: dict[str, str] = {
     AVGPOOL: "average / adaptive average pooling, spatial mean, bilinear upsampling (convex combinations)",
     ADD: "elementwise sum of two tensors (residual connections)",
     CAT: "concatenation along one dimension",
-    SHAPE: "shape-only op (view, reshape, permute, transpose, squeeze/unsqueeze, clone, slice/split/chunk)",
+    SHAPE: "shape-only op (view, reshape, permute, transpose, squeeze/unsqueeze, clone, slice/split/chunk with any "
+           "step, roll)",
     PAD: "copying resampling: zero padding (−∞ before a max-pool), 2-D reflect/replicate padding, nearest "
-         "upsampling (every output is a copy of one input, or the constant)",
+         "upsampling, constant tokens beside a transformer's patch tokens (every output is a copy of one input, or "
+         "a constant)",
     GATE: "a value times a gate broadcast over some of its dims, value ⊙ gate (squeeze-excitation, 1/σ of a "
           "normalisation, attention weights)",
     CENTER: "centering x − mean(x) over a group of dims (the mean subtraction of Layer/GroupNorm)",
-    STAT: "a statistic that only ever feeds a gate: 1/σ = (mean(x²) + ε)^(−1/2) of a normalisation, ConvNeXt-V2's "
+    STAT: "a statistic that only ever feeds a gate: 1/σ = (mean(x²) + ε)^(−1/2) of a normalisation, 1/max(‖x‖, ε) "
+          "of F.normalize, ConvNeXt-V2's "
           "response scale ‖x‖/(mean ‖x‖ + ε), softmax attention weights; rules treat it as a constant (no relevance "
           "flows into it), gradients pass exactly",
+    BILINEAR: "a product of two computed matrices, a @ b (attention logits q @ kᵀ that do not go straight into a "
+              "softmax: talking heads)",
     ATTEND: "attention: values mixed by attention weights, weights @ values (the weights a stat: relevance rules "
             "keep them constant, the AH-rule)",
 }
@@ -338,6 +343,25 @@ def _inv_std_vjp(node, grad, inputs, weight=None):
     return [grad * r * r * r * x / -count]
 
 
+def inv_norm(x: torch.Tensor, dims: list[int], floor: float) -> torch.Tensor:
+    """``1 / max(‖x‖₂, floor)`` over ``dims`` (kept as size 1): the divisor of ``F.normalize`` (XCiT's and
+    EdgeNeXt's cross-covariance attention normalise q and k)."""
+    return 1 / torch.linalg.vector_norm(x, 2, dims, keepdim=True).clamp_min(floor)
+
+
+def _inv_norm_forward(node, inputs, weight=None, bias=None):
+    return inv_norm(inputs[0], *node.args[1:])
+
+
+def _inv_norm_vjp(node, grad, inputs, weight=None):
+    """``−x / ‖x‖³ · g`` where ``‖x‖ > floor``, 0 where the floor holds (as autograd's ``clamp_min``)."""
+    x, dims, floor = inputs[0], node.args[1], node.args[2]
+    norm = torch.linalg.vector_norm(x, 2, dims, keepdim=True)
+    live = (norm > floor).to(x.dtype)
+    safe = norm.clamp_min(floor)
+    return [-(x / (safe * safe * safe)) * (grad * live)]
+
+
 def response_scale(x: torch.Tensor, dims: list[int], channel_dims: list[int], eps: float) -> torch.Tensor:
     """ConvNeXt-V2's global response normalisation scale ``n = g / (mean_c g + ε)``, ``g = ‖x‖₂`` over ``dims``."""
     g = torch.linalg.vector_norm(x, 2, dims, keepdim=True)
@@ -358,13 +382,16 @@ def _response_scale_vjp(node, grad, inputs, weight=None):
     return [direction * (grad - (grad * n).mean(channel_dims, keepdim=True)) / denominator]
 
 
-def attention_weights(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """``softmax(q kᵀ · scale)`` over the keys (scaled dot-product attention's weights)."""
-    return torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * scale, -1)
+def attention_weights(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """``softmax(q kᵀ · scale + bias)`` over the keys (scaled dot-product attention's weights; ``bias``: a constant
+    attention bias or additive mask, −∞ where masked)."""
+    logits = torch.matmul(q, k.transpose(-2, -1)) * scale
+    return torch.softmax(logits if bias is None else logits + bias, -1)
 
 
 def _attention_weights_forward(node, inputs, weight=None, bias=None):
-    return attention_weights(inputs[0], inputs[1], node.args[2])
+    return attention_weights(inputs[0], inputs[1], node.args[2], weight)   # the attention bias is the weight
 
 
 def unbroadcast(t, node: fx.Node, i: int):
@@ -377,7 +404,7 @@ def unbroadcast(t, node: fx.Node, i: int):
 
 def _attention_weights_vjp(node, grad, inputs, weight=None):
     q, k = inputs
-    a = attention_weights(q, k, node.args[2])
+    a = attention_weights(q, k, node.args[2], weight)
     logits_grad = a * (grad - (grad * a).sum(-1, keepdim=True)) * node.args[2]
     return [unbroadcast(torch.matmul(logits_grad, k), node, 0),
             unbroadcast(torch.matmul(logits_grad.transpose(-2, -1), q), node, 1)]
@@ -396,6 +423,21 @@ def _attend_vjp(node, grad, inputs, weight=None):
     values, weights = inputs
     return [unbroadcast(torch.matmul(weights.transpose(-2, -1), grad), node, 0),
             unbroadcast(torch.matmul(grad, values.transpose(-2, -1)), node, 1)]
+
+
+def bilinear(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of two computed tensors (batched matrices)."""
+    return torch.matmul(a, b)
+
+
+def _bilinear_product_forward(node, inputs, weight=None, bias=None):
+    return bilinear(inputs[0], inputs[1])
+
+
+def _bilinear_product_vjp(node, grad, inputs, weight=None):
+    a, b = inputs
+    return [unbroadcast(torch.matmul(grad, b.transpose(-2, -1)), node, 0),
+            unbroadcast(torch.matmul(a.transpose(-2, -1), grad), node, 1)]
 
 
 def _softmax_forward(node, inputs, weight=None, bias=None):
@@ -449,11 +491,19 @@ def _shape_vjp(node, grad, inputs, weight=None):
         return [aten.permute.default(grad, inverse)]
     if node.target is aten.transpose.int:
         return [aten.transpose.int(grad, node.args[1], node.args[2])]
-    if node.target is aten.slice.Tensor:  # canonical slices: step 1, not along the batch axis; zeros elsewhere
+    if node.target is aten.slice.Tensor:  # canonical slices: not along the batch axis; zeros elsewhere
         dim, start, end = node.args[1:4]
+        step = node.args[4] if len(node.args) > 4 else 1
         rank = len(_shape(node))
-        pads = [0, 0] * (rank - 1 - dim) + [start, _in_shape(node)[dim] - end]
+        if step > 1:   # interleave step − 1 zeros after every entry: [.., L, ..] → [.., L·step, ..]
+            spread = aten.unsqueeze.default(grad, dim + 1)
+            spread = aten.constant_pad_nd.default(spread, [0, 0] * (rank - 1 - dim) + [0, step - 1], 0.0)
+            grad = aten.flatten.using_ints(spread, dim, dim + 1)
+            end = start + _shape(node)[dim] * step
+        pads = [0, 0] * (rank - 1 - dim) + [start, _in_shape(node)[dim] - end]   # negative: crops
         return [aten.constant_pad_nd.default(grad, pads, 0.0)]
+    if node.target is aten.roll.default:
+        return [aten.roll.default(grad, [-s for s in node.args[1]], node.args[2])]
     shape = list(_in_shape(node))
     if shape and _shape(node) and shape[0] == _shape(node)[0]:  # the reshape keeps the batch axis: so does its VJP
         shape[0] = -1
@@ -493,6 +543,35 @@ def _bilinear_vjp(node, grad, inputs, weight=None):
     input_size = [grad.size(0), *_in_shape(node)[1:]]
     return [aten.upsample_bilinear2d_backward.default(grad, list(_shape(node)[2:]), input_size, align_corners,
                                                       *(scales or (None, None)))]
+
+
+def with_tokens(x: torch.Tensor, before: torch.Tensor | None, after: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """``cat([before, x, after], dim)`` with constant tokens ``before``/``after``: a transformer's class,
+    distillation and register tokens entering beside the patch tokens. Tokens of batch size 1 (``dim ≠ 0``) are
+    expanded to ``x``'s. Copying, like padding: each output is an entry of ``x`` or a constant, so the relevance that
+    reaches a constant is absorbed there, as a bias's is."""
+    def batched(t: torch.Tensor) -> torch.Tensor:
+        return t.expand(x.shape[0], *t.shape[1:]) if t.shape[0] == 1 and dim != 0 else t
+    return torch.cat([x if t is x else batched(t) for t in (before, x, after) if t is not None], dim)
+
+
+def _with_tokens_forward(node, inputs, weight=None, bias=None):
+    """The tokens arrive as ``weight`` (before) and ``bias`` (after) (:func:`weight_and_bias`); their shapes are read
+    from the node's arguments (a proxy has no concrete shape)."""
+    x, dim = inputs[0], node.args[3]
+
+    def batched(token, source: fx.Node):
+        shape = _shape(source)
+        return token.expand(x.shape[0], *shape[1:]) if shape[0] == 1 and dim != 0 else token
+    before = [] if weight is None else [batched(weight, node.args[1])]
+    after = [] if bias is None else [batched(bias, node.args[2])]
+    return aten.cat.default([*before, x, *after], dim)
+
+
+def _with_tokens_vjp(node, grad, inputs, weight=None):
+    before, _, dim = node.args[1:]
+    start = _shape(before)[dim] if before is not None else 0
+    return [aten.slice.Tensor(grad, dim, start, start + _in_shape(node)[dim])]
 
 
 def _pad_vjp(node, grad, inputs, weight=None):
@@ -582,16 +661,20 @@ OP_SPECS: dict[Any, OpSpec] = {
     aten.constant_pad_nd.default: OpSpec(PAD, _first, _pad_forward, _pad_vjp),
     aten.pad.default: OpSpec(PAD, _first, _mode_pad_forward, _mode_pad_vjp),
     aten.upsample_nearest2d.vec: OpSpec(PAD, _first, _upsample_forward, _upsample_vjp),
+    with_tokens: OpSpec(PAD, _first, _with_tokens_forward, _with_tokens_vjp),
     aten.upsample_bilinear2d.vec: OpSpec(AVGPOOL, _first, _bilinear_forward, _bilinear_vjp),
     center: OpSpec(CENTER, _first, _center_forward, _center_vjp),
     inv_std: OpSpec(STAT, _first, _inv_std_forward, _inv_std_vjp),
     response_scale: OpSpec(STAT, _first, _response_scale_forward, _response_scale_vjp),
+    inv_norm: OpSpec(STAT, _first, _inv_norm_forward, _inv_norm_vjp),
     aten.softmax.int: OpSpec(STAT, _first, _softmax_forward, _softmax_vjp),
     attention_weights: OpSpec(STAT, _add_inputs, _attention_weights_forward, _attention_weights_vjp),
     attend: OpSpec(ATTEND, _add_inputs, _attend_forward, _attend_vjp),
     **{t: OpSpec(ACTIVATION, _first, _activation_forward, _activation_vjp) for t in ACTIVATIONS},
     **{t: OpSpec(SHAPE, _first, _shape_forward, _shape_vjp) for t in SHAPE_OPS},
     aten.slice.Tensor: OpSpec(SHAPE, _first, _shape_forward, _shape_vjp),
+    aten.roll.default: OpSpec(SHAPE, _first, _shape_forward, _shape_vjp),
+    bilinear: OpSpec(BILINEAR, _add_inputs, _bilinear_product_forward, _bilinear_product_vjp),
 }
 
 
@@ -606,7 +689,12 @@ def tensor_inputs(node: fx.Node) -> list[fx.Node]:
 
 
 def weight_and_bias(node: fx.Node) -> tuple[fx.Node | None, fx.Node | None]:
-    """The ``get_attr`` nodes holding a parametrised node's weight and bias (``None`` where absent)."""
+    """The ``get_attr`` nodes holding a parametrised node's weight and bias (``None`` where absent); for
+    ``with_tokens``, its tokens before and after; for ``attention_weights``, its attention bias (as the weight)."""
+    if node.target is with_tokens:   # its constant tokens (before, after)
+        return node.args[1], node.args[2]
+    if node.target is attention_weights:   # its attention bias, as the weight
+        return (node.args[3] if len(node.args) > 3 else None), None
     kind = node.meta.get("fxrel_kind")
     if kind not in PARAM_KINDS:
         return None, None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fxrel.errors import UnsupportedOpError
 from fxrel.graphs import ops
 from fxrel.rules.base import Rule, RuleContext
 
@@ -33,6 +34,13 @@ class Repeated(Rule):
         self.kinds = rule.kinds
 
     def __call__(self, ctx: RuleContext, relevance: Any) -> list[Any]:
+        batch = ctx.node.meta.get("fxrel_batch_axis")
+        if self.copies > 1 and batch is not None and not batch.first:
+            raise UnsupportedOpError(
+                f"this method folds {self.copies} relevance rows per sample into the batch axis, and node "
+                f"'{ctx.node.name}' (module '{ctx.node.meta.get('fxrel_module', '')}') has the batch at axis "
+                f"{batch.axis}{' folded with other axes' if batch.inner * batch.outer > 1 else ''} "
+                "(transformer attention moves it)")
         return self.rule(_repeated(ctx, self.copies) if self.copies > 1 else ctx, relevance)
 
     def __repr__(self) -> str:

@@ -20,6 +20,7 @@ from torch import fx
 
 from fxrel.errors import RuleError
 from fxrel.graphs import ops
+from fxrel.rules.attention import AttentionWeightsTaylor, SoftmaxTaylor, UniformProduct
 from fxrel.rules.base import Rule
 from fxrel.rules.gradient import AttentionAsWeights, GateAsWeight, Gradient
 from fxrel.text import format_table
@@ -124,13 +125,38 @@ class RulePlan(dict):
 #: The structural defaults every composite ends with (written once, here): nodes that only route values —
 #: max-pooling (winner-take-all), concatenation (slicing), shape ops, padding — and statistics (1/σ, softmax weights,
 #: which only gate) take the exact VJP; a gate ``x ⊙ g`` passes relevance through its gated input with ``g`` as a
-#: constant weight; attention ``A·V`` passes it through ``V`` with ``A`` as constants (the AH-rule). A composite's own
+#: constant weight; attention ``A·V`` passes it through ``V`` with ``A`` as constants (the AH-rule); another product
+#: of two computed tensors splits it uniformly (AttnLRP's uniform ε-rule). A composite's own
 #: pairs come first, so a method overrides only where it differs.
 STRUCTURAL: tuple[tuple[Matcher, Rule], ...] = (
     (kind(ops.MAXPOOL, ops.CAT, ops.SHAPE, ops.PAD, ops.STAT), Gradient()),
     (kind(ops.GATE), GateAsWeight()),
     (kind(ops.ATTEND), AttentionAsWeights()),
+    (kind(ops.BILINEAR), UniformProduct()),
 )
+
+#: the treatments of attention a rule set's ``attention`` parameter names: ``"cp"`` (CP-LRP / the AH-rule: attention
+#: weights constant, the structural default) and ``"attnlrp"`` (AttnLRP: :mod:`fxrel.rules.attention`)
+ATTENTION_RULES = ("cp", "attnlrp")
+
+
+def targets(*fns) -> Matcher:
+    """Match canonical nodes by their target (``fxrel.graphs.ops.attention_weights``, ``aten.softmax.int`` …)."""
+    wanted = frozenset(fns)
+    return lambda node, info: node.target in wanted
+
+
+def attention_pairs(attention: str, epsilon: float = 1e-6) -> list[tuple[Matcher, Rule]]:
+    """The pairs that give a rule set its treatment of attention: none for ``"cp"``; for ``"attnlrp"``, the uniform
+    ε-rule at attention products and other products of two computed tensors, and the softmax Taylor rule at
+    attention weights and softmaxes. ``RuleError`` names the valid values."""
+    if attention == "cp":
+        return []
+    if attention != "attnlrp":
+        raise RuleError(f"attention must be one of {list(ATTENTION_RULES)}, got {attention!r}")
+    return [(kind(ops.ATTEND, ops.BILINEAR), UniformProduct(epsilon)),
+            (targets(ops.attention_weights), AttentionWeightsTaylor()),
+            (targets(ops.aten.softmax.int), SoftmaxTaylor())]
 
 
 class Composite:

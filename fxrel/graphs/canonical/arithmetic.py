@@ -11,7 +11,8 @@ from torch import fx
 
 from fxrel.graphs import ops
 from fxrel.graphs.canonical.gates import _GATE_ACTIVATIONS, _gates, _is_statistic, _source, _unexpanded
-from fxrel.graphs.canonical.normalisers import _divided_by_std, _response_scale
+from fxrel.graphs.canonical.logits import scaled_logits, shifted_logits
+from fxrel.graphs.canonical.normalisers import _divided_by_norm, _divided_by_std, _response_scale
 from fxrel.graphs.canonical.registry import handles
 from fxrel.graphs.canonical.walker import _Canonicalizer
 from fxrel.graphs.ops import aten
@@ -40,18 +41,23 @@ def _affine(c: _Canonicalizer, x: fx.Node, scale: torch.Tensor | None, shift: to
 
 @handles(aten.add.Tensor, aten.sub.Tensor)
 def _add(c: _Canonicalizer, n: fx.Node):
-    """A sum of two computed tensors (residual connections); a constant added or subtracted is an affine shift."""
+    """A sum of two computed tensors (residual connections), a difference as the sum with the negated operand (a
+    constant scale −α); a constant added or subtracted is an affine shift."""
     a, b = n.args[:2]
     alpha = n.kwargs.get("alpha", 1)
     sign = -1 if n.target is aten.sub.Tensor else 1
     pending = c.pending(a)
     if pending is not None and not (pending.squared or pending.root) and sign == 1 and isinstance(b, (int, float)):
         return replace(pending, eps=pending.eps + b)
+    for logits, other, factor in ((c.logits(a), b, sign * alpha), (c.logits(b), a, 1)):
+        shift = None if logits is None or factor != 1 else _operand(c, other, n)
+        if shift is not None:
+            return shifted_logits(c, logits, shift)
     ca, cb = _operand(c, a, n), _operand(c, b, n)
-    if ca is None and cb is None:
-        if alpha != 1 or sign != 1:
-            raise c.unsupported("difference or alpha≠1 of two computed tensors (only sums are canonical)")
-        return c.emit(aten.add.Tensor, (c.value(a), c.value(b)))
+    if ca is None and cb is None:   # a − α·b (PoolFormer's pool(x) − x) is the sum a + (−α)·b
+        other = c.value(b) if sign * alpha == 1 else c.emit(ops.channel_affine, (
+            c.value(b), c.param(torch.tensor(float(sign * alpha), dtype=n.meta["val"].dtype), "scale"), None))
+        return c.emit(aten.add.Tensor, (c.value(a), other))
     if ca is not None and cb is not None:
         raise c.unsupported("sum of two constants that was not folded")
     if cb is not None:
@@ -68,6 +74,12 @@ def _mul(c: _Canonicalizer, n: fx.Node):
         return _response_scale(c, c.pending(a), c.pending(b))
     if n.target is aten.div.Tensor and c.pending(b) is not None and c.pending(b).root:
         return _divided_by_std(c, a, c.pending(b))
+    if n.target is aten.div.Tensor and c.pending(b) is not None and c.pending(b).floor is not None:
+        return _divided_by_norm(c, a, c.pending(b))
+    for logits, other in ((c.logits(a), b), (c.logits(b), a if n.target is aten.mul.Tensor else None)):
+        factor = None if logits is None or other is None else _operand(c, other, n)
+        if factor is not None:
+            return scaled_logits(c, logits, 1 / factor if n.target is aten.div.Tensor else factor)
     if n.target is aten.div.Tensor:
         divisor = _operand(c, b, n)
         if divisor is None or _operand(c, a, n) is not None or n.kwargs.get("rounding_mode"):
@@ -86,11 +98,20 @@ def _mul(c: _Canonicalizer, n: fx.Node):
     elif sa == sb and len(squashed) == 1:  # same shapes (1×1 maps, GhostNetV2's upsampled gate): the squashed one
         gate = squashed[0]
         value = b if gate is a else a
+    elif sa == sb and len(activated := [op for op in (a, b) if _source(op).target in ops.ACTIVATIONS]) == 1:
+        gate = activated[0]   # a gated MLP (SwiGLU: silu(x W_g) ⊙ x W_x): the activated branch gates, as in LXT's CP
+        value = b if gate is a else a
     else:
         raise c.unsupported(f"product of tensors shaped {tuple(sa)} and {tuple(sb)} (only a feature map times a "
                             "gate broadcast over some of its dims, or times a same-shaped sigmoid/softmax gate, "
                             "is canonical)")
     return c.emit(ops.channel_gate, (c.value(value), c.value(gate)))
+
+
+@handles(aten.neg.default)
+def _neg(c: _Canonicalizer, n: fx.Node):
+    """``−x`` (EVA's rotary embedding rotates channel pairs): an affine scale −1."""
+    return _affine(c, n.args[0], torch.tensor(-1.0, dtype=n.meta["val"].dtype), None)
 
 
 @handles(aten.addcmul.default)

@@ -1,5 +1,6 @@
 """Gates and attention: what makes a product a gate (:func:`_gates`, :func:`_source` …), broadcasting with
-``expand``, softmax weights, attention pooling (``matmul``) and scaled dot-product attention."""
+``expand``, softmax weights, attention pooling (``matmul``), scaled dot-product attention, and attention written out
+(``q @ kᵀ`` scaled, biased and reshaped on its way to a softmax, then ``@ v``)."""
 from __future__ import annotations
 
 import math
@@ -9,6 +10,7 @@ from torch import fx
 
 from fxrel.graphs import ops
 from fxrel.graphs.canonical.normalisers import _reshaped
+from fxrel.graphs.canonical.pending import _Logits
 from fxrel.graphs.canonical.reductions import _spatial_sum
 from fxrel.graphs.canonical.registry import handles
 from fxrel.graphs.canonical.walker import _Canonicalizer
@@ -57,34 +59,90 @@ def _expand(c: _Canonicalizer, n: fx.Node):
 
 @handles(aten.softmax.int, aten._softmax.default)
 def _softmax(c: _Canonicalizer, n: fx.Node):
-    """Softmax weights (SKNet's branch attention, global-context attention pooling): a statistic that gates."""
-    return c.emit(aten.softmax.int, (c.value(n.args[0]), n.args[1]))
+    """Softmax weights (SKNet's branch attention, global-context attention pooling): a statistic that gates; over
+    the last axis of attention logits written out (:class:`_Logits`), the ``attention_weights`` they close."""
+    logits = c.logits(n.args[0])
+    if logits is None:
+        return c.emit(aten.softmax.int, (c.value(n.args[0]), n.args[1]))
+    if n.args[1] % len(logits.shape) != len(logits.shape) - 1:
+        raise c.unsupported("a softmax of attention logits over another axis than the keys")
+    return _attention_weights(c, logits.q, c.emit(aten.transpose.int, (logits.kt, -1, -2)), logits)
+
+
+def _attention_weights(c: _Canonicalizer, q: fx.Node, k: fx.Node, logits: _Logits) -> fx.Node:
+    """``attention_weights(q·s, k, 1, bias)`` (a tensor scale ``s`` folded into ``q`` as an affine, a number kept as
+    the op's scale), reshaped to the logits' current shape."""
+    scale = logits.scale
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        scale = float(scale)
+    if isinstance(scale, torch.Tensor):   # per-head temperatures (XCiT): [heads, 1, 1] on the logits
+        scale = scale.to(c.current.meta["val"].dtype)
+        q, scale = c.emit(ops.channel_affine, (q, c.param(scale, "scale"), None)), 1.0
+    bias = logits.bias
+    if bias is not None:
+        bias = bias.expand(logits.shape).reshape(logits.base)
+        batch = bias.shape[0]
+        if batch > 1 and bool((bias == bias[:1]).all()):
+            bias = bias[:1]
+        bias = c.param(bias.contiguous(), "attention_bias")
+    weights = c.emit(ops.attention_weights, (q, k, scale, bias) if bias is not None else (q, k, scale))
+    return weights if logits.shape == logits.base else c.emit(aten.reshape.default, (weights, list(logits.shape)))
+
+
+def _weights_of(c: _Canonicalizer, node: fx.Node) -> bool:
+    """``node`` is attention weights: a softmax over the keys (``attention_weights``, or a softmax of logits mixed
+    first), behind reshapes and the linear maps of talking heads."""
+    value = c.env.get(node)
+    while isinstance(value, fx.Node) and value.meta.get("fxrel_kind") in (ops.SHAPE, ops.LINEAR, ops.AFFINE):
+        value = value.args[0]
+    return isinstance(value, fx.Node) and value.target in (ops.attention_weights, aten.softmax.int)
 
 
 @handles(aten.matmul.default, aten.bmm.default)
 def _matmul(c: _Canonicalizer, n: fx.Node):
-    """``values @ weights`` with softmax attention weights shaped ``[…, K, 1]`` (global-context attention pooling)
-    is the gate ``values ⊙ weightsᵀ`` summed over ``K``: the weights are a gate (the AH-rule keeps them constant)."""
+    """Products of two computed tensors: attention weights times values (``attend``; ``v @ aᵀ`` as LeViT's conv
+    attention writes it is ``attend(vᵀ, a)ᵀ``); ``q @ kᵀ`` (attention logits, followed to their softmax as
+    :class:`_Logits`); and ``values @ weights`` with softmax weights shaped ``[…, K, 1]`` (global-context attention
+    pooling), the gate ``values ⊙ weightsᵀ`` summed over ``K`` (the AH-rule keeps the weights constant)."""
     a, b = n.args
+    if c.is_const(a) or c.is_const(b) or len(a.meta["val"].shape) < 3:
+        raise c.unsupported("product with a constant matrix or of matrices without a batch of rows (only "
+                            "attention products and attention pooling are canonical)")
+    if _weights_of(c, a):
+        return c.emit(ops.attend, (c.value(b), c.value(a)))
+    if b.target is aten.transpose.int and _weights_of(c, b.args[0]):
+        values = c.emit(aten.transpose.int, (c.value(a), -1, -2))
+        return c.emit(aten.transpose.int, (c.emit(ops.attend, (values, c.value(b.args[0]))), -1, -2))
     weights_last = b.meta["val"].shape[-1] == 1 and _source(b).target in (aten.softmax.int, aten._softmax.default)
-    if not weights_last or c.is_const(a) or len(a.meta["val"].shape) < 3:
-        raise c.unsupported("product of two computed matrices (only a feature map times softmax attention "
-                            "weights shaped [..., K, 1] is canonical)")
-    gate = c.emit(aten.transpose.int, (c.value(b), -1, -2))
-    gated = c.emit(ops.channel_gate, (c.value(a), gate))
-    rank = len(a.meta["val"].shape)
-    count = a.meta["val"].shape[-1]
-    return _spatial_sum(c, gated, [rank - 1], True, count, a.meta["val"].dtype)
+    if weights_last:
+        gate = c.emit(aten.transpose.int, (c.value(b), -1, -2))
+        gated = c.emit(ops.channel_gate, (c.value(a), gate))
+        rank = len(a.meta["val"].shape)
+        count = a.meta["val"].shape[-1]
+        return _spatial_sum(c, gated, [rank - 1], True, count, a.meta["val"].dtype)
+    shape = tuple(n.meta["val"].shape)
+    return _Logits(c.value(a), c.value(b), shape, shape)
 
 
 @handles(aten.scaled_dot_product_attention.default)
 def _attention(c: _Canonicalizer, n: fx.Node):
-    """Scaled dot-product attention (conv/attention hybrids): ``attend(v, attention_weights(q, k))``, the weights a
-    statistic that relevance rules keep constant (the AH-rule); no mask, causal masking, dropout or grouped heads."""
+    """Scaled dot-product attention: ``attend(v, attention_weights(q, k, scale, bias))``, the weights a statistic
+    that relevance rules keep constant (the AH-rule) unless a rule set explains them (AttnLRP). A float
+    ``attn_mask`` (TinyViT's, Swin's position bias and window mask) is the constant attention bias, a boolean one
+    and causal masking become −∞ where masked; no dropout or grouped heads."""
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
     a = dict(zip(names, n.args), **n.kwargs)
-    if a.get("attn_mask") is not None or a.get("dropout_p") or a.get("is_causal") or a.get("enable_gqa"):
-        raise c.unsupported("attention with a mask, dropout, causal masking or grouped heads")
-    scale = a.get("scale") or 1 / math.sqrt(a["query"].meta["val"].shape[-1])
-    weights = c.emit(ops.attention_weights, (c.value(a["query"]), c.value(a["key"]), scale))
-    return c.emit(ops.attend, (c.value(a["value"]), weights))
+    if a.get("dropout_p") or a.get("enable_gqa"):
+        raise c.unsupported("attention with dropout or grouped heads")
+    q, k = a["query"].meta["val"], a["key"].meta["val"]
+    scale = a.get("scale") or 1 / math.sqrt(q.shape[-1])
+    shape = (*q.shape[:-1], k.shape[-2])
+    bias = None
+    if a.get("attn_mask") is not None:
+        mask = c.const(a["attn_mask"])
+        bias = torch.where(mask, 0.0, -math.inf).to(q.dtype) if mask.dtype == torch.bool else mask.to(q.dtype)
+    if a.get("is_causal"):
+        causal = torch.full(shape[-2:], -math.inf, dtype=q.dtype).triu(1)
+        bias = causal if bias is None else bias + causal
+    logits = _Logits(c.value(a["query"]), c.value(a["key"]), shape, shape, scale, bias)   # kt unused here
+    return c.emit(ops.attend, (c.value(a["value"]), _attention_weights(c, logits.q, c.value(a["key"]), logits)))

@@ -12,7 +12,8 @@ from fxrel.graphs.canonical.walker import _Canonicalizer
 from fxrel.graphs.ops import aten
 
 
-@handles(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default)
+@handles(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
+         aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding)
 def _conv(c: _Canonicalizer, n: fx.Node):
     x, w, b = n.args[0], n.args[1], ops.argument(n, "bias", None)
     weight = c.const(w)
@@ -26,14 +27,32 @@ def _conv(c: _Canonicalizer, n: fx.Node):
         given = dict(zip(names, n.args[3:]), **n.kwargs)
         stride, padding = given.get("stride", [1] * dims), given.get("padding", [0] * dims)
         dilation, groups = given.get("dilation", [1] * dims), given.get("groups", 1)
-    if isinstance(padding, str):
-        raise c.unsupported(f"string padding '{padding}'")
-
     def expand(v: Any) -> list:
+        v = [v] if isinstance(v, int) else v
         return list(v) * dims if len(v) == 1 else list(v)
+    stride, dilation = expand(stride), expand(dilation)
+    source = c.value(x)
+    if isinstance(padding, str):
+        source, padding = _string_padding(c, source, padding, weight, stride, dilation)
     return c.emit(aten.convolution.default,
-                  (c.value(x), c.param(weight, "weight"), c.param(c.const(b), "bias"), expand(stride),
-                   expand(padding), expand(dilation), False, [0] * dims, groups))
+                  (source, c.param(weight, "weight"), c.param(c.const(b), "bias"), stride,
+                   expand(padding), dilation, False, [0] * dims, groups))
+
+
+def _string_padding(c: _Canonicalizer, x: fx.Node, padding: str, weight: torch.Tensor, stride: list[int],
+                    dilation: list[int]) -> tuple[fx.Node, list[int]]:
+    """``padding="valid"`` (none) or ``"same"`` (stride 1: ``d·(k − 1)`` in all, the odd pixel after, as torch
+    does) as explicit padding; an uneven split becomes a zero ``constant_pad_nd`` before the convolution."""
+    kernel = list(weight.shape[2:])
+    if padding == "valid":
+        return x, [0] * len(kernel)
+    if padding != "same" or any(s != 1 for s in stride):
+        raise c.unsupported(f"padding='{padding}' with stride {stride} (only 'valid' and stride-1 'same')")
+    totals = [d * (k - 1) for d, k in zip(dilation, kernel)]
+    if all(t % 2 == 0 for t in totals):
+        return x, [t // 2 for t in totals]
+    pads = [p for t in reversed(totals) for p in (t // 2, t - t // 2)]   # constant_pad_nd: last dim first
+    return c.emit(aten.constant_pad_nd.default, (x, pads, 0.0)), [0] * len(kernel)
 
 
 @handles(aten.linear.default)

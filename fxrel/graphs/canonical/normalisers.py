@@ -1,9 +1,9 @@
 """The normaliser pattern recogniser: hand-written statistics (timm's RmsNorm2d and SimpleNorm's
 ``rsqrt(mean(x²) + ε)`` / ``rsqrt(var(x) + ε)``, EvoNorm's ``value / sqrt(var(x_g) + ε)``, ConvNeXt-V2's
-``‖x‖ / (mean_c ‖x‖ + ε)``) are walked as :class:`~fxrel.graphs.canonical.pending._Pending` values, emitting nothing,
-until ``rsqrt`` or the division closes them as one ``inv_std`` / ``response_scale`` statistic. The ``mean`` and
-``+ ε`` steps are recognised by :mod:`~fxrel.graphs.canonical.reductions` and
-:mod:`~fxrel.graphs.canonical.arithmetic`."""
+``‖x‖ / (mean_c ‖x‖ + ε)``, F.normalize's ``x / max(‖x‖, ε)``) are walked as
+:class:`~fxrel.graphs.canonical.pending._Pending` values, emitting nothing, until ``rsqrt`` or the division closes
+them as one ``inv_std`` / ``response_scale`` / ``inv_norm`` statistic. The ``mean`` and ``+ ε`` steps are
+recognised by :mod:`~fxrel.graphs.canonical.reductions` and :mod:`~fxrel.graphs.canonical.arithmetic`."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -93,3 +93,20 @@ def _rsqrt(c: _Canonicalizer, n: fx.Node):
         raise c.unsupported("rsqrt of something other than a normaliser's mean(x²) + ε or var(x) + ε")
     args = (c.value(pending.x), list(pending.dims), pending.eps)
     return c.emit(ops.inv_std, args if pending.correction is None else (*args, pending.correction))
+
+
+@handles(aten.clamp_min.default)
+def _clamp_min(c: _Canonicalizer, n: fx.Node):
+    """``max(‖x‖, ε)``, F.normalize's divisor (closed by the division, :func:`_divided_by_norm`)."""
+    pending = c.pending(n.args[0])
+    if pending is None or not pending.norm or pending.channel_dims or pending.floor is not None:
+        raise c.unsupported("clamp_min of something other than a vector norm (F.normalize's max(‖x‖, ε))")
+    return replace(pending, floor=float(n.args[1]))
+
+
+def _divided_by_norm(c: _Canonicalizer, value: fx.Node, norm: _Pending) -> fx.Node:
+    """``value / max(‖x‖, ε)`` with ``value`` = ``x``: ``F.normalize``, a gate by the statistic ``inv_norm``."""
+    if norm.x is not value:
+        raise c.unsupported("division by the norm of another tensor (only F.normalize's x / max(‖x‖, ε))")
+    scale = c.emit(ops.inv_norm, (c.value(norm.x), list(norm.dims), norm.floor))
+    return c.emit(ops.channel_gate, (c.value(value), scale))

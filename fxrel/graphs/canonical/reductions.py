@@ -1,5 +1,6 @@
-"""Handlers for reductions: spatial means (average pooling) and sums, which are a mean times a count or a sum of
-slices; a mean inside a normaliser's statistic is left to :mod:`~fxrel.graphs.canonical.normalisers`' pattern."""
+"""Handlers for reductions: means over non-batch axes (average pooling, a mean over tokens) and sums, which are a
+mean times a count or a sum of slices; a mean inside a normaliser's statistic is left to
+:mod:`~fxrel.graphs.canonical.normalisers`' pattern."""
 from __future__ import annotations
 
 import math
@@ -34,7 +35,7 @@ def _sum(c: _Canonicalizer, n: fx.Node):
         raise c.unsupported("sum with a dtype conversion")
     if ops.is_spatial_mean(dims, len(shape)):
         return _spatial_sum(c, c.value(x), dims, keepdim, math.prod(shape[d] for d in dims), x.meta["val"].dtype)
-    if len(dims) != 1 or dims[0] == 0 or shape[dims[0]] > 16:
+    if len(dims) != 1 or shape[dims[0]] > 16:
         raise c.unsupported(f"sum over dims {dims} of a tensor shaped {tuple(shape)} (spatial sums and sums over a "
                             "non-batch axis of ≤ 16 entries are canonical)")
     dim = dims[0]
@@ -61,6 +62,4 @@ def _mean(c: _Canonicalizer, n: fx.Node):
         if not keepdim:
             raise c.unsupported("mean of squares without keepdim (only rsqrt(mean(x², keepdim=True) + ε) is canonical)")
         return _Pending(pending.x, tuple(d % rank for d in n.args[1]))
-    if not ops.is_spatial_mean(n.args[1], rank):
-        raise c.unsupported(f"mean over dims {n.args[1]} (only spatial means are canonical)")
-    return _passthrough(c, n)
+    return _passthrough(c, n)   # a mean along the batch is refused by mark_batch_axis

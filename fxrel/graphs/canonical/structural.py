@@ -10,6 +10,7 @@ import torch
 from torch import fx
 
 from fxrel.graphs import ops
+from fxrel.graphs.canonical.logits import reshaped_logits
 from fxrel.graphs.canonical.normalisers import _reshaped
 from fxrel.graphs.canonical.registry import handles
 from fxrel.graphs.canonical.walker import _Canonicalizer
@@ -26,38 +27,55 @@ def _getitem(c: _Canonicalizer, n: fx.Node):
 
 
 @handles(*ops.ACTIVATIONS, *ops.SHAPE_OPS, aten.max_pool2d.default, aten.avg_pool2d.default,
-         aten.adaptive_avg_pool2d.default, aten.cat.default)
+         aten.adaptive_avg_pool2d.default)
 def _passthrough(c: _Canonicalizer, n: fx.Node):
     if n.target in ops.SHAPE_OPS and c.pending(n.args[0]) is not None:   # a statistic reshaped for a division
         return _reshaped(c, n)
-    target = aten.view.default if n.target is aten._unsafe_view.default else n.target
+    logits = c.logits(n.args[0])
+    if (logits is not None and n.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+            and n.meta["val"].shape[-1] == logits.base[-1]):   # attention logits reshaped on their way to softmax
+        return reshaped_logits(c, logits, tuple(n.meta["val"].shape))
+    # views become reshapes: canonical ops may lay their outputs out differently from the ATen ones they replace
+    # (attention's output is contiguous in [N, heads, tokens, d], SDPA's in [N, tokens, heads, d])
+    target = aten.reshape.default if n.target in (aten.view.default, aten._unsafe_view.default) else n.target
     args = tuple([c.value(a) for a in n.args[0]] if i == 0 and isinstance(n.args[0], (list, tuple)) else c.value(a)
                  for i, a in enumerate(n.args))
     return c.emit(target, args, dict(n.kwargs))
 
 
-def _slice_node(c: _Canonicalizer, x: fx.Node, dim: int, start: int, end: int) -> fx.Node:
-    if dim == 0:
-        raise c.unsupported("slicing along the batch axis")
-    return c.emit(aten.slice.Tensor, (c.value(x), dim, start, end, 1))
+def _slice_node(c: _Canonicalizer, x: fx.Node, dim: int, start: int, end: int, step: int = 1) -> fx.Node:
+    """A canonical slice (one that would mix samples is refused by
+    :func:`~fxrel.graphs.canonical.batch_axis.mark_batch_axis`, which knows where the batch axis is)."""
+    return c.emit(aten.slice.Tensor, (c.value(x), dim, start, end, step))
 
 
 @handles(aten.slice.Tensor)
 def _slice(c: _Canonicalizer, n: fx.Node):
-    """``x[..., start:end]`` along one dim, step 1 (bounds normalised to ``0 ≤ start ≤ end ≤ size``)."""
+    """``x[..., start:end:step]`` along one dim (bounds normalised to ``0 ≤ start ≤ end ≤ size``; EVA's rotary
+    embedding takes the even and odd channels, LeViT's subsampling every other token)."""
     x, dim, start, end, step = (list(n.args) + [0, None, None, 1][len(n.args) - 1:])[:5]
     shape = x.meta["val"].shape
     dim %= len(shape)
     size = shape[dim]
-    if step != 1:
-        raise c.unsupported(f"slice with step {step} (only step 1 is canonical)")
+    if step < 1:
+        raise c.unsupported(f"slice with step {step}")
 
     def bound(v: int | None, default: int) -> int:
         v = default if v is None else v
         return min(max(v + size if v < 0 else v, 0), size)
 
     start = bound(start, 0)
-    return _slice_node(c, x, dim, start, max(bound(end, size), start))
+    return _slice_node(c, x, dim, start, max(bound(end, size), start), step)
+
+
+@handles(aten.roll.default)
+def _roll(c: _Canonicalizer, n: fx.Node):
+    """``roll`` (Swin's shifted windows): a permutation of the entries, a shape op."""
+    x, shifts = n.args[0], list(n.args[1])
+    dims = list(n.args[2]) if len(n.args) > 2 else list(ops.argument(n, "dims", []))
+    if not dims:
+        raise c.unsupported("roll of the flattened tensor (only a roll along given dims is canonical)")
+    return c.emit(aten.roll.default, (c.value(x), shifts, dims))
 
 
 @handles(aten.split.Tensor, aten.split_with_sizes.default)
@@ -73,13 +91,57 @@ def _split(c: _Canonicalizer, n: fx.Node):
     return tuple(_slice_node(c, x, dim, s, s + k) for s, k in zip(starts, sizes))
 
 
+def _pick(c: _Canonicalizer, x: fx.Node, dim: int, index: int) -> fx.Node:
+    """``x.select(dim, index)`` as a canonical slice and squeeze."""
+    return c.emit(aten.squeeze.dim, (_slice_node(c, x, dim, index, index + 1), dim))
+
+
 @handles(aten.unbind.int)
 def _unbind(c: _Canonicalizer, n: fx.Node):
     """``unbind``: one squeezed canonical slice per index (``getitem`` picks them; attention's q, k, v)."""
     x = n.args[0]
     dim = ops.argument(n, "dim", 0) % len(x.meta["val"].shape)
-    return tuple(c.emit(aten.squeeze.dim, (_slice_node(c, x, dim, i, i + 1), dim))
-                 for i in range(x.meta["val"].shape[dim]))
+    return tuple(_pick(c, x, dim, i) for i in range(x.meta["val"].shape[dim]))
+
+
+@handles(aten.select.int)
+def _select(c: _Canonicalizer, n: fx.Node):
+    """``x.select(dim, index)`` (``x[:, 0]``: a class token's features): a squeezed canonical slice."""
+    x, dim, index = n.args
+    shape = x.meta["val"].shape
+    dim %= len(shape)
+    return _pick(c, x, dim, index % shape[dim])
+
+
+@handles(aten.cat.default)
+def _cat(c: _Canonicalizer, n: fx.Node):
+    """Concatenation of computed tensors; constants among them (a transformer's class, distillation and register
+    tokens, expanded over the batch) become ``with_tokens`` of the computed tensor they precede (or the last one
+    they follow)."""
+    tensors, dim = list(n.args[0]), ops.argument(n, "dim", 0) % len(n.meta["val"].shape)
+    computed = [i for i, t in enumerate(tensors) if not c.is_const(t)]
+    if not computed:
+        raise c.unsupported("concatenation of constants that was not folded")
+    if len(computed) == len(tensors):
+        return c.emit(aten.cat.default, ([c.value(t) for t in tensors], dim))
+
+    def tokens(parts: list) -> fx.Node | None:
+        if not parts:
+            return None
+        value = torch.cat([c.const(t) for t in parts], dim)
+        if not bool((value == value[:1]).all()):
+            raise c.unsupported("a concatenated constant that differs along the batch axis")
+        return c.param(value[:1].detach().clone(), "tokens")
+
+    pieces, start = [], 0
+    for k, i in enumerate(computed):
+        end = len(tensors) if k == len(computed) - 1 else i + 1
+        before, after = tokens(tensors[start:i]), tokens(tensors[i + 1:end])
+        value = c.value(tensors[i])
+        pieces.append(value if before is None and after is None else
+                      c.emit(ops.with_tokens, (value, before, after, dim)))
+        start = end
+    return pieces[0] if len(pieces) == 1 else c.emit(aten.cat.default, (pieces, dim))
 
 
 @handles(aten.stack.default)
@@ -87,8 +149,6 @@ def _stack(c: _Canonicalizer, n: fx.Node):
     """``stack`` = ``unsqueeze`` of each tensor, then ``cat`` (SKNet's branches)."""
     tensors = n.args[0]
     dim = ops.argument(n, "dim", 0) % (len(tensors[0].meta["val"].shape) + 1)
-    if dim == 0:
-        raise c.unsupported("stacking along the batch axis")
     return c.emit(aten.cat.default, ([c.emit(aten.unsqueeze.default, (c.value(t), dim)) for t in tensors], dim))
 
 
@@ -122,6 +182,14 @@ def _to_copy(c: _Canonicalizer, n: fx.Node):
     if set(n.kwargs) - {"dtype", "layout", "device", "memory_format"} or (dtype is not None
                                                                           and not dtype.is_floating_point):
         raise c.unsupported(f"copy with {n.kwargs} (only floating-point dtype casts are canonical)")
+    return c.pending(n.args[0]) or c.value(n.args[0])
+
+
+@handles(aten.type_as.default)
+def _type_as(c: _Canonicalizer, n: fx.Node):
+    """``x.type_as(other)`` to a floating-point dtype (EVA's rotary embedding): dropped like a dtype cast."""
+    if not n.meta["val"].dtype.is_floating_point:
+        raise c.unsupported(f"type_as to {n.meta['val'].dtype} (only floating-point casts are canonical)")
     return c.pending(n.args[0]) or c.value(n.args[0])
 
 

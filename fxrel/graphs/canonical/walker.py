@@ -13,8 +13,9 @@ from torch import fx
 
 from fxrel.errors import UnsupportedOpError
 from fxrel.graphs import ops
-from fxrel.graphs.canonical.pending import _Pending
+from fxrel.graphs.canonical.pending import _Logits, _Pending
 from fxrel.graphs.canonical.registry import HANDLERS, module_path, source_line
+from fxrel.graphs.ops import aten
 
 
 class _Canonicalizer:
@@ -62,17 +63,40 @@ class _Canonicalizer:
         return node
 
     def value(self, node: Any) -> Any:
-        if isinstance(self.env.get(node) if isinstance(node, fx.Node) else None, _Pending):
+        deferred = self.env.get(node) if isinstance(node, fx.Node) else None
+        if isinstance(deferred, _Pending):
             raise self.unsupported(f"'{node.name}' is part of a normalising statistic that does not end in rsqrt")
+        if isinstance(deferred, _Logits):   # used other than on the way to a softmax: the product itself
+            self.env[node] = self._materialised(deferred)
         if self.is_const(node):
             raise self.unsupported(f"the constant '{node.name}' (a parameter, buffer or a value computed from them) "
                                    "is used where a computed feature map is expected")
         return self.env[node] if isinstance(node, fx.Node) else node
 
+    def logits(self, node: Any) -> _Logits | None:
+        """The attention logits ``node`` stands for, if it is one."""
+        value = self.env.get(node) if isinstance(node, fx.Node) else None
+        return value if isinstance(value, _Logits) else None
+
     def pending(self, node: Any) -> _Pending | None:
         """The half-recognised statistic ``node`` stands for, if it is one."""
         value = self.env.get(node) if isinstance(node, fx.Node) else None
         return value if isinstance(value, _Pending) else None
+
+    def _materialised(self, logits: _Logits) -> fx.Node:
+        """Attention logits that do not go straight into a softmax (CaiT's talking heads mix them first): the
+        bilinear product ``q @ kᵀ``, its scale, reshape and bias as canonical nodes."""
+        dtype = self.current.meta["val"].dtype if "val" in self.current.meta else None
+        out = self.emit(ops.bilinear, (logits.q, logits.kt))
+        if not (isinstance(logits.scale, float) and logits.scale == 1.0):
+            scale = torch.as_tensor(logits.scale, dtype=dtype)
+            out = self.emit(ops.channel_affine, (out, self.param(scale, "scale"), None))
+        if logits.shape != logits.base:
+            out = self.emit(aten.reshape.default, (out, list(logits.shape)))
+        if logits.bias is not None:
+            one = torch.ones((), dtype=logits.bias.dtype)
+            out = self.emit(ops.channel_affine, (out, self.param(one, "scale"), self.param(logits.bias, "shift")))
+        return out
 
     def emit(self, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
         """Emit one canonical call node carrying the current source node's provenance."""

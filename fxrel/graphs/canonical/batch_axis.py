@@ -1,0 +1,168 @@
+"""Where the batch axis is at every node of a canonical graph (``node.meta['fxrel_batch_axis']``), and the check that
+no op mixes the samples of a batch.
+
+Transformers move the batch axis: timm's attention permutes ``qkv`` to ``[3, N, heads, tokens, d]`` before
+unbinding it, torch's ``MultiheadAttention`` runs sequence-first (``[tokens, N, d]``) and folds the heads into the
+batch (``[tokens, N·heads, d]``). The pass follows the batch through every op as a :class:`BatchAxis` — the axis
+that holds it and the size of what is folded inside it — and raises :class:`UnsupportedOpError`, naming the node
+and its source line, where an op would mix samples: a slice, concatenation, reduction, normalisation or softmax
+along the batch, a convolution or pooling with the batch off axis 0, a linear layer over it. With batch size 1
+nothing can mix, and nothing is refused.
+
+``gm.meta['fxrel_batch_first']`` records whether the batch is axis 0, unfolded, at every node: what rules that fold
+several relevance rows per sample into axis 0 (:class:`fxrel.rules.batched.Repeated`) need.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import fx
+
+from fxrel.errors import UnsupportedOpError
+from fxrel.graphs import ops
+from fxrel.graphs.ops import aten
+
+__all__ = ["BatchAxis", "mark_batch_axis"]
+
+
+@dataclass(frozen=True)
+class BatchAxis:
+    """The batch is axis ``axis``, with ``inner`` entries of other axes folded inside it (heads folded into the
+    batch: ``inner = heads``) and ``outer`` outside it; ``axis=0, inner=outer=1`` is batch-first."""
+
+    axis: int
+    inner: int = 1
+    outer: int = 1
+
+    @property
+    def first(self) -> bool:
+        return self.axis == 0 and self.inner == 1 and self.outer == 1
+
+
+_RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+             aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default, aten.clone.default,
+             aten.alias.default)
+#: ops that work on axes ≥ 1 of a batch-first tensor
+_BATCH_FIRST = (aten.convolution.default, aten.max_pool2d.default, aten.avg_pool2d.default,
+                aten.adaptive_avg_pool2d.default, aten.upsample_nearest2d.vec, aten.upsample_bilinear2d.vec,
+                aten.pad.default)
+
+
+def _shape(node: fx.Node) -> tuple[int, ...]:
+    return tuple(node.meta["tensor_meta"].shape)
+
+
+def _reshaped(batch: BatchAxis, before: tuple[int, ...], after: tuple[int, ...], size: int) -> BatchAxis | None:
+    """The batch after a reshape from ``before`` to ``after`` (contiguous layouts), or None when it is split over
+    several axes."""
+    stride = batch.inner * math.prod(before[batch.axis + 1:])   # flat distance between two samples
+    for k, length in enumerate(after):
+        step = math.prod(after[k + 1:])
+        if step <= stride and stride % step == 0 and stride * size <= step * length and (step * length) % (
+                stride * size) == 0:
+            inner = stride // step
+            return BatchAxis(k, inner, length // (inner * size))
+    return None
+
+
+def _aligned(batch: BatchAxis, node: fx.Node, source: fx.Node) -> BatchAxis:
+    """``batch`` of a broadcast operand, as an axis of ``node``'s output (ranks aligned from the right)."""
+    return BatchAxis(batch.axis + len(_shape(node)) - len(_shape(source)), batch.inner, batch.outer)
+
+
+def _reduced(dims, rank: int) -> list[int]:
+    return sorted({d % rank for d in dims})
+
+
+class _Tracker:
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.size = _shape(inputs[0])[0] if inputs else 1
+
+    def refuse(self, node: fx.Node, why: str) -> None:
+        if self.size > 1:
+            raise UnsupportedOpError(
+                f"node '{node.name}' (target {node.meta.get('fxrel_origin', node.target)}, module "
+                f"'{node.meta.get('fxrel_module', '')}') would mix the samples of a batch: {why}\n"
+                f"  source: {node.meta.get('fxrel_source', '<unknown>')}")
+
+    def along(self, node: fx.Node, batch: BatchAxis, dims, what: str) -> None:
+        if batch.axis in _reduced(dims, len(_shape(node.args[0]))):
+            self.refuse(node, f"{what} along dim {batch.axis}, the batch axis")
+
+    def axis(self, node: fx.Node) -> BatchAxis | None:
+        inputs = [a for a in ops.tensor_inputs(node) if a.meta.get("fxrel_batch_axis") is not None]
+        if not inputs:
+            return None
+        source = inputs[0]
+        batch = _aligned(source.meta["fxrel_batch_axis"], node, source) if len(_shape(node)) >= len(
+            _shape(source)) else source.meta["fxrel_batch_axis"]
+        t, rank = node.target, len(_shape(node))
+        if t in _RESHAPES:
+            moved = _reshaped(source.meta["fxrel_batch_axis"], _shape(source), _shape(node), self.size)
+            if moved is None:
+                self.refuse(node, f"the reshape {_shape(source)} → {_shape(node)} splits the batch over several axes")
+                return BatchAxis(0)
+            return moved
+        if t is aten.permute.default:
+            order = [d % rank for d in node.args[1]]
+            return BatchAxis(order.index(batch.axis), batch.inner, batch.outer)
+        if t is aten.transpose.int:
+            d0, d1 = node.args[1] % rank, node.args[2] % rank
+            swap = {d0: d1, d1: d0}
+            return BatchAxis(swap.get(batch.axis, batch.axis), batch.inner, batch.outer)
+        if t is aten.slice.Tensor:
+            dim, start, end = node.args[1] % rank, node.args[2], node.args[3]
+            step = node.args[4] if len(node.args) > 4 else 1
+            if dim == batch.axis and not (start == 0 and end >= _shape(source)[dim] and step == 1):
+                self.refuse(node, f"a slice along dim {dim}, the batch axis")
+            return batch
+        if t is aten.roll.default:
+            self.along(node, batch, node.args[2], "a roll")
+            return batch
+        if t is aten.cat.default or t is ops.with_tokens:
+            dim = (node.args[1] if t is aten.cat.default else node.args[3]) % rank
+            axes = {a.meta["fxrel_batch_axis"] for a in inputs}
+            if dim == batch.axis or len(axes) > 1:
+                self.refuse(node, f"a concatenation along dim {dim} of tensors with the batch at {sorted(axes)}")
+            return batch
+        if t is aten.mean.dim:
+            self.along(node, batch, node.args[1], "a mean")
+            keep = ops.argument(node, "keepdim", False)
+            dropped = sum(d < batch.axis for d in _reduced(node.args[1], len(_shape(source))))
+            return batch if keep else BatchAxis(batch.axis - dropped, batch.inner, batch.outer)
+        if t in (ops.center, ops.inv_std, ops.response_scale):
+            self.along(node, batch, node.args[1], "a normalisation")
+            return batch
+        if t is aten.softmax.int:
+            self.along(node, batch, [node.args[1]], "a softmax")
+            return batch
+        if t in (ops.attention_weights, ops.attend) and batch.axis >= rank - 2:
+            self.refuse(node, "attention over the batch axis")
+        if t is aten.linear.default and batch.axis == rank - 1:
+            self.refuse(node, "a linear layer over the batch axis")
+        if t in _BATCH_FIRST and not batch.first:
+            self.refuse(node, f"{t} needs the batch on axis 0, here it is axis {batch.axis}")
+        if t is aten.constant_pad_nd.default:
+            padded = [rank - 1 - i // 2 for i, p in enumerate(node.args[1]) if p]
+            if batch.axis in padded:
+                self.refuse(node, f"padding along dim {batch.axis}, the batch axis")
+        return batch
+
+
+def mark_batch_axis(gm: fx.GraphModule) -> fx.GraphModule:
+    """Annotate every tensor node with its :class:`BatchAxis` (``None`` for constants) and the graph with
+    ``fxrel_batch_first``; raise where an op would mix samples (see the module docstring). Needs ``tensor_meta``."""
+    tracker = _Tracker(gm)
+    first = True
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            node.meta["fxrel_batch_axis"] = BatchAxis(0)
+        elif node.op == "call_function":
+            batch = tracker.axis(node)
+            node.meta["fxrel_batch_axis"] = batch
+            first = first and (batch is None or batch.first)
+    gm.meta["fxrel_batch_first"] = first
+    return gm
