@@ -57,9 +57,9 @@ def cam_explainer(model: nn.Module | Explainer) -> Explainer:
 
 
 def default_cam_layer(model: nn.Module | Explainer, x: torch.Tensor) -> str:
-    """The canonical node ``layer=None`` picks: the last spatial feature map (see :mod:`fxrel.catalog.cam`).
-    Returns the node name (usable as ``layer``)."""
-    return cam_layer(cam_explainer(model).canonical_graph(x), None).name
+    """The canonical node ``layer=None`` picks: the last spatial feature map, or a vision transformer's last token
+    map (see :mod:`fxrel.catalog.cam`). Returns the node name (usable as ``layer``)."""
+    return cam_layer(cam_explainer(model).canonical_graph(x), None)[0].name
 
 
 def cam_layers(model: nn.Module | Explainer, x: torch.Tensor) -> list[str]:
@@ -87,5 +87,5 @@ def cam(model: nn.Module | Explainer, x: torch.Tensor, target: Target = None, la
     graph = explainer.canonical_graph(x)
     name = cam_stop(graph, layer)
     explanation = explainer.attribute(x, target, stops=[name])
-    transform = cam_transform(kind, relu, output_size(graph, upsample), mode)
+    transform = cam_transform(kind, relu, output_size(graph, upsample), mode, cam_layer(graph, layer)[1])
     return transform(explanation.relevance[name], explanation.values[name])

@@ -47,6 +47,9 @@ base's own map gives 0.897 / 0.718 and 0.959 / 0.924: the shift removes weak pos
 Post-processing follows the family of the base method: CAM maps are computed without their final ReLU
 (``wonorm``), and the aggregate is ReLU-ed, min–max normalised per image and blurred (Gaussian 5×5, σ = 3);
 propagation methods return the raw signed aggregate.
+
+On transformers UCAG wraps any base that runs there (``grad_cam`` reads the token grid, ``attn_lrp``, LRP rule sets);
+its default crops at the input size are what a ViT with a fixed patch grid and position embedding accepts.
 """
 from __future__ import annotations
 

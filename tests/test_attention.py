@@ -141,10 +141,10 @@ def test_unknown_attention_rule_is_named():
 
 
 def test_rows_per_sample_need_the_batch_first():
-    """RSP's relative gradient folds one row per class into the batch axis: a model whose attention moves the batch
-    gets a named error, not wrong shapes."""
-    with pytest.raises((fxrel.UnsupportedOpError, fxrel.RuleError), match="batch|spatial feature map"):
-        fxrel.explain(_vit(1), _inputs(1)[0], 0, method="rsp")
+    """RSP's relative gradient folds one row per class into the batch axis: given a layer X below attention that
+    moves the batch, it is a named error, not wrong shapes."""
+    with pytest.raises(fxrel.UnsupportedOpError, match="relevance rows per sample into the batch axis"):
+        fxrel.explain(_vit(1), _inputs(1)[0], 0, method="rsp", layer="conv_proj")
 
 
 #: small timm models of the families the issue sampled (random weights); the smallest input each takes
@@ -168,3 +168,51 @@ def test_more_timm_families_pass_the_coverage_checks(name):
     report = check_model(timm.create_model(name, pretrained=False), name)
     assert report.passed, report.error
 
+
+
+def _pgc_layer_map(cam_class, model: nn.Module, layer: nn.Module, x: torch.Tensor, targets: list[int], prefix: int,
+                   grid: int):
+    """pytorch-grad-cam's map at the layer's resolution (its ``get_cam_image`` on the hooked activations and
+    gradients, then ReLU), with the ``reshape_transform`` its documentation gives for ViTs."""
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    def reshape(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor[:, prefix:].reshape(tensor.size(0), grid, grid, tensor.size(2)).permute(0, 3, 1, 2)
+
+    cam = cam_class(model=model, target_layers=[layer], reshape_transform=reshape)
+    chosen = [ClassifierOutputTarget(c) for c in targets]
+    outputs = cam.activations_and_grads(x)
+    model.zero_grad()
+    sum(target(output) for target, output in zip(chosen, outputs)).backward()
+    hooked = cam.activations_and_grads
+    maps = cam.get_cam_image(x, layer, chosen, hooked.activations[0].numpy(), hooked.gradients[0].numpy(), False)
+    hooked.release()
+    return torch.from_numpy(maps).clamp(min=0)
+
+
+@pytest.mark.parametrize("name, prefix", [("vit_tiny_patch16_224", 1), ("deit_tiny_distilled_patch16_224", 2)])
+def test_transformer_cams_equal_pytorch_grad_cam(name, prefix):
+    """With no ``reshape_transform``: fxrel finds the token grid (8 × 8 patches, the class and distillation tokens
+    dropped) and the layer (``blocks[-1].norm1``, where pytorch-grad-cam's documentation puts ViT CAMs); Grad-CAM,
+    Grad-CAM++ and LayerCAM equal pytorch-grad-cam's to 1.6e-15 (float64)."""
+    pgc = pytest.importorskip("pytorch_grad_cam")
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=64, patch_size=8, depth=2, pretrained=False).eval().double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    targets = [1, 4]
+    layer = fxrel.cam.default_cam_layer(model, x)
+    graph = fxrel.Explainer(model, "gradient").canonical_graph(x)
+    assert next(n for n in graph.graph.nodes if n.name == layer).meta["fxrel_module"] == "blocks.1.norm1"
+    for cam_class, method in ((pgc.GradCAM, "grad_cam"), (pgc.GradCAMPlusPlus, "grad_cam_pp"),
+                              (pgc.LayerCAM, "layer_cam")):
+        ours = fxrel.explain(model, x, torch.tensor(targets), method=method, upsample=None)
+        reference = _pgc_layer_map(cam_class, model, model.blocks[-1].norm1, x, targets, prefix, 8)
+        assert _relative(ours, reference) < 1e-12, method
+    assert fxrel.explain(model, x, 0, method="grad_cam").shape == (2, 64, 64)
+
+
+@pytest.mark.parametrize("method", ["rsp", "crsp", "srd"])
+def test_methods_entering_at_a_cnns_last_feature_map_name_why_not_on_a_vit(method):
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, pretrained=False).eval()
+    with pytest.raises(fxrel.RuleError, match="patch embedding.*attn_lrp"):
+        fxrel.explain(model, torch.randn(1, 3, 32, 32), 0, method=method)

@@ -84,6 +84,9 @@ denominator, which also shifts the max-normalisations of M and of the factorisat
 1e-9–1e-8 (official M peaks at 0.942 instead of 1 at VGG-16's first linear layer; max|Δ|/max|R| against the official
 code 4.8e-2 on VGG-16 and 3.3e-4 on ResNet-50, 8.7e-14 and 1.4e-14 with exact division swapped into it,
 ``docs/official_agreement.md``); the factorization's 2×2 system is solved in closed form.
+
+On transformers AGF runs unchanged: its attribution and gradient streams cross attention with the weights constant
+(CP-LRP, the structural default) in the attribution stream and the exact gradient in the gradient stream.
 """
 from __future__ import annotations
 

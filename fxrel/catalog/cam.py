@@ -29,6 +29,9 @@ method's output transform, so CAMs get ``fxrel graph``, ``compile=True`` and rul
 ``relu=False`` drops the final ReLU of each map (signed maps for methods that reuse these weights, UCAG's crops).
 The layer: ``layer=None`` is the last spatial feature map (:func:`fxrel.graphs.analysis.last_feature_map`: ResNet's
 final ReLU of ``layer4``, VGG's last ReLU before the pooling in ``features``); a node or module name otherwise.
+On a vision transformer it is the last token map (:func:`fxrel.graphs.analysis.last_token_map`: the tokens entering
+the last attention, ``blocks[-1].norm1`` of timm's ViT), read on the patch grid with the class and other constant
+tokens dropped — what pytorch-grad-cam needs a hand-written ``reshape_transform`` for, found from the graph.
 """
 from __future__ import annotations
 
@@ -43,7 +46,16 @@ from fxrel.catalog.lrp import gradient_composite
 from fxrel.catalog.method import Method, seed_gradient
 from fxrel.catalog.registry import register
 from fxrel.errors import InputError, RuleError
-from fxrel.graphs.analysis import find_node, last_feature_map, module_outputs, node_shape
+from fxrel.graphs.analysis import (
+    TokenGrid,
+    find_node,
+    last_feature_map,
+    last_token_map,
+    module_outputs,
+    node_shape,
+    token_grid,
+    token_layout,
+)
 from fxrel.graphs.builder import Stream
 from fxrel.imageops import resize_maps
 from fxrel.rules.base import Rule
@@ -138,13 +150,21 @@ def normalise_kind(kind: str) -> str:
 
 
 # -- the layer and the output size ------------------------------------------------------------------------------------
-def cam_layer(graph: fx.GraphModule, layer: str | None) -> fx.Node:
-    """The CAM's feature-map node: ``None`` → the last spatial feature map; a name → that node (checked to be 4-D)."""
+def cam_layer(graph: fx.GraphModule, layer: str | None) -> tuple[fx.Node, TokenGrid | None]:
+    """The CAM's feature-map node and, for a transformer's tokens, their grid. ``None`` → the last spatial feature
+    map, or a vision transformer's last token map when it comes later (:func:`fxrel.graphs.analysis.last_token_map`:
+    the tokens entering the last attention); a name → that node, a 4-D map ``[N, C, H, W]`` or tokens
+    ``[N, prefix + h·w, C]`` of the patch grid."""
     if layer is None:
+        tokens = last_token_map(graph)
         try:
-            return last_feature_map(graph)
+            spatial = last_feature_map(graph)
         except RuleError as err:
-            raise InputError(f"{err}; give layer= explicitly") from None
+            if tokens is None:
+                raise InputError(f"{err}; give layer= explicitly") from None
+            return tokens
+        order = {n: i for i, n in enumerate(graph.graph.nodes)}
+        return tokens if tokens is not None and order[tokens[0]] > order[spatial] else (spatial, None)
     if not isinstance(layer, str):
         raise InputError(f"layer must be a node or module name (str), got {type(layer).__name__}")
     try:
@@ -153,10 +173,22 @@ def cam_layer(graph: fx.GraphModule, layer: str | None) -> fx.Node:
         raise RuleError(f"no node or module named '{layer}'; layers with 4-D outputs: "
                         f"{candidate_list(module_outputs(graph))}") from err
     shape = node_shape(node)
+    grid = token_grid(graph)
+    layout = token_layout(node, grid) if grid is not None else None
+    if layout is not None:
+        return node, layout
     if shape is None or len(shape) != 4:
+        tokens = f" or tokens [N, prefix + {grid.tokens}, {grid.channels}]" if grid is not None else ""
         raise InputError(f"layer '{layer}' outputs shape {tuple(shape or ())}; CAMs need a 4-D "
-                         f"feature map [N, C, H, W] (layers with 4-D outputs: {candidate_list(module_outputs(graph))})")
-    return node
+                         f"feature map [N, C, H, W]{tokens} (layers with 4-D outputs: "
+                         f"{candidate_list(module_outputs(graph))})")
+    return node, None
+
+
+def as_grid(tokens: Any, grid: TokenGrid) -> Any:
+    """Tokens ``[N, prefix + h·w, C]`` as the map ``[N, C, h, w]`` of their patch grid, the constant tokens dropped
+    (what pytorch-grad-cam's ``reshape_transform`` does for ViTs)."""
+    return tokens[:, grid.prefix:].reshape(-1, grid.height, grid.width, grid.channels).permute(0, 3, 1, 2)
 
 
 def check_upsample(upsample: Upsample) -> None:
@@ -170,7 +202,7 @@ def check_upsample(upsample: Upsample) -> None:
 
 def cam_stop(graph: fx.GraphModule, layer: str | None) -> str:
     """The stop label of the CAM's layer (checked): the name given, or the chosen node's."""
-    node = cam_layer(graph, layer)
+    node, _ = cam_layer(graph, layer)
     return node.name if layer is None else layer
 
 
@@ -183,12 +215,15 @@ def output_size(graph: fx.GraphModule, upsample: Upsample) -> tuple[int, int] | 
     return tuple(placeholder.meta["tensor_meta"].shape[-2:])
 
 
-def cam_transform(kind: str, relu: bool, size: tuple[int, int] | None, mode: str
+def cam_transform(kind: str, relu: bool, size: tuple[int, int] | None, mode: str, grid: TokenGrid | None = None
                   ) -> Callable[[Any, Any], Any]:
-    """``(G, A) → map``: the formula of ``kind`` and the resize to ``size`` (None: none)."""
+    """``(G, A) → map``: the formula of ``kind`` (on the patch grid for tokens) and the resize to ``size`` (None:
+    none)."""
     formula = MAPS[normalise_kind(kind)]
 
     def transform(gradient: Any, activation: Any) -> Any:
+        if grid is not None:
+            gradient, activation = as_grid(gradient, grid), as_grid(activation, grid)
         maps = formula(activation, gradient, relu)
         return maps if size is None else resize_maps(maps, size, mode)
     return transform
@@ -210,7 +245,8 @@ class CamMethod(Method):
         return [cam_stop(graph, self.layer)]
 
     def streams(self, graph: fx.GraphModule, overrides: Sequence[tuple[Matcher, Rule]] = ()) -> list[Stream]:
-        transform = cam_transform(self.kind, self.relu, output_size(graph, self.upsample), self.mode)
+        transform = cam_transform(self.kind, self.relu, output_size(graph, self.upsample), self.mode,
+                                  cam_layer(graph, self.layer)[1])
         return Method.streams(dataclasses.replace(self, finalize=transform), graph, overrides)
 
 

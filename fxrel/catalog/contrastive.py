@@ -11,6 +11,10 @@ a ``combine`` step recorded into the same graph turns the pair into the result (
 * combine ``paper``: ``max(0, R − R_dual)``; ``difference``: ``R − R_dual``; ``official``: ``R/ΣR − R_dual/ΣR_dual``;
   ``agf`` (and SGLRP's scaling): ``R − R_dual · ΣR/ΣR_dual`` (sums over all but the batch axis; a vanishing dual sum
   returns ``R``).
+
+On transformers (ViT, DeiT, Swin …) CLRP, SGLRP and contrastive excitation backprop run unchanged: their layer rules
+apply to the linear layers, and attention follows the structural default (attention weights constant, CP-LRP;
+``attention="attnlrp"`` is a parameter of the LRP rule sets, not of these presets).
 """
 from __future__ import annotations
 

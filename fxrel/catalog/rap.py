@@ -56,6 +56,10 @@ builder does this). This is the official Bottleneck behaviour (residual branch +
 The official BasicBlock ``Clone`` multiplies the positive and negative parts instead (and fails to unpack its
 input) — a bug; here BasicBlocks, DenseNet's concatenations and Inception's branches all use the same sum, so
 ``Σ R = y_t`` holds at every node that all paths pass through, for any architecture (§6.1).
+
+On transformers RAP runs unchanged: its layer rule applies to every linear layer, the attention weights stay
+constant (the structural default, CP-LRP), and its residual-sum rule splits the transformer's residual sums as it
+splits a ResNet's.
 """
 from __future__ import annotations
 

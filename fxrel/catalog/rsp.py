@@ -12,6 +12,10 @@ of :func:`fxrel.graphs.analysis.last_feature_map`, among the nodes that separate
 ``features``; ResNet: ``layer4``'s output; DenseNet: the ReLU after ``norm5``; Inception: the last mixed block —
 at inputs so small that the last stage's output is 1×1, the previous stage's). ``layer="name"`` takes a node or module
 name; every layer above X must depend on the input through X only.
+
+Transformers: layer X must be a CNN's last feature map; on a vision transformer the last spatial map is the patch
+embedding, with all the attention above it, and RSP raises a ``RuleError`` saying so
+(:func:`fxrel.graphs.analysis.feature_layer`). A hybrid whose last 4-D map follows its attention (MobileViT) runs.
 """
 from __future__ import annotations
 

@@ -58,6 +58,9 @@ spreads its positive relevance to them (zoo-resnet: 0.88 at X, 0.78 at the image
 The even shares (the rest, the mean) are taken over the live positions of X: a PFV that is zero after the ReLU
 holds no relevance here (the official code attaches its bias share to the pre-activation behind it). Elsewhere the
 maps vanish at zero PFVs by construction.
+
+Transformers: as RSP, SRD enters at a CNN's last feature map and raises a ``RuleError`` on a vision transformer, whose
+last spatial map is the patch embedding below all its attention (:func:`fxrel.graphs.analysis.feature_layer`).
 """
 from __future__ import annotations
 

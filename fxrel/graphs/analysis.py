@@ -6,14 +6,16 @@ only.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import fx
 
 from fxrel.errors import RuleError
 from fxrel.graphs import ops
 from fxrel.text import candidate_list
 
-__all__ = ["RESAMPLING_KINDS", "cut_nodes", "feature_maps", "find_node", "is_spatial", "last_feature_map",
-           "module_outputs", "node_shape"]
+__all__ = ["RESAMPLING_KINDS", "TokenGrid", "cut_nodes", "feature_maps", "find_node", "is_spatial",
+           "last_feature_map", "last_token_map", "module_outputs", "node_shape", "token_grid", "token_layout"]
 
 #: kinds that only resample, reshape or pad a feature map: never a model's "last feature map"
 RESAMPLING_KINDS = frozenset({ops.MAXPOOL, ops.AVGPOOL, ops.SHAPE, ops.PAD})
@@ -148,8 +150,9 @@ def nodes_above(gm: fx.GraphModule, layer: fx.Node) -> frozenset[str]:
 
 def feature_layer(gm: fx.GraphModule, layer: str | None = None) -> tuple[fx.Node, frozenset[str]]:
     """Layer X of the methods that enter there (RSP, SRD) — ``None``: the last separating spatial feature map
-    (:func:`last_feature_map` with ``separating=True``), else the named node or module — and the names of the nodes
-    above it (:func:`nodes_above`)."""
+    (:func:`last_feature_map` with ``separating=True``; refused, with the reason, when attention follows it: a
+    vision transformer's patch embedding), else the named node or module — and the names of the nodes above it
+    (:func:`nodes_above`)."""
     if layer is not None:
         node = _spatial_named(gm, layer)
     else:
@@ -158,5 +161,73 @@ def feature_layer(gm: fx.GraphModule, layer: str | None = None) -> tuple[fx.Node
         except RuleError as err:
             raise RuleError(f"layer X is the last spatial feature map before the classifier, and this model has "
                             f"none: {err}; methods entering at layer X (RSP, SRD) need a CNN") from None
+        kinds = {n.name: n.meta.get("fxrel_kind") for n in gm.graph.nodes}
+        attends = [name for name in nodes_above(gm, node) if kinds[name] == ops.ATTEND]
+        if attends:   # a vision transformer's patch embedding: all the attention is above it
+            raise RuleError(
+                f"layer X would be '{node.name}' (module '{node.meta.get('fxrel_module', '')}'), the last spatial "
+                f"feature map, but {len(attends)} attention layers follow it: this is a transformer's patch "
+                "embedding, not a CNN's last feature map. RSP and SRD decompose a CNN's classifier above layer X "
+                "(their papers' setting); give layer= a later 4-D map of a hybrid, or explain transformers with "
+                "attn_lrp, lrp_epsilon or grad_cam (which reads the token grid)")
     return node, nodes_above(gm, node)
 
+
+
+# -- token grids (vision transformers) --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TokenGrid:
+    """Where a transformer's patch tokens come from: the ``height × width`` grid of the patch embedding, and the
+    constant tokens (class, distillation, register) before them at a token node (``prefix``)."""
+
+    height: int
+    width: int
+    channels: int      #: the patch embedding's width
+    prefix: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.height * self.width
+
+
+#: at most this many constant tokens precede the patch tokens (class, distillation and register tokens)
+MAX_PREFIX = 16
+
+
+def token_grid(gm: fx.GraphModule) -> TokenGrid | None:
+    """The patch grid of a transformer: the first reshape of a spatial map ``[N, C, h, w]`` into tokens
+    ``[N, C, h·w]`` (ViT's patch embedding, flattened then transposed); ``None`` for a model without one."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is ops.aten.reshape.default and is_spatial(node.args[0]):
+            source, out = node_shape(node.args[0]), node_shape(node)
+            if out is not None and len(out) == 3 and out[:2] == source[:2] and out[2] == source[2] * source[3]:
+                return TokenGrid(source[2], source[3], source[1])
+    return None
+
+
+def token_layout(node: fx.Node, grid: TokenGrid) -> TokenGrid | None:
+    """``grid`` with the prefix of ``node`` when its output is tokens of the embedding's width,
+    ``[N, prefix + h·w, C]``, else ``None``."""
+    shape = node_shape(node)
+    if (shape is None or len(shape) != 3 or shape[2] != grid.channels
+            or not 0 <= shape[1] - grid.tokens <= MAX_PREFIX):
+        return None
+    return TokenGrid(grid.height, grid.width, grid.channels, shape[1] - grid.tokens)
+
+
+def last_token_map(gm: fx.GraphModule) -> tuple[fx.Node, TokenGrid] | None:
+    """The CAM layer of a vision transformer: the tokens that enter the last attention (its values' source before
+    their projection: the last block's first normalisation, where pytorch-grad-cam's documentation puts ViT CAMs;
+    CaiT's and XCiT's last class-attention block's), with their grid;
+    ``None`` without a token grid or attention after it."""
+    grid = token_grid(gm)
+    attends = [n for n in gm.graph.nodes if n.meta.get("fxrel_kind") == ops.ATTEND]
+    if grid is None or not attends:
+        return None
+    node = ops.tensor_inputs(attends[-1])[0]
+    while node.op == "call_function":
+        layout = token_layout(node, grid)
+        if layout is not None and node.meta.get("fxrel_kind") != ops.LINEAR:   # past the value projection
+            return node, layout
+        node = ops.tensor_inputs(node)[0]
+    return None
