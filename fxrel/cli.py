@@ -573,9 +573,9 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
 
     from fxrel import evaluation, fidelity
     from fxrel.demo import make_scenes
-    from fxrel.zoo import SCENE_MODELS, ZOO_MODELS, scene_model
+    from fxrel.zoo import CNN_ZOO, SCENE_MODELS, scene_model
 
-    model_names = _csv(args.models, ZOO_MODELS, SCENE_MODELS, "models")
+    model_names = _csv(args.models, CNN_ZOO, SCENE_MODELS, "models")
     seeds = _csv(args.methods, fidelity.SEED_METHODS, fidelity.SEED_METHODS, "methods")
     methods = fidelity.methods_to_run(seeds)
     metric_names = _csv(args.metrics, fidelity.FIDELITY_METRICS, list(evaluation.METRICS), "metrics")
@@ -615,7 +615,9 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from fxrel import coverage
 
-    names = list(args.names) or (list(coverage.SAMPLE) if args.sample else coverage.cnn_models(args.pattern))
+    names = list(args.names) or (list(coverage.SAMPLE) if args.sample else coverage.family_sample() if args.families
+                                 else coverage.attention_models(args.pattern) if args.attention
+                                 else coverage.cnn_models(args.pattern))
     if args.reverse:
         names = names[::-1]
     if args.limit:
@@ -746,7 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "energy pointing game, class discrimination, correlation of two classes' maps, "
                                    "insertion, deletion) and say, per model, whether it meets the bar of "
                                    "fxrel.fidelity.")
-    p.add_argument("--models", metavar="A,B,…", help="zoo or demo models (default: the six zoo models)")
+    p.add_argument("--models", metavar="A,B,…", help="zoo or demo models (default: the six zoo CNNs)")
     p.add_argument("--methods", metavar="A,B,…", help="seed methods (default: " + ", ".join(SEED_METHODS) + ")")
     p.add_argument("--metrics", metavar="A,B,…", help="metrics (default: pointing_game, energy_pointing_game, "
                    "discrimination, class_correlation, insertion, deletion; the bar needs the first three)")
@@ -764,6 +766,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N models")
     p.add_argument("--sample", action="store_true",
                    help="the fixed sample of 30 models across families that CI runs (fxrel.coverage.SAMPLE)")
+    p.add_argument("--attention", action="store_true",
+                   help="the transformers, conv-attention hybrids and MLP models instead of the CNNs "
+                        "(fxrel.coverage.attention_models, with --pattern)")
+    p.add_argument("--families", action="store_true",
+                   help="one model per non-CNN family, its smallest by name (fxrel.coverage.family_sample)")
     p.add_argument("--reverse", action="store_true",
                    help="check the models last to first (a second process sharing the --journal meets the first)")
     p.add_argument("--isolate", action="store_true",

@@ -112,6 +112,34 @@ def cnn_models(pattern: str = "*") -> list[str]:
     return [n for n in timm.list_models(pattern) if not any(part in n for part in NOT_CNN)]
 
 
+def attention_models(pattern: str = "*") -> list[str]:
+    """Every timm model name matching ``pattern`` that :func:`cnn_models` leaves out: the transformers, conv–attention
+    hybrids and MLP models (names in :data:`NOT_CNN`)."""
+    import timm
+
+    return [n for n in timm.list_models(pattern) if any(part in n for part in NOT_CNN)]
+
+
+#: model-size words, smallest first: the family sample takes each family's smallest-named model
+_SIZES = ("atto", "femto", "pico", "nano", "xxs", "xxsmall", "xs", "xsmall", "tiny", "mini", "small", "s")
+
+
+def family_sample() -> list[str]:
+    """One model per non-CNN family of :data:`NOT_CNN` (its smallest by name: ``nano`` before ``tiny`` before
+    ``small``), the sample ``fxrel models --families`` checks."""
+    def size(name: str) -> tuple[int, int]:
+        parts = name.replace(".", "_").split("_")
+        ranks = [i for i, word in enumerate(_SIZES) for part in parts if part == word or part.startswith(word)]
+        return (min(ranks) if ranks else len(_SIZES), len(name))
+
+    chosen: list[str] = []
+    for family in NOT_CNN:
+        members = [n for n in attention_models(f"*{family}*") if n not in chosen]
+        if members:
+            chosen.append(min(members, key=size))
+    return chosen
+
+
 def first_line(err: BaseException) -> str:
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"[:300]
@@ -227,11 +255,11 @@ def check_model(model: nn.Module, name: str, size: int | None = None, peers: boo
         bare = constant_free(model, x)
         with torch.no_grad():
             logit = bare(x)[0, target].item()
-        total = Explainer(bare, "lrp_0")(x, target).sum().item()
+        total = Explainer(bare, "lrp_0", attention="cp")(x, target).sum().item()   # CP-LRP: the conserving rule
         report.lrp0_error = abs(total - logit) / max(abs(logit), 1e-12)
 
         def unfolded_lrp0() -> float:
-            unfolded = Explainer(bare, "lrp_0", fold_batchnorm=False)(x, target).sum().item()
+            unfolded = Explainer(bare, "lrp_0", attention="cp", fold_batchnorm=False)(x, target).sum().item()
             return abs(unfolded - logit) / max(abs(logit), 1e-12)
 
         report.results["lrp0"] = report.lrp0_error <= 1e-3 or _second_look(report, "lrp0", bare, x, unfolded_lrp0,

@@ -22,8 +22,8 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def assert_exact_and_conserving(net: nn.Module, x: torch.Tensor, targets: torch.Tensor, *, gradient_tol: float = 1e-12,
                                 rtol: float = 1e-10, atol: float = 0.0) -> None:
-    """The ``gradient`` rule set equals autograd (relative ``gradient_tol``), and LRP-0 on the copy with every
-    additive constant removed sums to that copy's target logits (``rtol``)."""
+    """The ``gradient`` rule set equals autograd (relative ``gradient_tol``), and LRP-0 (CP-LRP at attention) on the
+    copy with every additive constant removed sums to that copy's target logits (``rtol``)."""
     import fxrel
     from fxrel.coverage import constant_free
 
@@ -32,7 +32,7 @@ def assert_exact_and_conserving(net: nn.Module, x: torch.Tensor, targets: torch.
     bare = constant_free(net)
     with torch.no_grad():
         logits = bare(x).gather(1, targets[:, None]).squeeze(1)
-    relevance = fxrel.Explainer(bare, "lrp_0")(x, targets)
+    relevance = fxrel.Explainer(bare, "lrp_0", attention="cp")(x, targets)   # CP-LRP: the conserving attention rule
     assert torch.allclose(relevance.flatten(1).sum(1), logits, rtol=rtol, atol=atol)
 
 

@@ -70,11 +70,11 @@ def lxt_cp_patches():
 
 
 def test_cp_lrp_equals_lxt():
-    """fxrel's LRP-ε with attention weights constant (the structural default) is LXT's CP-LRP: 4.8e-8 relative,
+    """fxrel's LRP-ε with attention weights constant (``attention="cp"``) is LXT's CP-LRP: 4.8e-8 relative,
     from LXT's ``gelu(x) / (x + 1e-10)`` in its GELU identity rule."""
     x, targets = _inputs()
     model = _vit()
-    ours = fxrel.explain(model, x, targets, method="lrp_epsilon", epsilon=1e-12)
+    ours = fxrel.explain(model, x, targets, method="lrp_epsilon", epsilon=1e-12, attention="cp")
     xg = x.clone().requires_grad_()
     with lxt_cp_patches():   # gradient × input through LXT's patched modules
         model(xg).gather(1, targets[:, None]).sum().backward()
@@ -88,9 +88,9 @@ def test_attnlrp_equals_lxt():
     model = _vit()
     ours = fxrel.explain(model, x, targets, method="attn_lrp", epsilon=1e-12)
     assert _relative(ours, attnlrp_relevance(model, x, targets, 1e-12)) < 1e-8
-    cp = fxrel.explain(model, x, targets, method="lrp_epsilon", epsilon=1e-12)
+    cp = fxrel.explain(model, x, targets, method="lrp_epsilon", epsilon=1e-12, attention="cp")
     assert _relative(cp, ours) > 1e-2   # the attention rule matters: the two differ
-    same = fxrel.explain(model, x, targets, method="lrp_epsilon", epsilon=1e-12, attention="attnlrp")
+    same = fxrel.explain(model, x, targets, method="lrp_epsilon", epsilon=1e-12)   # AttnLRP is the default
     assert torch.equal(same, ours)
 
 
@@ -126,9 +126,10 @@ def test_batch_rows_are_explained_independently():
     explaining each image alone, for the gradient, CP-LRP and AttnLRP."""
     x, targets = _inputs(3)
     model = _vit(layers=1)
-    for method in ("gradient", "lrp_epsilon", "attn_lrp"):
-        batch = fxrel.explain(model, x, targets, method=method)
-        rows = torch.cat([fxrel.explain(model, x[i:i + 1], targets[i:i + 1], method=method) for i in range(3)])
+    for method, params in (("gradient", {}), ("lrp_epsilon", {"attention": "cp"}), ("attn_lrp", {})):
+        batch = fxrel.explain(model, x, targets, method=method, **params)
+        rows = torch.cat([fxrel.explain(model, x[i:i + 1], targets[i:i + 1], method=method, **params)
+                          for i in range(3)])
         assert torch.allclose(batch, rows, rtol=1e-10, atol=1e-15), method
     xg = x.clone().requires_grad_()
     (reference,) = torch.autograd.grad(model(xg).gather(1, targets[:, None]).sum(), xg)

@@ -51,6 +51,41 @@ def test_constant_free_copy_zeroes_biases_and_running_means_only():
     assert torch.equal(bare[0].weight, model[0].weight) and (model[1].running_mean == 0.5).all()
 
 
+def test_constant_free_copy_zeroes_tokens_and_input_free_modules_too():
+    """A class token and a position embedding (shaped [1, …]) and a module that computes from no input (a learned
+    encoding of fixed features) are additive constants of a transformer: zeroed given an example input."""
+    class Encoding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(2, 4, bias=False)
+
+        def forward(self, n: int) -> torch.Tensor:
+            return self.proj(torch.ones(1, 3, 2)).expand(n, -1, -1)
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cls, self.pos = nn.Parameter(torch.randn(1, 1, 4)), nn.Parameter(torch.randn(1, 3, 4))
+            self.encoding, self.head = Encoding(), nn.Linear(4, 2, bias=False)
+
+        def forward(self, x):
+            tokens = torch.cat([self.cls.expand(len(x), -1, -1), x], 1) + self.pos + self.encoding(len(x))
+            return self.head(tokens.mean(1))
+
+    model, x = Tokens(), torch.randn(2, 2, 4)
+    bare = coverage.constant_free(model, x)
+    assert not bare.cls.any() and not bare.pos.any() and not bare.encoding.proj.weight.any()
+    assert torch.equal(bare.head.weight, model.head.weight) and model.cls.any()
+
+
+def test_attention_models_complement_the_cnns_and_the_family_sample_takes_one_each():
+    cnns, attention = set(coverage.cnn_models()), coverage.attention_models()
+    assert not cnns & set(attention) and {"vit_tiny_patch16_224", "swin_tiny_patch4_window7_224"} <= set(attention)
+    sample = coverage.family_sample()
+    assert len(sample) == len(set(sample)) and "deit_tiny_patch16_224" in sample and "mixer_s16_224" in sample
+    assert all(any(family in name for family in coverage.NOT_CNN) for name in sample)
+
+
 def test_cnn_list_leaves_out_transformers():
     names = coverage.cnn_models()
     assert "resnet50" in names and "densenet121" in names and "efficientnet_b0" in names

@@ -283,12 +283,12 @@ def attention_net(bias: bool = True) -> nn.Sequential:
 
 
 def test_attention_gradient_is_exact_and_lrp0_is_the_ah_rule():
-    """Exact gradient through q, k and v; LRP-0 = gradient × input of the same bias-free net with the attention
-    weights detached (Ali et al. 2022's AH-rule), which conserves."""
+    """Exact gradient through q, k and v; LRP-0 with ``attention="cp"`` = gradient × input of the same bias-free net
+    with the attention weights detached (Ali et al. 2022's AH-rule), which conserves."""
     net, x, targets = attention_net(), _x(size=6), torch.tensor([2, 1])
     assert rel_error(fxrel.Explainer(net, "gradient")(x, targets), autograd_input_gradient(net, x, targets)) < 1e-12
     bare = attention_net(bias=False)
-    relevance = fxrel.Explainer(bare, "lrp_0")(x, targets)
+    relevance = fxrel.Explainer(bare, "lrp_0", attention="cp")(x, targets)
     with torch.no_grad():
         logits = bare(x).gather(1, targets[:, None]).squeeze(1)
     bare[2].detach = True

@@ -16,7 +16,8 @@ from fxrel.zoo.models import WEIGHTS_DIR, build_zoo_model, zoo_weights_path
 
 #: the module whose output is each model's last spatial feature map (what a user would hand pytorch-grad-cam)
 LAST_FEATURE_MODULE = {"zoo-vgg": "features.16", "zoo-resnet": "features.7", "zoo-bottleneck": "features.7",
-                       "zoo-densenet": "features.21", "zoo-inception": "features.6", "zoo-timm": "layer4"}
+                       "zoo-densenet": "features.21", "zoo-inception": "features.6", "zoo-timm": "layer4",
+                       "zoo-vit": "blocks.3.norm1"}   # the ViT's: the tokens entering its last attention
 
 
 @pytest.fixture(scope="module")

@@ -163,7 +163,7 @@ def feature_layer(gm: fx.GraphModule, layer: str | None = None) -> tuple[fx.Node
                             f"none: {err}; methods entering at layer X (RSP, SRD) need a CNN") from None
         kinds = {n.name: n.meta.get("fxrel_kind") for n in gm.graph.nodes}
         attends = [name for name in nodes_above(gm, node) if kinds[name] == ops.ATTEND]
-        if attends:   # a vision transformer's patch embedding: all the attention is above it
+        if attends and token_grid(gm) is not None:   # a vision transformer's patch embedding, attention above it
             raise RuleError(
                 f"layer X would be '{node.name}' (module '{node.meta.get('fxrel_module', '')}'), the last spatial "
                 f"feature map, but {len(attends)} attention layers follow it: this is a transformer's patch "
@@ -195,12 +195,19 @@ MAX_PREFIX = 16
 
 
 def token_grid(gm: fx.GraphModule) -> TokenGrid | None:
-    """The patch grid of a transformer: the first reshape of a spatial map ``[N, C, h, w]`` into tokens
-    ``[N, C, h·w]`` (ViT's patch embedding, flattened then transposed); ``None`` for a model without one."""
+    """The patch grid of a transformer: the first reshape of a spatial map ``[N, C, h, w]`` into ``[N, C, h·w]``
+    that is then transposed into tokens ``[N, h·w, C]`` (ViT's patch embedding, ``flatten(2).transpose(1, 2)``;
+    attention pooling's ``view(n, c, h·w)`` is not transposed); ``None`` for a model without one."""
+    def transposed(node: fx.Node) -> bool:
+        return any(u.target is ops.aten.transpose.int and sorted(d % 3 for d in u.args[1:3]) == [1, 2]
+                   or u.target is ops.aten.permute.default and [d % 3 for d in u.args[1]] == [0, 2, 1]
+                   for u in node.users)
+
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is ops.aten.reshape.default and is_spatial(node.args[0]):
             source, out = node_shape(node.args[0]), node_shape(node)
-            if out is not None and len(out) == 3 and out[:2] == source[:2] and out[2] == source[2] * source[3]:
+            if (out is not None and len(out) == 3 and out[:2] == source[:2] and out[2] == source[2] * source[3]
+                    and transposed(node)):
                 return TokenGrid(source[2], source[3], source[1])
     return None
 

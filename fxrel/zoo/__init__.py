@@ -10,9 +10,9 @@ The weights ship in ``fxrel/zoo/weights`` and are reproduced by ``python3 -m fxr
 from torch import nn
 
 from fxrel.demo import DEMO_MODELS, demo_model
-from fxrel.zoo.models import INPUT_SIZE, ZOO_MODELS, build_zoo_model, zoo_model
+from fxrel.zoo.models import CNN_ZOO, INPUT_SIZE, ZOO_MODELS, build_zoo_model, zoo_model
 
-__all__ = ["INPUT_SIZE", "SCENE_MODELS", "ZOO_MODELS", "build_zoo_model", "scene_model", "zoo_model"]
+__all__ = ["CNN_ZOO", "INPUT_SIZE", "SCENE_MODELS", "ZOO_MODELS", "build_zoo_model", "scene_model", "zoo_model"]
 
 #: every trained classifier of the digit scenes shipped with fxrel: the demo models and the evaluation zoo
 SCENE_MODELS: tuple[str, ...] = DEMO_MODELS + ZOO_MODELS
