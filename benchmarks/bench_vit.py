@@ -1,8 +1,9 @@
 """Time fxrel on a vision transformer against autograd gradient×input and LXT, in one run, in one table.
 
-torchvision's ViT-B/16 at 224 px (random weights, no download; the model LXT 2.1 patches for CP-LRP). Rows:
-autograd gradient × input (the baseline), fxrel ``lrp_epsilon`` (CP-LRP: attention weights constant) and
-``attn_lrp`` eager, ``lrp_epsilon`` compiled (its compile time reported apart from its steady state), and LXT's
+torchvision's ViT-B/16 at 224 px (random weights, the zero-initialised head drawn too; no download; the model LXT
+2.1 patches for CP-LRP). Rows:
+autograd gradient × input (the baseline), fxrel ``lrp_epsilon`` with CP-LRP (attention weights constant) and with
+AttnLRP, eager and compiled (compile time reported apart from the steady state), and LXT's
 CP-LRP: gradient × input through its ``lxt.efficient`` patches of GELU, LayerNorm and MultiheadAttention (applied
 last, undone afterwards). Each row: setup time (fxrel: capture + canonicalise + build [+ compile]), the median of
 ``--repeats`` calls after ``--warmup``, the ratio to the baseline, and max|R − R_LXT| / max|R_LXT| for the CP rows.
@@ -65,7 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model = torchvision.models.vit_b_16(weights=None).eval().requires_grad_(False).to(device)
+    model = torchvision.models.vit_b_16(weights=None).eval().requires_grad_(False)
+    torch.nn.init.normal_(model.heads.head.weight, std=0.02)   # torchvision zero-initialises the head: logits 0
+    model = model.to(device)
     x = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
     with torch.no_grad():
         target = model(x).argmax(1)
@@ -82,16 +85,19 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[tuple[str, float | None, float, torch.Tensor, bool]] = []   # label, setup, median, R, is CP
     _, median, relevance = measure(grad_x_input, device, args.warmup, args.repeats)
     rows.append(("autograd gradient × input", None, median, relevance, False))
-    for method in ("lrp_epsilon", "attn_lrp"):
-        explainer = fxrel.Explainer(model, method)
+    for label, attention in (("CP-LRP", "cp"), ("AttnLRP", "attnlrp")):
+        explainer = fxrel.Explainer(model, "lrp_epsilon", attention=attention)
         first, median, relevance = measure(lambda e=explainer: e(x, target), device, args.warmup, args.repeats)
-        rows.append((f"fxrel {method} eager", first - median, median, relevance, method == "lrp_epsilon"))
+        rows.append((f"fxrel lrp_epsilon {label} eager", first - median, median, relevance, attention == "cp"))
     if not args.no_compile:
-        with tempfile.TemporaryDirectory(prefix="bench_vit_inductor_") as cache:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
-            compiled = fxrel.Explainer(model, "lrp_epsilon", compile=True)
-            first, median, relevance = measure(lambda: compiled(x, target), device, args.warmup, args.repeats)
-        rows.append(("fxrel lrp_epsilon compiled (cold cache)", first - median, median, relevance, True))
+        for label, attention in (("CP-LRP", "cp"), ("AttnLRP", "attnlrp")):
+            with tempfile.TemporaryDirectory(prefix="bench_vit_inductor_") as cache:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+                compiled = fxrel.Explainer(model, "lrp_epsilon", attention=attention, compile=True)
+                first, median, relevance = measure(lambda c=compiled: c(x, target), device, args.warmup,
+                                                   args.repeats)
+            rows.append((f"fxrel lrp_epsilon {label} compiled (cold cache)", first - median, median, relevance,
+                         attention == "cp"))
     reference = None
     if not args.no_lxt:
         undo = lxt_cp_patches()

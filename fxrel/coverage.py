@@ -146,19 +146,21 @@ def first_line(err: BaseException) -> str:
 
 
 def _smallest_input(model: nn.Module) -> int:
-    """The timm config's ``min_input_size``, else the smallest of :data:`SIZES` a forward pass accepts."""
+    """The timm config's ``min_input_size``, else the smallest of :data:`SIZES` a forward pass accepts, else the
+    config's own ``input_size`` (MaxViT's 256: its windows need a side divisible by 32·8)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if cfg.get("min_input_size"):
         return int(cfg["min_input_size"][-1])
     last: BaseException | None = None
-    for size in SIZES:
+    native = int(cfg["input_size"][-1]) if cfg.get("input_size") else None
+    for size in (*SIZES, *([native] if native and native not in SIZES else [])):
         try:
             with torch.no_grad():
                 model(torch.zeros(1, 3, size, size, dtype=next(model.parameters()).dtype))
             return size
         except Exception as err:  # too small for its pooling or padding: try the next size
             last = err
-    raise RuntimeError(f"no input size in {SIZES} runs: {first_line(last)}")
+    raise RuntimeError(f"no input size in {SIZES} or the config's {native} runs: {first_line(last)}")
 
 
 def constant_free(model: nn.Module, x: torch.Tensor | None = None) -> nn.Module:

@@ -150,14 +150,18 @@ class _Shapes(nn.Module):
 
 class _Pads(nn.Module):
     """Zero padding, cropping (negative pads), 2-D reflect and replicate padding, nearest upsampling by a factor and
-    to a size, bilinear upsampling with and without ``align_corners``."""
+    to a size, bilinear upsampling with and without ``align_corners``, bicubic resampling, ``F.unfold``,
+    ``repeat_interleave``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = [F.pad(x, [1, 2, 0, 1]), F.pad(x, [-1, 0, 1, -2]), F.pad(x, [1, 2, 2, 1], mode="reflect"),
                  F.pad(x, [2, 0, 1, 1], mode="replicate"), F.interpolate(x, scale_factor=2.0, mode="nearest"),
                  F.interpolate(x, size=(7, 9), mode="nearest"),
                  F.interpolate(x, size=(7, 9), mode="bilinear", align_corners=False),
-                 F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True)]
+                 F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True),
+                 F.interpolate(x, size=(6, 7), mode="bicubic", align_corners=False),
+                 F.unfold(x, 2, dilation=1, padding=1, stride=1), F.unfold(x, (2, 3), stride=2),
+                 x.repeat_interleave(3, dim=2), x.flatten(2).transpose(1, 2).repeat_interleave(2, dim=1)]
         return torch.cat([p.flatten(1) for p in parts], 1)
 
 

@@ -41,14 +41,15 @@ KINDS: dict[str, str] = {
     ACTIVATION: "elementwise activation (relu, relu6/hardtanh, leaky_relu, elu, sigmoid, tanh, silu, gelu, hardswish, "
                 "hardsigmoid, mish)",
     MAXPOOL: "max pooling",
-    AVGPOOL: "average / adaptive average pooling, spatial mean, bilinear upsampling (convex combinations)",
+    AVGPOOL: "average / adaptive average pooling, means, bilinear upsampling (convex combinations), bicubic "
+             "resampling (a linear map with some negative taps: CrossViT resizes its input)",
     ADD: "elementwise sum of two tensors (residual connections)",
     CAT: "concatenation along one dimension",
     SHAPE: "shape-only op (view, reshape, permute, transpose, squeeze/unsqueeze, clone, slice/split/chunk with any "
            "step, roll)",
     PAD: "copying resampling: zero padding (−∞ before a max-pool), 2-D reflect/replicate padding, nearest "
-         "upsampling, constant tokens beside a transformer's patch tokens (every output is a copy of one input, or "
-         "a constant)",
+         "upsampling, constant tokens beside a transformer's patch tokens, F.unfold's patches (im2col), "
+         "repeat_interleave (every output is a copy of one input, or a constant)",
     GATE: "a value times a gate broadcast over some of its dims, value ⊙ gate (squeeze-excitation, 1/σ of a "
           "normalisation, attention weights)",
     CENTER: "centering x − mean(x) over a group of dims (the mean subtraction of Layer/GroupNorm)",
@@ -534,15 +535,38 @@ def _upsample_vjp(node, grad, inputs, weight=None):
     return [aten.upsample_nearest2d_backward.default(grad, list(_shape(node)[2:]), input_size, *scales)]
 
 
-def _bilinear_forward(node, inputs, weight=None, bias=None):
-    return aten.upsample_bilinear2d.vec(inputs[0], *node.args[1:])
+def _interpolate_forward(node, inputs, weight=None, bias=None):
+    return node.target(inputs[0], *node.args[1:])
 
 
-def _bilinear_vjp(node, grad, inputs, weight=None):
+def _interpolate_vjp(node, grad, inputs, weight=None):
+    """Bilinear or bicubic resampling: its ATen backward (a linear map's transpose)."""
     _, align_corners, scales = node.args[1:4]
     input_size = [grad.size(0), *_in_shape(node)[1:]]
-    return [aten.upsample_bilinear2d_backward.default(grad, list(_shape(node)[2:]), input_size, align_corners,
-                                                      *(scales or (None, None)))]
+    backward = {aten.upsample_bilinear2d.vec: aten.upsample_bilinear2d_backward.default,
+                aten.upsample_bicubic2d.vec: aten.upsample_bicubic2d_backward.default}[node.target]
+    return [backward(grad, list(_shape(node)[2:]), input_size, align_corners, *(scales or (None, None)))]
+
+
+def _unfold_forward(node, inputs, weight=None, bias=None):
+    return aten.im2col.default(inputs[0], *node.args[1:])
+
+
+def _unfold_vjp(node, grad, inputs, weight=None):
+    """``F.unfold``'s transpose, ``F.fold`` (every patch entry back to its pixel, overlaps summed)."""
+    kernel, dilation, padding, stride = node.args[1:5]
+    return [aten.col2im.default(grad, list(_in_shape(node)[2:]), kernel, dilation, padding, stride)]
+
+
+def _repeat_interleave_forward(node, inputs, weight=None, bias=None):
+    return aten.repeat_interleave.self_int(inputs[0], *node.args[1:])
+
+
+def _repeat_interleave_vjp(node, grad, inputs, weight=None):
+    """Each entry repeated ``r`` times along ``dim``: the cotangent's ``r`` copies summed."""
+    repeats, dim = node.args[1], node.args[2] % len(_shape(node))
+    shape = list(_in_shape(node))
+    return [grad.unflatten(dim, (shape[dim], repeats)).sum(dim + 1)]
 
 
 def with_tokens(x: torch.Tensor, before: torch.Tensor | None, after: torch.Tensor | None, dim: int) -> torch.Tensor:
@@ -662,7 +686,10 @@ OP_SPECS: dict[Any, OpSpec] = {
     aten.pad.default: OpSpec(PAD, _first, _mode_pad_forward, _mode_pad_vjp),
     aten.upsample_nearest2d.vec: OpSpec(PAD, _first, _upsample_forward, _upsample_vjp),
     with_tokens: OpSpec(PAD, _first, _with_tokens_forward, _with_tokens_vjp),
-    aten.upsample_bilinear2d.vec: OpSpec(AVGPOOL, _first, _bilinear_forward, _bilinear_vjp),
+    aten.im2col.default: OpSpec(PAD, _first, _unfold_forward, _unfold_vjp),
+    aten.repeat_interleave.self_int: OpSpec(PAD, _first, _repeat_interleave_forward, _repeat_interleave_vjp),
+    aten.upsample_bilinear2d.vec: OpSpec(AVGPOOL, _first, _interpolate_forward, _interpolate_vjp),
+    aten.upsample_bicubic2d.vec: OpSpec(AVGPOOL, _first, _interpolate_forward, _interpolate_vjp),
     center: OpSpec(CENTER, _first, _center_forward, _center_vjp),
     inv_std: OpSpec(STAT, _first, _inv_std_forward, _inv_std_vjp),
     response_scale: OpSpec(STAT, _first, _response_scale_forward, _response_scale_vjp),

@@ -46,6 +46,7 @@ _RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
 #: ops that work on axes ≥ 1 of a batch-first tensor
 _BATCH_FIRST = (aten.convolution.default, aten.max_pool2d.default, aten.avg_pool2d.default,
                 aten.adaptive_avg_pool2d.default, aten.upsample_nearest2d.vec, aten.upsample_bilinear2d.vec,
+                aten.upsample_bicubic2d.vec, aten.im2col.default,
                 aten.pad.default)
 
 
@@ -121,6 +122,9 @@ class _Tracker:
             return batch
         if t is aten.roll.default:
             self.along(node, batch, node.args[2], "a roll")
+            return batch
+        if t is aten.repeat_interleave.self_int:
+            self.along(node, batch, [node.args[2]], "a repeat_interleave")
             return batch
         if t is aten.cat.default or t is ops.with_tokens:
             dim = (node.args[1] if t is aten.cat.default else node.args[3]) % rank

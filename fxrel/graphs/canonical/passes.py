@@ -76,7 +76,7 @@ def mark_nonnegative(gm: fx.GraphModule) -> None:
             value = node.target in _NONNEGATIVE_ACTIVATIONS or (lower is not None and lower >= 0)
         elif node.target is aten.constant_pad_nd.default and node.args[2] < 0:  # −∞ padding before a max-pool
             value = False
-        elif node.target is ops.with_tokens:   # constant tokens of either sign
+        elif node.target in (ops.with_tokens, aten.upsample_bicubic2d.vec):   # signed tokens, bicubic overshoot
             value = False
         elif kind in _SIGN_PRESERVING:
             value = all(a.meta.get("fxrel_nonnegative", False) for a in ops.tensor_inputs(node))

@@ -170,7 +170,24 @@ def _pad(c: _Canonicalizer, n: fx.Node):
     return c.emit(aten.constant_pad_nd.default, (c.value(n.args[0]), pads, value))
 
 
-@handles(aten.upsample_nearest2d.vec, aten.upsample_bilinear2d.vec)
+@handles(aten.im2col.default)
+def _unfold(c: _Canonicalizer, n: fx.Node):
+    """``F.unfold`` (TNT's and VOLO's local patches): a copying op, each output a pixel of a patch or zero padding."""
+    x, kernel, dilation, padding, stride = n.args
+    return c.emit(aten.im2col.default, (c.value(x), list(kernel), list(dilation), list(padding), list(stride)))
+
+
+@handles(aten.repeat_interleave.self_int)
+def _repeat_interleave(c: _Canonicalizer, n: fx.Node):
+    """``x.repeat_interleave(r, dim)`` (GCViT repeats its global query per window): a copying op."""
+    x, repeats = n.args[:2]
+    dim = ops.argument(n, "dim", None)
+    if dim is None or ops.argument(n, "output_size", None) not in (None, n.meta["val"].shape[dim]):
+        raise c.unsupported("repeat_interleave of the flattened tensor (only along a given dim is canonical)")
+    return c.emit(aten.repeat_interleave.self_int, (c.value(x), repeats, dim % len(n.meta["val"].shape)))
+
+
+@handles(aten.upsample_nearest2d.vec, aten.upsample_bilinear2d.vec, aten.upsample_bicubic2d.vec)
 def _upsample(c: _Canonicalizer, n: fx.Node):
     return c.emit(n.target, (c.value(n.args[0]), *n.args[1:]))
 
