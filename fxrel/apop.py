@@ -53,6 +53,9 @@ def apop_graph(canonical: fx.GraphModule, relu: bool = False) -> fx.GraphModule:
             if relu:
                 value = graph.call_function(aten.relu.default, (value,))
         elif kind == ops.MAXPOOL:
+            if node.target is not aten.max_pool2d.default:
+                raise UnsupportedOpError(f"APOP freezes max-pooling indices; node '{node.name}' is {node.target} "
+                                         f"(module '{node.meta.get('fxrel_module', '')}')")
             pooled = graph.call_function(aten.max_pool2d_with_indices.default, (env[node.args[0]], *node.args[1:]))
             indices = graph.call_function(_item, (pooled, 1))
             value = graph.call_function(_gather_pooled, (args[0], indices))

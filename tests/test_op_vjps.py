@@ -316,6 +316,25 @@ class _WrittenAttention(nn.Module):
         return torch.cat([out[:, :, ::2].flatten(1), out[..., 1:7:3].flatten(1)], 1)
 
 
+class _Products(nn.Module):
+    """Products of two computed tensors (gMLP's spatial gating, FocalNet's modulation broadcast both ways), a maximum
+    over a dim (Hiera), 1-D average pooling (NextViT) and StarReLU's square of a ReLU (CAFormer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u, v = self.a(x), self.b(x)
+        gated = u * v.flip(-1)
+        modulated = u.mean((2, 3), keepdim=True) * v.mean(1, keepdim=True)
+        peak = u.flatten(2).view(x.shape[0], 4, 2, -1).amax(2)
+        pooled = F.avg_pool1d(v.flatten(2), 3, stride=2, padding=1, count_include_pad=False)
+        star = 0.8 * torch.relu(u) ** 2 - 0.1 + torch.relu(v).square()
+        return torch.cat([gated.flatten(1), modulated.flatten(1), peak.flatten(1), pooled.flatten(1), star.flatten(1)],
+                         1)
+
+
 #: name → (model, example input, fold_batchnorm)
 CASES: dict[str, Callable[[], tuple[nn.Module, torch.Tensor, bool]]] = {
     "convs": lambda: (_Convs(), _x(2, 3, 9, 9), True),
@@ -334,6 +353,7 @@ CASES: dict[str, Callable[[], tuple[nn.Module, torch.Tensor, bool]]] = {
     "attention": lambda: (_Attention(), _x(2, 4, 3, 3), True),
     "tokens": lambda: (_Tokens(), _x(2, 3, 4, 4), True),
     "written_attention": lambda: (_WrittenAttention(), _x(3, 4, 2, 3), True),
+    "products": lambda: (_Products(), _x(2, 3, 4, 6), True),
 }
 
 

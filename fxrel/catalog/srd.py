@@ -184,7 +184,7 @@ class ConvSharing(Rule):
         if len(kernel) != 2:
             raise RuleError(f"SRD's bias shares are implemented for 2-D convolutions; node '{node.name}' is "
                             f"{len(kernel)}-D (module '{node.meta.get('fxrel_module', '')}')")
-        pooled = node.args[0].meta.get("fxrel_kind") == ops.MAXPOOL
+        pooled = node.args[0].target is aten.max_pool2d.default   # a max over dims (amax) is no pooling window
         sources = pool_pieces(node.args[0], x) if pooled else [x]
         norms = [self._norms(ctx, source) for source in sources]                        # each [N, taps, Ho, Wo]
         total = sum((n.sum(1, keepdim=True) for n in norms[1:]), norms[0].sum(1, keepdim=True))

@@ -39,14 +39,14 @@ KINDS: dict[str, str] = {
     LINEAR: "fully connected layer x·wᵀ + b",
     AFFINE: "per-channel affine x·scale + shift (an unfolded BatchNorm)",
     ACTIVATION: "elementwise activation (relu, relu6/hardtanh, leaky_relu, elu, sigmoid, tanh, silu, gelu, hardswish, "
-                "hardsigmoid, mish)",
-    MAXPOOL: "max pooling",
+                "hardsigmoid, mish, x²)",
+    MAXPOOL: "max pooling, a maximum over dims (amax)",
     AVGPOOL: "average / adaptive average pooling, means, bilinear upsampling (convex combinations), bicubic "
              "resampling (a linear map with some negative taps: CrossViT resizes its input)",
     ADD: "elementwise sum of two tensors (residual connections)",
     CAT: "concatenation along one dimension",
     SHAPE: "shape-only op (view, reshape, permute, transpose, squeeze/unsqueeze, clone, slice/split/chunk with any "
-           "step, roll)",
+           "step, roll, flip)",
     PAD: "copying resampling: zero padding (−∞ before a max-pool), 2-D reflect/replicate padding, nearest "
          "upsampling, constant tokens beside a transformer's patch tokens, F.unfold's patches (im2col), "
          "repeat_interleave (every output is a copy of one input, or a constant)",
@@ -57,8 +57,8 @@ KINDS: dict[str, str] = {
           "of F.normalize, ConvNeXt-V2's "
           "response scale ‖x‖/(mean ‖x‖ + ε), softmax attention weights; rules treat it as a constant (no relevance "
           "flows into it), gradients pass exactly",
-    BILINEAR: "a product of two computed matrices, a @ b (attention logits q @ kᵀ that do not go straight into a "
-              "softmax: talking heads)",
+    BILINEAR: "a product of two computed tensors: matrices a @ b (attention logits q @ kᵀ that do not go straight "
+              "into a softmax: talking heads) or elementwise a ⊙ b, broadcast (gMLP, FocalNet)",
     ATTEND: "attention: values mixed by attention weights, weights @ values (the weights a stat: relevance rules "
             "keep them constant, the AH-rule)",
 }
@@ -441,6 +441,38 @@ def _bilinear_product_vjp(node, grad, inputs, weight=None):
             unbroadcast(torch.matmul(a.transpose(-2, -1), grad), node, 1)]
 
 
+def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a ⊙ b`` of two computed tensors, broadcast (gMLP's spatial gating, FocalNet's modulation)."""
+    return a * b
+
+
+def _product_forward(node, inputs, weight=None, bias=None):
+    return inputs[0] * inputs[1]
+
+
+def _product_vjp(node, grad, inputs, weight=None):
+    out = _shape(node)
+    return [g if _in_shape(node, i) == out else _sum_to(g, _in_shape(node, i))
+            for i, g in enumerate((grad * inputs[1], grad * inputs[0]))]
+
+
+def _amax_forward(node, inputs, weight=None, bias=None):
+    return aten.amax.default(inputs[0], *node.args[1:])
+
+
+def _amax_vjp(node, grad, inputs, weight=None):
+    """To the maxima, shared evenly among ties (autograd's convention)."""
+    x, dims = inputs[0], node.args[1]
+    keepdim = node.args[2] if len(node.args) > 2 else False
+    top = aten.amax.default(x, dims, True)
+    winners = (x == top).to(x.dtype)
+    g = grad
+    if not keepdim:
+        for d in sorted(d % len(_in_shape(node)) for d in dims):
+            g = g.unsqueeze(d)
+    return [winners * g / winners.sum(dims, keepdim=True)]
+
+
 def _softmax_forward(node, inputs, weight=None, bias=None):
     return aten.softmax.int(inputs[0], node.args[1])
 
@@ -505,6 +537,8 @@ def _shape_vjp(node, grad, inputs, weight=None):
         return [aten.constant_pad_nd.default(grad, pads, 0.0)]
     if node.target is aten.roll.default:
         return [aten.roll.default(grad, [-s for s in node.args[1]], node.args[2])]
+    if node.target is aten.flip.default:
+        return [aten.flip.default(grad, node.args[1])]
     shape = list(_in_shape(node))
     if shape and _shape(node) and shape[0] == _shape(node)[0]:  # the reshape keeps the batch axis: so does its VJP
         shape[0] = -1
@@ -652,6 +686,8 @@ def activation_derivative(node: fx.Node, x):
         return ((x > -3) & (x < 3)).to(x.dtype) * _SIXTH
     if t is aten.hardswish.default:  # autograd: 0 up to −3 (inclusive), x/3 + ½ below 3, 1 from 3 on
         return torch.where(x <= -3, 0.0, torch.where(x < 3, x / 3 + 0.5, 1.0)).to(x.dtype)
+    if t is aten.pow.Tensor_Scalar:   # x² (StarReLU's square of a ReLU)
+        return 2 * x
     if t is aten.mish.default:
         softplus = torch.nn.functional.softplus(x)
         th = torch.tanh(softplus)
@@ -701,7 +737,11 @@ OP_SPECS: dict[Any, OpSpec] = {
     **{t: OpSpec(SHAPE, _first, _shape_forward, _shape_vjp) for t in SHAPE_OPS},
     aten.slice.Tensor: OpSpec(SHAPE, _first, _shape_forward, _shape_vjp),
     aten.roll.default: OpSpec(SHAPE, _first, _shape_forward, _shape_vjp),
+    aten.flip.default: OpSpec(SHAPE, _first, _shape_forward, _shape_vjp),
     bilinear: OpSpec(BILINEAR, _add_inputs, _bilinear_product_forward, _bilinear_product_vjp),
+    product: OpSpec(BILINEAR, _add_inputs, _product_forward, _product_vjp),
+    aten.amax.default: OpSpec(MAXPOOL, _first, _amax_forward, _amax_vjp),
+    aten.pow.Tensor_Scalar: OpSpec(ACTIVATION, _first, _activation_forward, _activation_vjp),
 }
 
 

@@ -1,7 +1,7 @@
 """AttnLRP's rules for products of two computed tensors and for softmax (Achtibat et al., ICML 2024).
 
-* **Uniform ε-rule** (Prop. 3.3) for a product ``z = a b`` of two computed matrices (attention ``A V``, logits
-  ``q kᵀ``): each factor takes half of the ε-relevance,
+* **Uniform ε-rule** (Prop. 3.3) for a product ``z = a b`` of two computed tensors (attention ``A V``, logits
+  ``q kᵀ``, elementwise products): each factor takes half of the ε-relevance,
   ``R_a = a ⊙ ((R / stab(2z)) bᵀ)``, ``R_b = b ⊙ (aᵀ (R / stab(2z)))``, so ``ΣR_a + ΣR_b = ΣR`` up to ε.
 * **Softmax by its Taylor decomposition at x** (Prop. 3.1): ``R_x = x ⊙ (R − s · Σ_j R_j)`` for ``s = softmax(x)``
   over the last axis (``x = −∞``, a mask, counts as 0, as LXT does).
@@ -28,7 +28,10 @@ __all__ = ["UniformProduct", "SoftmaxTaylor", "AttentionWeightsTaylor"]
 
 
 class UniformProduct(Rule):
-    """The uniform ε-rule of a product of two computed matrices (``bilinear`` ``a @ b``; ``attend`` ``A @ V``)."""
+    """The uniform ε-rule of a product of two computed tensors (``bilinear`` ``a @ b``, ``product`` ``a ⊙ b``,
+    ``attend`` ``A @ V``): each factor times the product's VJP of the shared relevance,
+    ``R_x = x ⊙ (∂z/∂x)ᵀ (R / stab(2z))`` — for a product linear in each factor this is half of its ε-relevance
+    (``x ⊙ (∂z/∂x)ᵀ`` of a broadcast factor sums over the dims it was broadcast along)."""
 
     kinds = frozenset({ops.BILINEAR, ops.ATTEND})
 
@@ -37,13 +40,7 @@ class UniformProduct(Rule):
 
     def __call__(self, ctx: RuleContext, relevance: Any) -> list[Any]:
         share = divide(relevance, ctx.output * 2, self.epsilon, dtype_of(ctx.node))
-        if ctx.kind == ops.ATTEND:   # inputs (values, weights), z = weights @ values
-            values, weights = ctx.inputs
-            return [ops.unbroadcast(values * (weights.transpose(-2, -1) @ share), ctx.node, 0),
-                    ops.unbroadcast(weights * (share @ values.transpose(-2, -1)), ctx.node, 1)]
-        a, b = ctx.inputs
-        return [ops.unbroadcast(a * (share @ b.transpose(-2, -1)), ctx.node, 0),
-                ops.unbroadcast(b * (a.transpose(-2, -1) @ share), ctx.node, 1)]
+        return [x * g for x, g in zip(ctx.inputs, ctx.vjp(share))]
 
 
 def _spread(relevance: Any, weights: Any) -> Any:

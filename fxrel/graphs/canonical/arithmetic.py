@@ -68,7 +68,8 @@ def _add(c: _Canonicalizer, n: fx.Node):
 @handles(aten.mul.Tensor, aten.div.Tensor)
 def _mul(c: _Canonicalizer, n: fx.Node):
     """A product with a constant is an affine (``x·s``, ``x/s``); a feature map times a broadcast gate
-    (squeeze-excitation) is ``channel_gate(value, gate)``."""
+    (squeeze-excitation) or a same-shaped squashed or activated branch is ``channel_gate(value, gate)``; any other
+    product of two computed tensors is ``product(a, b)`` (the uniform rule splits its relevance)."""
     a, b = n.args[:2]
     if n.target is aten.div.Tensor and c.pending(a) is not None and c.pending(b) is not None:
         return _response_scale(c, c.pending(a), c.pending(b))
@@ -101,10 +102,8 @@ def _mul(c: _Canonicalizer, n: fx.Node):
     elif sa == sb and len(activated := [op for op in (a, b) if _source(op).target in ops.ACTIVATIONS]) == 1:
         gate = activated[0]   # a gated MLP (SwiGLU: silu(x W_g) ⊙ x W_x): the activated branch gates, as in LXT's CP
         value = b if gate is a else a
-    else:
-        raise c.unsupported(f"product of tensors shaped {tuple(sa)} and {tuple(sb)} (only a feature map times a "
-                            "gate broadcast over some of its dims, or times a same-shaped sigmoid/softmax gate, "
-                            "is canonical)")
+    else:   # two computed tensors, neither a gate: a product (gMLP's spatial gating, FocalNet's modulation)
+        return c.emit(ops.product, (c.value(a), c.value(b)))
     return c.emit(ops.channel_gate, (c.value(value), c.value(gate)))
 
 

@@ -120,8 +120,8 @@ class _Tracker:
             if dim == batch.axis and not (start == 0 and end >= _shape(source)[dim] and step == 1):
                 self.refuse(node, f"a slice along dim {dim}, the batch axis")
             return batch
-        if t is aten.roll.default:
-            self.along(node, batch, node.args[2], "a roll")
+        if t in (aten.roll.default, aten.flip.default):
+            self.along(node, batch, node.args[-1], "a roll or flip")
             return batch
         if t is aten.repeat_interleave.self_int:
             self.along(node, batch, [node.args[2]], "a repeat_interleave")
@@ -140,6 +140,11 @@ class _Tracker:
         if t in (ops.center, ops.inv_std, ops.response_scale):
             self.along(node, batch, node.args[1], "a normalisation")
             return batch
+        if t is aten.amax.default:
+            self.along(node, batch, node.args[1], "a maximum")
+            keep = node.args[2] if len(node.args) > 2 else False
+            dropped = sum(d < batch.axis for d in _reduced(node.args[1], len(_shape(source))))
+            return batch if keep else BatchAxis(batch.axis - dropped, batch.inner, batch.outer)
         if t is aten.softmax.int:
             self.along(node, batch, [node.args[1]], "a softmax")
             return batch

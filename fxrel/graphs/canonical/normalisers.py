@@ -26,6 +26,12 @@ def _pow(c: _Canonicalizer, n: fx.Node):
     return _Pending(n.args[0], squared=True)
 
 
+@handles(aten.square.default)
+def _square(c: _Canonicalizer, n: fx.Node):
+    """``x.square()`` (StarReLU in MetaFormer heads): the elementwise ``x²``, as ``x ** 2`` outside a statistic."""
+    return c.emit(aten.pow.Tensor_Scalar, (c.value(n.args[0]), 2))
+
+
 @handles(aten.var.dim, aten.var.correction)
 def _var(c: _Canonicalizer, n: fx.Node):
     x, dims = n.args[0], n.args[1]

@@ -61,7 +61,7 @@ def fold_affine(gm: fx.GraphModule) -> int:
     return folded
 
 
-_NONNEGATIVE_ACTIVATIONS = (aten.relu.default, aten.sigmoid.default, aten.hardsigmoid.default)
+_NONNEGATIVE_ACTIVATIONS = (aten.relu.default, aten.sigmoid.default, aten.hardsigmoid.default, aten.pow.Tensor_Scalar)
 _SIGN_PRESERVING = (ops.MAXPOOL, ops.AVGPOOL, ops.SHAPE, ops.PAD, ops.CAT, ops.ADD)
 
 

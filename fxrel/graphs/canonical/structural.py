@@ -68,6 +68,12 @@ def _slice(c: _Canonicalizer, n: fx.Node):
     return _slice_node(c, x, dim, start, max(bound(end, size), start), step)
 
 
+@handles(aten.flip.default)
+def _flip(c: _Canonicalizer, n: fx.Node):
+    """``flip`` along given dims: a permutation of the entries, a shape op."""
+    return c.emit(aten.flip.default, (c.value(n.args[0]), [d % len(n.meta["val"].shape) for d in n.args[1]]))
+
+
 @handles(aten.roll.default)
 def _roll(c: _Canonicalizer, n: fx.Node):
     """``roll`` (Swin's shifted windows): a permutation of the entries, a shape op."""
@@ -168,6 +174,28 @@ def _pad(c: _Canonicalizer, n: fx.Node):
         raise c.unsupported(f"padding mode={mode} value={value} (zero padding or cropping, −∞ padding before "
                             "max-pooling (TF 'SAME') and 2-D reflect/replicate padding are canonical)")
     return c.emit(aten.constant_pad_nd.default, (c.value(n.args[0]), pads, value))
+
+
+@handles(aten.amax.default)
+def _amax(c: _Canonicalizer, n: fx.Node):
+    """A maximum over dims (Hiera's mask-unit pooling, ``x.view(…).amax(1)``): winner-take-all, a max pooling."""
+    x, dims = n.args[0], list(ops.argument(n, "dim", []))
+    if not dims:
+        raise c.unsupported("amax over every dim (only a maximum over given dims is canonical)")
+    return c.emit(aten.amax.default, (c.value(x), dims, ops.argument(n, "keepdim", False)))
+
+
+@handles(aten.avg_pool1d.default)
+def _avg_pool1d(c: _Canonicalizer, n: fx.Node):
+    """1-D average pooling (NextViT's token reduction) as a 2-D one over a unit height."""
+    names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
+    a = {name: ops.argument(n, name, None) for name in names}
+    kernel = list(a["kernel_size"])
+    stride, padding = list(a["stride"] or kernel), list(a["padding"] or [0])
+    wide = c.emit(aten.unsqueeze.default, (c.value(n.args[0]), -2))
+    pooled = c.emit(aten.avg_pool2d.default, (wide, [1, *kernel], [1, *stride], [0, *padding],
+                                              bool(a["ceil_mode"]), a["count_include_pad"] is not False))
+    return c.emit(aten.squeeze.dim, (pooled, -2))
 
 
 @handles(aten.im2col.default)

@@ -64,6 +64,8 @@ class _Canonicalizer:
 
     def value(self, node: Any) -> Any:
         deferred = self.env.get(node) if isinstance(node, fx.Node) else None
+        if isinstance(deferred, _Pending) and deferred.squared and not deferred.dims:   # x², not a statistic's
+            self.env[node] = deferred = self.emit(aten.pow.Tensor_Scalar, (self.value(deferred.x), 2))
         if isinstance(deferred, _Pending):
             raise self.unsupported(f"'{node.name}' is part of a normalising statistic that does not end in rsqrt")
         if isinstance(deferred, _Logits):   # used other than on the way to a softmax: the product itself
