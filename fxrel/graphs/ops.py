@@ -274,14 +274,18 @@ def _avgpool_vjp(node, grad, inputs, weight=None):
                                                  a["count_include_pad"], a["divisor_override"])]
     # aten.mean.dim(x, dims, keepdim)
     shape = _in_shape(node)
-    dims = sorted(d % len(shape) for d in node.args[1])
-    keepdim = argument(node, "keepdim", False)
-    count = math.prod(shape[d] for d in dims)
-    g = grad
-    if not keepdim:
-        for d in dims:
-            g = g.unsqueeze(d)
+    dims = node.args[1]
+    count = math.prod(shape[d % len(shape)] for d in dims)
+    g = _unreduced(grad, node, dims, argument(node, "keepdim", False))
     return [g.expand(-1, *shape[1:]) / count]  # the batch axis is never reduced: leave its size to the gradient
+
+
+def _unreduced(grad, node: fx.Node, dims: Sequence[int], keepdim: bool):
+    """The cotangent of a reduction over ``dims`` with those dims back as size 1 (as ``keepdim=True`` leaves them)."""
+    if not keepdim:
+        for d in sorted(d % len(_in_shape(node)) for d in dims):
+            grad = grad.unsqueeze(d)
+    return grad
 
 
 def _add_inputs(node: fx.Node) -> list[fx.Node]:
@@ -420,10 +424,15 @@ def _attend_forward(node, inputs, weight=None, bias=None):
     return attend(inputs[0], inputs[1])
 
 
+def _matmul_cotangents(grad, a, b) -> tuple:
+    """``(∂(a b)/∂a)ᵀ g = g bᵀ`` and ``(∂(a b)/∂b)ᵀ g = aᵀ g`` of a batched matrix product."""
+    return torch.matmul(grad, b.transpose(-2, -1)), torch.matmul(a.transpose(-2, -1), grad)
+
+
 def _attend_vjp(node, grad, inputs, weight=None):
-    values, weights = inputs
-    return [unbroadcast(torch.matmul(weights.transpose(-2, -1), grad), node, 0),
-            unbroadcast(torch.matmul(grad, values.transpose(-2, -1)), node, 1)]
+    values, weights = inputs   # z = weights @ values
+    to_weights, to_values = _matmul_cotangents(grad, weights, values)
+    return [unbroadcast(to_values, node, 0), unbroadcast(to_weights, node, 1)]
 
 
 def bilinear(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -436,9 +445,7 @@ def _bilinear_product_forward(node, inputs, weight=None, bias=None):
 
 
 def _bilinear_product_vjp(node, grad, inputs, weight=None):
-    a, b = inputs
-    return [unbroadcast(torch.matmul(grad, b.transpose(-2, -1)), node, 0),
-            unbroadcast(torch.matmul(a.transpose(-2, -1), grad), node, 1)]
+    return [unbroadcast(g, node, i) for i, g in enumerate(_matmul_cotangents(grad, *inputs))]
 
 
 def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -447,13 +454,11 @@ def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _product_forward(node, inputs, weight=None, bias=None):
-    return inputs[0] * inputs[1]
+    return product(inputs[0], inputs[1])
 
 
 def _product_vjp(node, grad, inputs, weight=None):
-    out = _shape(node)
-    return [g if _in_shape(node, i) == out else _sum_to(g, _in_shape(node, i))
-            for i, g in enumerate((grad * inputs[1], grad * inputs[0]))]
+    return [_to_operand(grad * inputs[1], node, 0), _to_operand(grad * inputs[0], node, 1)]
 
 
 def _amax_forward(node, inputs, weight=None, bias=None):
@@ -463,13 +468,8 @@ def _amax_forward(node, inputs, weight=None, bias=None):
 def _amax_vjp(node, grad, inputs, weight=None):
     """To the maxima, shared evenly among ties (autograd's convention)."""
     x, dims = inputs[0], node.args[1]
-    keepdim = node.args[2] if len(node.args) > 2 else False
-    top = aten.amax.default(x, dims, True)
-    winners = (x == top).to(x.dtype)
-    g = grad
-    if not keepdim:
-        for d in sorted(d % len(_in_shape(node)) for d in dims):
-            g = g.unsqueeze(d)
+    winners = (x == aten.amax.default(x, dims, True)).to(x.dtype)
+    g = _unreduced(grad, node, dims, node.args[2] if len(node.args) > 2 else False)
     return [winners * g / winners.sum(dims, keepdim=True)]
 
 
@@ -487,9 +487,13 @@ def _sum_to(grad, shape: torch.Size):
     return aten.sum_to_size.default(grad, list(shape))
 
 
+def _to_operand(grad, node: fx.Node, i: int):
+    """A cotangent of an elementwise op's output, summed to the shape of its operand ``i`` (broadcast)."""
+    return grad if _in_shape(node, i) == _shape(node) else _sum_to(grad, _in_shape(node, i))
+
+
 def _add_vjp(node, grad, inputs, weight=None):
-    out = _shape(node)
-    return [grad if _in_shape(node, i) == out else _sum_to(grad, _in_shape(node, i)) for i in range(2)]
+    return [_to_operand(grad, node, i) for i in range(2)]
 
 
 def _cat_inputs(node: fx.Node) -> list[fx.Node]:
@@ -608,21 +612,23 @@ def with_tokens(x: torch.Tensor, before: torch.Tensor | None, after: torch.Tenso
     distillation and register tokens entering beside the patch tokens. Tokens of batch size 1 (``dim ≠ 0``) are
     expanded to ``x``'s. Copying, like padding: each output is an entry of ``x`` or a constant, so the relevance that
     reaches a constant is absorbed there, as a bias's is."""
-    def batched(t: torch.Tensor) -> torch.Tensor:
-        return t.expand(x.shape[0], *t.shape[1:]) if t.shape[0] == 1 and dim != 0 else t
-    return torch.cat([x if t is x else batched(t) for t in (before, x, after) if t is not None], dim)
+    before = [] if before is None else [_batched_token(before, before.shape, x, dim)]
+    after = [] if after is None else [_batched_token(after, after.shape, x, dim)]
+    return torch.cat([*before, x, *after], dim)
+
+
+def _batched_token(token, shape: Sequence[int], x, dim: int):
+    """``token`` (shaped ``shape``) expanded to ``x``'s batch when it has batch size 1 and is not concatenated along
+    the batch axis."""
+    return token.expand(x.shape[0], *shape[1:]) if shape[0] == 1 and dim != 0 else token
 
 
 def _with_tokens_forward(node, inputs, weight=None, bias=None):
     """The tokens arrive as ``weight`` (before) and ``bias`` (after) (:func:`weight_and_bias`); their shapes are read
     from the node's arguments (a proxy has no concrete shape)."""
     x, dim = inputs[0], node.args[3]
-
-    def batched(token, source: fx.Node):
-        shape = _shape(source)
-        return token.expand(x.shape[0], *shape[1:]) if shape[0] == 1 and dim != 0 else token
-    before = [] if weight is None else [batched(weight, node.args[1])]
-    after = [] if bias is None else [batched(bias, node.args[2])]
+    before = [] if weight is None else [_batched_token(weight, _shape(node.args[1]), x, dim)]
+    after = [] if bias is None else [_batched_token(bias, _shape(node.args[2]), x, dim)]
     return aten.cat.default([*before, x, *after], dim)
 
 
