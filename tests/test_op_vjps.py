@@ -255,7 +255,8 @@ class _Attention(nn.Module):
 class _Tokens(nn.Module):
     """A transformer's token plumbing: class, distillation and register tokens concatenated with the patch tokens
     (``with_tokens``), a position embedding, timm's ``qkv.permute(2, 0, 3, 1, 4).unbind(0)`` (the batch moves to
-    axis 1), sequence-first attention as torch's MultiheadAttention runs it (heads folded into the batch), a
+    axis 1), sequence-first attention as torch's MultiheadAttention runs it (heads folded into the batch) and
+    sequence-first tokens concatenated along axis 0, a
     difference of two computed tensors, ``x[:, 0]``, a mean over tokens, a gated MLP's product, a negation and
     ``type_as``; ``padding="same"`` convolutions with an even and an odd total."""
 
@@ -281,7 +282,8 @@ class _Tokens(nn.Module):
         b = self.mha(s, s, s, need_weights=False)[0].transpose(0, 1)
         d = a - 0.5 * b
         gated = F.silu(d) * (-t).type_as(t)                                        # SwiGLU's product, a negation
-        return torch.cat([d[:, 0], (d - t).mean(1), gated[:, 1]], 1)
+        first = torch.cat([self.reg.transpose(0, 1).expand(-1, n, -1), s], 0)  # two tokens before, sequence-first
+        return torch.cat([d[:, 0], (d - t).mean(1), gated[:, 1], first.mean(0)], 1)
 
 
 class _WrittenAttention(nn.Module):

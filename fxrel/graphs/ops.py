@@ -274,10 +274,12 @@ def _avgpool_vjp(node, grad, inputs, weight=None):
                                                  a["count_include_pad"], a["divisor_override"])]
     # aten.mean.dim(x, dims, keepdim)
     shape = _in_shape(node)
-    dims = node.args[1]
-    count = math.prod(shape[d % len(shape)] for d in dims)
+    dims = {d % len(shape) for d in node.args[1]}
+    count = math.prod(shape[d] for d in dims)
     g = _unreduced(grad, node, dims, argument(node, "keepdim", False))
-    return [g.expand(-1, *shape[1:]) / count]  # the batch axis is never reduced: leave its size to the gradient
+    # the reduced dims expanded back; the others keep the cotangent's size (the batch axis, wherever it is, may hold
+    # several rows per sample)
+    return [g.expand(*[shape[d] if d in dims else -1 for d in range(len(shape))]) / count]
 
 
 def _unreduced(grad, node: fx.Node, dims: Sequence[int], keepdim: bool):

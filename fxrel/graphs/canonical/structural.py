@@ -135,9 +135,11 @@ def _cat(c: _Canonicalizer, n: fx.Node):
         if not parts:
             return None
         value = torch.cat([c.const(t) for t in parts], dim)
+        if dim == 0:   # concatenated along axis 0 (sequence-first tokens): kept whole, as ops.with_tokens expects
+            return c.param(value.detach().clone(), "tokens")
         if not bool((value == value[:1]).all()):
             raise c.unsupported("a concatenated constant that differs along the batch axis")
-        return c.param(value[:1].detach().clone(), "tokens")
+        return c.param(value[:1].detach().clone(), "tokens")   # batch size 1, expanded to the input's
 
     pieces, start = [], 0
     for k, i in enumerate(computed):
