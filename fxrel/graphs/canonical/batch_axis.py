@@ -21,6 +21,7 @@ from torch import fx
 
 from fxrel.errors import UnsupportedOpError
 from fxrel.graphs import ops
+from fxrel.graphs.analysis import node_shape
 from fxrel.graphs.ops import aten
 
 __all__ = ["BatchAxis", "mark_batch_axis"]
@@ -50,10 +51,6 @@ _BATCH_FIRST = (aten.convolution.default, aten.max_pool2d.default, aten.avg_pool
                 aten.pad.default)
 
 
-def _shape(node: fx.Node) -> tuple[int, ...]:
-    return tuple(node.meta["tensor_meta"].shape)
-
-
 def _reshaped(batch: BatchAxis, before: tuple[int, ...], after: tuple[int, ...], size: int) -> BatchAxis | None:
     """The batch after a reshape from ``before`` to ``after`` (contiguous layouts), or None when it is split over
     several axes."""
@@ -69,7 +66,7 @@ def _reshaped(batch: BatchAxis, before: tuple[int, ...], after: tuple[int, ...],
 
 def _aligned(batch: BatchAxis, node: fx.Node, source: fx.Node) -> BatchAxis:
     """``batch`` of a broadcast operand, as an axis of ``node``'s output (ranks aligned from the right)."""
-    return BatchAxis(batch.axis + len(_shape(node)) - len(_shape(source)), batch.inner, batch.outer)
+    return BatchAxis(batch.axis + len(node_shape(node)) - len(node_shape(source)), batch.inner, batch.outer)
 
 
 def _reduced(dims, rank: int) -> list[int]:
@@ -78,9 +75,8 @@ def _reduced(dims, rank: int) -> list[int]:
 
 class _Tracker:
     def __init__(self, gm: fx.GraphModule) -> None:
-        self.gm = gm
         inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        self.size = _shape(inputs[0])[0] if inputs else 1
+        self.size = node_shape(inputs[0])[0] if inputs else 1
 
     def refuse(self, node: fx.Node, why: str) -> None:
         if self.size > 1:
@@ -90,21 +86,29 @@ class _Tracker:
                 f"  source: {node.meta.get('fxrel_source', '<unknown>')}")
 
     def along(self, node: fx.Node, batch: BatchAxis, dims, what: str) -> None:
-        if batch.axis in _reduced(dims, len(_shape(node.args[0]))):
+        if batch.axis in _reduced(dims, len(node_shape(node.args[0]))):
             self.refuse(node, f"{what} along dim {batch.axis}, the batch axis")
+
+    def reduced(self, node: fx.Node, batch: BatchAxis, dims, keepdim: bool, what: str) -> BatchAxis:
+        """The batch after a reduction over ``dims`` (refused along the batch): shifted by the dims dropped before
+        it."""
+        self.along(node, batch, dims, what)
+        dropped = 0 if keepdim else sum(d < batch.axis for d in _reduced(dims, len(node_shape(node.args[0]))))
+        return BatchAxis(batch.axis - dropped, batch.inner, batch.outer)
 
     def axis(self, node: fx.Node) -> BatchAxis | None:
         inputs = [a for a in ops.tensor_inputs(node) if a.meta.get("fxrel_batch_axis") is not None]
         if not inputs:
             return None
         source = inputs[0]
-        batch = _aligned(source.meta["fxrel_batch_axis"], node, source) if len(_shape(node)) >= len(
-            _shape(source)) else source.meta["fxrel_batch_axis"]
-        t, rank = node.target, len(_shape(node))
+        batch = _aligned(source.meta["fxrel_batch_axis"], node, source) if len(node_shape(node)) >= len(
+            node_shape(source)) else source.meta["fxrel_batch_axis"]
+        t, rank = node.target, len(node_shape(node))
         if t in _RESHAPES:
-            moved = _reshaped(source.meta["fxrel_batch_axis"], _shape(source), _shape(node), self.size)
+            moved = _reshaped(source.meta["fxrel_batch_axis"], node_shape(source), node_shape(node), self.size)
             if moved is None:
-                self.refuse(node, f"the reshape {_shape(source)} → {_shape(node)} splits the batch over several axes")
+                self.refuse(node, f"the reshape {node_shape(source)} → {node_shape(node)} splits the batch over "
+                                  "several axes")
                 return BatchAxis(0)
             return moved
         if t is aten.permute.default:
@@ -117,7 +121,7 @@ class _Tracker:
         if t is aten.slice.Tensor:
             dim, start, end = node.args[1] % rank, node.args[2], node.args[3]
             step = node.args[4] if len(node.args) > 4 else 1
-            if dim == batch.axis and not (start == 0 and end >= _shape(source)[dim] and step == 1):
+            if dim == batch.axis and not (start == 0 and end >= node_shape(source)[dim] and step == 1):
                 self.refuse(node, f"a slice along dim {dim}, the batch axis")
             return batch
         if t in (aten.roll.default, aten.flip.default):
@@ -133,18 +137,13 @@ class _Tracker:
                 self.refuse(node, f"a concatenation along dim {dim} of tensors with the batch at {sorted(axes)}")
             return batch
         if t is aten.mean.dim:
-            self.along(node, batch, node.args[1], "a mean")
-            keep = ops.argument(node, "keepdim", False)
-            dropped = sum(d < batch.axis for d in _reduced(node.args[1], len(_shape(source))))
-            return batch if keep else BatchAxis(batch.axis - dropped, batch.inner, batch.outer)
+            return self.reduced(node, batch, node.args[1], ops.argument(node, "keepdim", False), "a mean")
         if t in (ops.center, ops.inv_std, ops.response_scale):
             self.along(node, batch, node.args[1], "a normalisation")
             return batch
         if t is aten.amax.default:
-            self.along(node, batch, node.args[1], "a maximum")
-            keep = node.args[2] if len(node.args) > 2 else False
-            dropped = sum(d < batch.axis for d in _reduced(node.args[1], len(_shape(source))))
-            return batch if keep else BatchAxis(batch.axis - dropped, batch.inner, batch.outer)
+            return self.reduced(node, batch, node.args[1], node.args[2] if len(node.args) > 2 else False,
+                                "a maximum")
         if t is aten.softmax.int:
             self.along(node, batch, [node.args[1]], "a softmax")
             return batch

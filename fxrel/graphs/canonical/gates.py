@@ -66,27 +66,28 @@ def _softmax(c: _Canonicalizer, n: fx.Node):
         return c.emit(aten.softmax.int, (c.value(n.args[0]), n.args[1]))
     if n.args[1] % len(logits.shape) != len(logits.shape) - 1:
         raise c.unsupported("a softmax of attention logits over another axis than the keys")
-    return _attention_weights(c, logits.q, c.emit(aten.transpose.int, (logits.kt, -1, -2)), logits)
+    return _attention_weights(c, logits.q, c.emit(aten.transpose.int, (logits.kt, -1, -2)), logits.scale,
+                              logits.bias, logits.shape, logits.base)
 
 
-def _attention_weights(c: _Canonicalizer, q: fx.Node, k: fx.Node, logits: _Logits) -> fx.Node:
+def _attention_weights(c: _Canonicalizer, q: fx.Node, k: fx.Node, scale: torch.Tensor | float,
+                       bias: torch.Tensor | None, shape: tuple[int, ...], base: tuple[int, ...]) -> fx.Node:
     """``attention_weights(q·s, k, 1, bias)`` (a tensor scale ``s`` folded into ``q`` as an affine, a number kept as
-    the op's scale), reshaped to the logits' current shape."""
-    scale = logits.scale
+    the op's scale) for logits shaped ``base`` (``bias`` broadcasts to ``shape``, the shape they were viewed in),
+    reshaped to ``shape``."""
     if isinstance(scale, torch.Tensor) and scale.numel() == 1:
         scale = float(scale)
     if isinstance(scale, torch.Tensor):   # per-head temperatures (XCiT): [heads, 1, 1] on the logits
         scale = scale.to(c.current.meta["val"].dtype)
         q, scale = c.emit(ops.channel_affine, (q, c.param(scale, "scale"), None)), 1.0
-    bias = logits.bias
     if bias is not None:
-        bias = bias.expand(logits.shape).reshape(logits.base)
+        bias = bias.expand(shape).reshape(base)
         batch = bias.shape[0]
         if batch > 1 and bool((bias == bias[:1]).all()):
             bias = bias[:1]
         bias = c.param(bias.contiguous(), "attention_bias")
     weights = c.emit(ops.attention_weights, (q, k, scale, bias) if bias is not None else (q, k, scale))
-    return weights if logits.shape == logits.base else c.emit(aten.reshape.default, (weights, list(logits.shape)))
+    return weights if shape == base else c.emit(aten.reshape.default, (weights, list(shape)))
 
 
 def _weights_of(c: _Canonicalizer, node: fx.Node) -> bool:
@@ -144,5 +145,5 @@ def _attention(c: _Canonicalizer, n: fx.Node):
     if a.get("is_causal"):
         causal = torch.full(shape[-2:], -math.inf, dtype=q.dtype).triu(1)
         bias = causal if bias is None else bias + causal
-    logits = _Logits(c.value(a["query"]), c.value(a["key"]), shape, shape, scale, bias)   # kt unused here
-    return c.emit(ops.attend, (c.value(a["value"]), _attention_weights(c, logits.q, c.value(a["key"]), logits)))
+    weights = _attention_weights(c, c.value(a["query"]), c.value(a["key"]), scale, bias, shape, shape)
+    return c.emit(ops.attend, (c.value(a["value"]), weights))

@@ -25,7 +25,6 @@ class _Pending:
     view: tuple[int, ...] | None = None  #: the shape it was expanded and reshaped to for that division
 
 
-
 @dataclass(frozen=True)
 class _Logits:
     """Attention logits ``q @ kᵀ`` written out (LeViT, CaiT, Swin without fused attention), being followed to their
