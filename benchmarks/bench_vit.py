@@ -18,36 +18,13 @@ import os
 import pathlib
 import sys
 import tempfile
-import types
 
 import torch
 from bench_lrp import measure
 
 import fxrel
 
-
-def lxt_cp_patches():
-    """Apply LXT 2.1's CP-LRP patches to torchvision's classes; returns the function that undoes them. LXT's
-    ``efficient`` package init imports its Hugging Face patches (which need a module transformers 5 removed), so the
-    package is registered without running it."""
-    import lxt
-    import torchvision.models.vision_transformer as tv_vit
-    if "lxt.efficient" not in sys.modules:
-        package = types.ModuleType("lxt.efficient")
-        package.__path__ = [str(pathlib.Path(lxt.__file__).parent / "efficient")]
-        sys.modules["lxt.efficient"] = package
-    from lxt.efficient.patches import cp_multi_head_attention_forward, layer_norm_forward, non_linear_forward
-    patched = {tv_vit.nn.GELU: non_linear_forward, tv_vit.nn.LayerNorm: layer_norm_forward,
-               tv_vit.nn.MultiheadAttention: cp_multi_head_attention_forward}
-    saved = {cls: cls.forward for cls in patched}
-    for cls, forward in patched.items():
-        cls.original_forward, cls.forward = cls.forward, forward
-
-    def undo() -> None:
-        for cls, forward in saved.items():
-            cls.forward = forward
-            del cls.original_forward
-    return undo
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))   # the repository root: tests.lxt_reference
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -100,11 +77,9 @@ def main(argv: list[str] | None = None) -> None:
                          attention == "cp"))
     reference = None
     if not args.no_lxt:
-        undo = lxt_cp_patches()
-        try:
+        from tests.lxt_reference import lxt_cp_patches  # LXT is a test-only peer: imported when its row runs
+        with lxt_cp_patches():
             _, median, reference = measure(grad_x_input, device, args.warmup, args.repeats)
-        finally:
-            undo()
         rows.append(("LXT 2.1 CP-LRP (efficient patches, gradient × input)", None, median, reference, False))
 
     base = rows[0][2]

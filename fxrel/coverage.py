@@ -195,7 +195,7 @@ def _input_free_modules(model: nn.Module, x: torch.Tensor) -> list[nn.Module]:
 
     def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-        if not any(t.requires_grad for t in tensors) and any(True for _ in module.parameters()):
+        if not any(t.requires_grad for t in tensors) and next(module.parameters(), None) is not None:
             free.append(module)
 
     handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in model.modules() if m is not model]
@@ -306,8 +306,9 @@ def _second_look(report: ModelReport, check: str, model: nn.Module, x: torch.Ten
 def _finite_differences_side(report: ModelReport, model: nn.Module, x: torch.Tensor, target: int,
                              ours: torch.Tensor, reference: torch.Tensor, directions: int = 3) -> bool:
     """When fxrel's gradient and autograd's disagree, central finite differences (float64, step 1e-6) along random
-    directions decide: the check holds if fxrel's directional derivatives match them (relative 1e-5) and autograd's
-    do not (timm's LeViT and EfficientFormer: autograd through the model itself is off), noted in the report."""
+    directions decide: the check holds if fxrel's directional derivatives match them (relative 1e-4) and autograd's
+    are off by more than 1e-2 (timm's XCiT, LeViT and EfficientFormer: autograd through the model itself is off),
+    noted in the report."""
     generator = torch.Generator().manual_seed(1)
     ours_error = autograd_error = 0.0
     with torch.no_grad():

@@ -1,17 +1,24 @@
-"""AttnLRP on torchvision's VisionTransformer written with LXT 2.1's explicit rules (``lxt.explicit``): the peer
-reference for ``tests/test_attention.py`` (test-only; LXT patches no model for full AttnLRP on torchvision's ViT, so
-its forward pass is written out here, op by op, with LXT's rule functions).
+"""LXT 2.1 as the peer of fxrel's attention rules, for ``tests/test_attention.py`` and ``benchmarks/bench_vit.py``:
+AttnLRP on torchvision's VisionTransformer written with LXT's explicit rules (``lxt.explicit``), and LXT's CP-LRP
+patches of torchvision's classes (:func:`lxt_cp_patches`). Test-only: LXT patches no model for full AttnLRP on
+torchvision's ViT, so its forward pass is written out here, op by op, with LXT's rule functions.
 
 Every stabiliser is passed as ``epsilon`` (LXT's own defaults: 1e-6 in linear layers and LayerNorm, 1e-8 in sums
 and products; it adds ``+ε``, fxrel ``+ε·sign z``)."""
 from __future__ import annotations
 
+import contextlib
 import math
+import pathlib
+import sys
+import types
 
+import lxt
 import torch
 from lxt.explicit import functional as lf
 from lxt.explicit.functional import layer_norm_grad_fn
 from lxt.explicit.rules import epsilon_lrp, identity
+from torchvision.models import vision_transformer
 from torchvision.models.vision_transformer import VisionTransformer
 
 
@@ -51,3 +58,28 @@ def attnlrp_relevance(model: VisionTransformer, x: torch.Tensor, target: torch.T
     chosen = logits.gather(1, target[:, None])
     chosen.backward(chosen.detach())
     return x.grad
+
+
+@contextlib.contextmanager
+def lxt_cp_patches():
+    """LXT 2.1's CP-LRP patches of torchvision's GELU, LayerNorm and MultiheadAttention (its ``vit_torch`` map),
+    undone afterwards. ``lxt.efficient``'s package init imports its Hugging Face patches, which need a module
+    transformers 5 removed, so the package is registered without running it."""
+    if "lxt.efficient" not in sys.modules:
+        package = types.ModuleType("lxt.efficient")
+        package.__path__ = [str(pathlib.Path(lxt.__file__).parent / "efficient")]
+        sys.modules["lxt.efficient"] = package
+    from lxt.efficient.patches import cp_multi_head_attention_forward, layer_norm_forward, non_linear_forward
+    patched = {vision_transformer.nn.GELU: non_linear_forward, vision_transformer.nn.LayerNorm: layer_norm_forward,
+               vision_transformer.nn.MultiheadAttention: cp_multi_head_attention_forward}
+    saved = {cls: cls.forward for cls in patched}
+    try:
+        for cls, forward in patched.items():
+            cls.original_forward = cls.forward   # what LXT's patch_method(keep_original=True) sets
+            cls.forward = forward
+        yield
+    finally:
+        for cls, forward in saved.items():
+            cls.forward = forward
+            if "original_forward" in vars(cls):
+                delattr(cls, "original_forward")

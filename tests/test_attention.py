@@ -5,9 +5,6 @@ The LXT references run from outside the package: LXT's ``efficient`` patches (CP
 AttnLRP written with its explicit rules (``tests/lxt_reference.py``)."""
 from __future__ import annotations
 
-import contextlib
-import pathlib
-import sys
 import types
 
 import pytest
@@ -22,7 +19,7 @@ from fxrel.rules.attention import AttentionWeightsTaylor
 tv_vit = pytest.importorskip("torchvision.models.vision_transformer")
 lxt = pytest.importorskip("lxt")
 timm = pytest.importorskip("timm")
-from tests.lxt_reference import attnlrp_relevance  # noqa: E402  (needs lxt)
+from tests.lxt_reference import attnlrp_relevance, lxt_cp_patches  # noqa: E402  (needs lxt)
 
 
 def _vit(layers: int = 2, seed: int = 0) -> nn.Module:
@@ -42,31 +39,6 @@ def _inputs(n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
-
-
-@contextlib.contextmanager
-def lxt_cp_patches():
-    """LXT 2.1's CP-LRP patches of torchvision's GELU, LayerNorm and MultiheadAttention (its ``vit_torch`` map),
-    undone afterwards. ``lxt.efficient``'s package init imports its Hugging Face patches, which need a module
-    transformers 5 removed, so the package is registered without running it."""
-    if "lxt.efficient" not in sys.modules:
-        package = types.ModuleType("lxt.efficient")
-        package.__path__ = [str(pathlib.Path(lxt.__file__).parent / "efficient")]
-        sys.modules["lxt.efficient"] = package
-    from lxt.efficient.patches import cp_multi_head_attention_forward, layer_norm_forward, non_linear_forward
-    patched = {tv_vit.nn.GELU: non_linear_forward, tv_vit.nn.LayerNorm: layer_norm_forward,
-               tv_vit.nn.MultiheadAttention: cp_multi_head_attention_forward}
-    saved = {cls: cls.forward for cls in patched}
-    try:
-        for cls, forward in patched.items():
-            cls.original_forward = cls.forward   # what LXT's patch_method(keep_original=True) sets
-            cls.forward = forward
-        yield
-    finally:
-        for cls, forward in saved.items():
-            cls.forward = forward
-            if "original_forward" in vars(cls):
-                delattr(cls, "original_forward")
 
 
 def test_cp_lrp_equals_lxt():

@@ -200,10 +200,11 @@ def check_upsample(upsample: Upsample) -> None:
         raise InputError(f"upsample must be None, 'input' or (height, width); got {upsample!r}")
 
 
-def cam_stop(graph: fx.GraphModule, layer: str | None) -> str:
-    """The stop label of the CAM's layer (checked): the name given, or the chosen node's."""
-    node, _ = cam_layer(graph, layer)
-    return node.name if layer is None else layer
+def cam_stop(graph: fx.GraphModule, layer: str | None) -> tuple[str, TokenGrid | None]:
+    """The stop label of the CAM's layer (checked) — the name given, or the chosen node's — and its token grid
+    (:func:`cam_layer`)."""
+    node, grid = cam_layer(graph, layer)
+    return (node.name if layer is None else layer), grid
 
 
 def output_size(graph: fx.GraphModule, upsample: Upsample) -> tuple[int, int] | None:
@@ -242,7 +243,7 @@ class CamMethod(Method):
     relu: bool = True
 
     def default_stops(self, graph: fx.GraphModule) -> list[str]:
-        return [cam_stop(graph, self.layer)]
+        return [cam_stop(graph, self.layer)[0]]
 
     def streams(self, graph: fx.GraphModule, overrides: Sequence[tuple[Matcher, Rule]] = ()) -> list[Stream]:
         transform = cam_transform(self.kind, self.relu, output_size(graph, self.upsample), self.mode,
