@@ -333,7 +333,7 @@ def model_cases(model: str, args: argparse.Namespace) -> list[Case]:
     size = args.vgg_size if vgg else args.size
     srd_init = "grad_cam" if vgg else "logit_share"
     srd_spec = f"srd[init={srd_init},contrast=none,input_bias=shared]"   # the official code's settings
-    ucag_spec = "ucag[base=grad_cam,alpha=2.6,weighting=exp_softmax_max,average=coverage_plus_one]"
+    ucag_spec = "ucag[base=grad_cam,alpha=2.6,weighting=exp_softmax_max,blend=uniform,average=coverage_plus_one]"
     at_layer = {"base_params": {"upsample": None}}
     table = [Case("RAP", model, "rap[first_prop=official,dense=rap,residual=official]", ("rap",), official_rap, size),
              Case("RSP", model, "rsp[rgam_mode=official_single]", ("rsp",) if vgg else ("ucag",), official_rsp,

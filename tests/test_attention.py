@@ -17,9 +17,13 @@ from fxrel.graphs import ops
 from fxrel.rules.attention import AttentionWeightsTaylor
 
 tv_vit = pytest.importorskip("torchvision.models.vision_transformer")
-lxt = pytest.importorskip("lxt")
 timm = pytest.importorskip("timm")
-from tests.lxt_reference import attnlrp_relevance, lxt_cp_patches  # noqa: E402  (needs lxt)
+
+
+@pytest.fixture
+def lxt_reference() -> types.ModuleType:
+    """``tests/lxt_reference.py``; it needs LXT (a test-only peer), so only the two LXT tests skip without it."""
+    return pytest.importorskip("tests.lxt_reference")
 
 
 def _vit(layers: int = 2, seed: int = 0) -> nn.Module:
@@ -41,25 +45,25 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def test_cp_lrp_equals_lxt():
+def test_cp_lrp_equals_lxt(lxt_reference):
     """fxrel's LRP-ε with attention weights constant (``attention="cp"``) is LXT's CP-LRP: 4.8e-8 relative,
     from LXT's ``gelu(x) / (x + 1e-10)`` in its GELU identity rule."""
     x, targets = _inputs()
     model = _vit()
     ours = fxrel.explain(model, x, targets, method="lrp_epsilon", epsilon=1e-12, attention="cp")
     xg = x.clone().requires_grad_()
-    with lxt_cp_patches():   # gradient × input through LXT's patched modules
+    with lxt_reference.lxt_cp_patches():   # gradient × input through LXT's patched modules
         model(xg).gather(1, targets[:, None]).sum().backward()
     assert _relative(ours, xg * xg.grad) < 1e-6
 
 
-def test_attnlrp_equals_lxt():
+def test_attnlrp_equals_lxt(lxt_reference):
     """``attn_lrp`` equals AttnLRP written with LXT's explicit rules: 6.4e-10 relative at ε = 1e-12 (at ε = 1e-6,
     6.4e-4: LXT stabilises with ``+ε``, fxrel with ``+ε·sign z``)."""
     x, targets = _inputs()
     model = _vit()
     ours = fxrel.explain(model, x, targets, method="attn_lrp", epsilon=1e-12)
-    assert _relative(ours, attnlrp_relevance(model, x, targets, 1e-12)) < 1e-8
+    assert _relative(ours, lxt_reference.attnlrp_relevance(model, x, targets, 1e-12)) < 1e-8
     cp = fxrel.explain(model, x, targets, method="lrp_epsilon", epsilon=1e-12, attention="cp")
     assert _relative(cp, ours) > 1e-2   # the attention rule matters: the two differ
     same = fxrel.explain(model, x, targets, method="lrp_epsilon", epsilon=1e-12)   # AttnLRP is the default

@@ -11,7 +11,7 @@ from torch import nn
 import fxrel
 from fxrel.errors import InputError
 from fxrel.imageops import gaussian_blur, minmax_normalise
-from fxrel.ucag import confidence_weights, fold, ucag, unfold, unfold_geometry
+from fxrel.ucag import blend_window, confidence_weights, fold, ucag, unfold, unfold_geometry
 
 
 def small_cnn(classes: int = 5) -> nn.Module:
@@ -43,16 +43,53 @@ def test_geometry_ends_at_the_border_for_299():
     assert g.coverage().min() >= 1
 
 
-@pytest.mark.parametrize("average, expected", [("coverage", lambda c, gamma: c * torch.ones_like(gamma)),
-                                               ("coverage_plus_one", lambda c, gamma: c * gamma / (gamma + 1)),
-                                               (None, lambda c, gamma: c * gamma / (gamma + 1))])   # the default
-def test_constant_explanation_is_averaged_by_the_coverage(average, expected):
+@pytest.mark.parametrize("blend, average, expected", [
+    ("uniform", "coverage", lambda c, cover: c * torch.ones_like(cover)),              # the paper: Γ
+    ("uniform", "coverage_plus_one", lambda c, cover: c * cover / (cover + 1)),        # the official code: Γ + 1
+    ("gaussian", "coverage", lambda c, cover: c * torch.ones_like(cover)),
+    ("gaussian", "coverage_plus_one", lambda c, cover: c * cover / (cover + 1)),
+    (None, None, lambda c, cover: c * torch.ones_like(cover)),                         # the default
+])
+def test_constant_explanation_is_averaged_by_the_coverage(blend, average, expected):
+    """A constant partial map c comes back as c wherever the divisor is the windows' coverage G (Γ for the uniform
+    window): the fold is a weighted mean; with G + 1 it is c·G/(G + 1), G counted independently here."""
     c = 2.5
     x = torch.rand(2, 3, 48, 40)
-    out = ucag(small_cnn(), x, 1, method=lambda m, p, t: torch.full((len(p), 7, 9), c), weighting="none",
-               **({} if average is None else {"average": average}))
-    gamma = unfold_geometry(48, 40).coverage()
-    torch.testing.assert_close(out, expected(c, gamma).expand_as(out), rtol=1e-6, atol=1e-6)
+    options = {k: v for k, v in (("blend", blend), ("average", average)) if v is not None}
+    out = ucag(small_cnn(), x, 1, method=lambda m, p, t: torch.full((len(p), 7, 9), c), weighting="none", **options)
+    g = unfold_geometry(48, 40)
+    window = torch.ones(g.crop) if blend == "uniform" else blend_window(g.crop, "gaussian")
+    cover = torch.zeros(48, 40)
+    for r in g.rows:
+        for col in g.cols:
+            cover[r:r + g.crop[0], col:col + g.crop[1]] += window
+    torch.testing.assert_close(out, expected(c, cover).expand_as(out), rtol=1e-6, atol=1e-6)
+
+
+def test_gaussian_fold_equals_monais_sliding_window_blending():
+    """The Gaussian fold is the blending of MONAI's sliding-window inference (mode="gaussian", sigma_scale=0.125):
+    on a layout where both tile the image alike (40 px, crops of 30 at stride 2), a crop-level explanation that
+    depends on the whole crop (so that blending matters) folds to MONAI's output, and the window is its
+    importance map."""
+    pytest.importorskip("monai")
+    from monai.data.utils import compute_importance_map
+    from monai.inferers import sliding_window_inference
+
+    def explanation(crops: torch.Tensor) -> torch.Tensor:   # [P, C, h, w] → [P, 1, h, w]
+        return (crops.sum(1, keepdim=True) ** 2 - crops.mean(dim=(1, 2, 3), keepdim=True)) * crops[:, :1].amax(
+            dim=(2, 3), keepdim=True)
+
+    x = torch.rand(2, 3, 40, 40, dtype=torch.float64)
+    g = unfold_geometry(40, 40, n=6, rho=0.75, alpha=1.0)
+    assert g.crop == (30, 30) and g.rows == g.cols == (0, 2, 4, 6, 8, 10)
+    ours = ucag(small_cnn().double(), x, 0, method=lambda m, p, t: explanation(p)[:, 0], alpha=1.0,
+                weighting="none", postprocess="none")
+    theirs = sliding_window_inference(x, roi_size=(30, 30), sw_batch_size=36, predictor=explanation, overlap=0.93,
+                                      mode="gaussian", sigma_scale=0.125)
+    torch.testing.assert_close(ours, theirs[:, 0].to(ours.dtype), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(blend_window((30, 26), "gaussian", dtype=torch.float32),
+                               compute_importance_map((30, 26), mode="gaussian", sigma_scale=0.125), rtol=1e-6,
+                               atol=1e-7)
 
 
 def test_linear_in_the_base_explanation():
@@ -93,11 +130,12 @@ def test_weights_with_score_lie_in_the_paper_bounds():
     torch.testing.assert_close(paper, logits.softmax(1)[torch.arange(len(logits)), targets].exp())
 
 
-def test_pixel_echo_realigns_with_the_image():
+@pytest.mark.parametrize("blend", ["gaussian", "uniform"])
+def test_pixel_echo_realigns_with_the_image(blend):
     """E(P) = Σ_c P folds back onto Σ_c I (only resampling error); a transposed fold would not."""
     y, x_ = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 64), indexing="ij")
     image = torch.stack([torch.sin(3 * x_) * y, x_ ** 2, torch.cos(2 * y + x_)]).unsqueeze(0)
-    out = ucag(small_cnn(), image, 0, method=echo, weighting="none", average="coverage")[0]
+    out = ucag(small_cnn(), image, 0, method=echo, weighting="none", average="coverage", blend=blend)[0]
     expected = image[0].sum(0)
     err = (out - expected).norm() / expected.norm()
     assert err < 0.02
@@ -152,14 +190,16 @@ def test_fold_of_unfolded_constant_image_is_identity():
     g = unfold_geometry(30, 30, n=4, alpha=1.0)
     x = torch.full((1, 1, 30, 30), 0.7)
     crops = unfold(x, g)
-    out = fold(crops.sum(1), torch.ones(len(crops)), g)
-    torch.testing.assert_close(out, x[:, 0])
+    for blend in ("gaussian", "uniform"):
+        out = fold(crops.sum(1), torch.ones(len(crops)), g, blend=blend)
+        torch.testing.assert_close(out, x[:, 0])
 
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(n=0), "n (crops per side)"), (dict(rho=1.5), "rho"), (dict(alpha=0.0), "alpha"),
     (dict(method="no_such_method"), "unknown base method"), (dict(method="ucag"), "cannot wrap itself"),
     (dict(average="mean"), "average"), (dict(weighting="bogus"), "weighting"), (dict(chunk_size=0), "chunk_size"),
+    (dict(blend="hann"), "blend must be one of"), (dict(blend_sigma=0), "blend_sigma"),
 ])
 def test_bad_options_are_named(kwargs, message):
     with pytest.raises(InputError, match=re.escape(message)):
