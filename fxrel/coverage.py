@@ -146,9 +146,13 @@ def first_line(err: BaseException) -> str:
 
 
 def _smallest_input(model: nn.Module) -> int:
-    """The timm config's ``min_input_size``, else the smallest of :data:`SIZES` a forward pass accepts, else the
-    config's own ``input_size`` (MaxViT's 256: its windows need a side divisible by 32·8)."""
+    """The timm config's ``input_size`` for a model it marks ``fixed_input_size`` (BoTNets: their position tables
+    are built for it, whatever ``min_input_size`` says), its ``min_input_size``, else the smallest of :data:`SIZES`
+    a forward pass accepts, else the config's own ``input_size`` (MaxViT's 256: its windows need a side divisible by
+    32·8)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("fixed_input_size") and cfg.get("input_size"):
+        return int(cfg["input_size"][-1])
     if cfg.get("min_input_size"):
         return int(cfg["min_input_size"][-1])
     last: BaseException | None = None
@@ -218,9 +222,10 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check_model(model: nn.Module, name: str, size: int | None = None, peers: bool = False,
                 seed: int = 0) -> ModelReport:
-    """Run the checks of the module docstring on one model (eval mode is set here)."""
+    """Run the checks of the module docstring on one model: on a float64 copy in eval mode (``model`` itself is not
+    changed)."""
     report = ModelReport(name)
-    model = model.eval().double()
+    model = copy.deepcopy(model).eval().double()
     stage = "input size"
     try:
         report.size = size or _smallest_input(model)

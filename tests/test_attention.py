@@ -112,6 +112,50 @@ def test_batch_rows_are_explained_independently():
     assert _relative(fxrel.explain(model, x, targets, method="gradient"), reference) < 1e-12
 
 
+class _SwiGLU(nn.Module):
+    """Flatten → SwiGLU MLP (``W_o (silu(x W_gᵀ) ⊙ x W_xᵀ)``, biases on), as in EVA-02 and LLaMA."""
+
+    def __init__(self, d: int = 12, hidden: int = 10, classes: int = 4) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.gate, self.value, self.out = nn.Linear(d, hidden), nn.Linear(d, hidden), nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        return self.out(nn.functional.silu(self.gate(x)) * self.value(x))
+
+
+def test_gated_linear_unit_takes_the_uniform_rule_under_attnlrp():
+    """A SwiGLU product is a gate for CP-LRP (the activated branch a constant weight) and a product of two computed
+    tensors for AttnLRP: each factor takes half of its relevance and the SiLU passes it on (the identity rule).
+    Both against the rules written out with ε → 0 (LRP-ε at each linear layer: ``R_in = x ⊙ Wᵀ(R/z)``)."""
+    model = _SwiGLU().double().eval()
+    x = torch.randn(3, 3, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    targets = torch.tensor([0, 3, 1])
+    graph = fxrel.Explainer(model, "gradient").canonical_graph(x)
+    assert any(n.target is ops.gated_unit for n in graph.graph.nodes)
+    flat = x.flatten(1)
+
+    def through(weight: torch.Tensor, z: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+        return flat * ((relevance / z) @ weight)
+
+    with torch.no_grad():
+        a, v = model.gate(flat), model.value(flat)
+        h = nn.functional.silu(a) * v
+        y = model.out(h)
+        r_y = torch.zeros_like(y).scatter(1, targets[:, None], y.gather(1, targets[:, None]))
+        r_h = h * ((r_y / y) @ model.out.weight)
+        attnlrp = through(model.gate.weight, a, r_h / 2) + through(model.value.weight, v, r_h / 2)
+        cp = through(model.value.weight, v, r_h)
+    assert _relative(attnlrp, cp) > 1e-2   # the two rules differ here
+    for attention, expected in (("attnlrp", attnlrp), ("cp", cp)):
+        ours = fxrel.explain(model, x, targets, method="lrp_epsilon", epsilon=1e-12, attention=attention)
+        assert _relative(ours.flatten(1), expected) < 1e-8, attention
+    xg = x.clone().requires_grad_()
+    (gradient,) = torch.autograd.grad(model(xg).gather(1, targets[:, None]).sum(), xg)
+    assert _relative(fxrel.explain(model, x, targets, method="gradient"), gradient) < 1e-12
+
+
 def test_unknown_attention_rule_is_named():
     with pytest.raises(fxrel.RuleError, match="attention must be one of \\['cp', 'attnlrp'\\]"):
         fxrel.explain(_vit(1), _inputs(1)[0], 0, method="lrp_epsilon", attention="attn")
@@ -126,7 +170,7 @@ def test_rows_per_sample_need_the_batch_first():
 
 #: small timm models of the families the issue sampled (random weights); the smallest input each takes
 TIMM_FAMILIES = ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "mobilevit_xxs", "poolformer_s12",
-                 "edgenext_xx_small"]
+                 "edgenext_xx_small", "haloregnetz_b"]
 
 
 @pytest.mark.parametrize("name", TIMM_FAMILIES)
@@ -140,11 +184,11 @@ def test_timm_transformers_and_hybrids_pass_the_coverage_checks(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "pvt_v2_b0", "tiny_vit_5m_224",
                                   "eva02_tiny_patch14_224", "xcit_nano_12_p16_224", "cait_xxs24_224", "levit_128s",
-                                  "efficientformer_l1", "fastvit_t8", "mixer_s16_224", "convmixer_768_32"])
+                                  "efficientformer_l1", "fastvit_t8", "mixer_s16_224", "convmixer_768_32",
+                                  "sebotnet33ts_256", "swiftformer_xs", "crossvit_tiny_240"])
 def test_more_timm_families_pass_the_coverage_checks(name):
     report = check_model(timm.create_model(name, pretrained=False), name)
     assert report.passed, report.error
-
 
 
 def _pgc_layer_map(cam_class, model: nn.Module, layer: nn.Module, x: torch.Tensor, targets: list[int], prefix: int,

@@ -15,8 +15,12 @@ from fxrel.cli import main
 
 def test_a_supported_model_passes_every_check_and_zennit_conserves_too():
     torch.manual_seed(0)
-    report = coverage.check_model(torchvision.models.resnet18(num_classes=10), "tv-resnet18", size=32, peers=True)
+    model = torchvision.models.resnet18(num_classes=10).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = coverage.check_model(model, "tv-resnet18", size=32, peers=True)
     assert report.passed and report.error == ""
+    # the checks run on a float64 eval copy: the user's model keeps its dtype, mode and values
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert report.gradient_error < 1e-10 and report.lrp0_error < 1e-10
     assert report.peers["zennit"] is True       # bias-free ReLU nets: LRP-0 is gradient × input, which conserves
     assert report.peers["captum"] in (True, False, None)

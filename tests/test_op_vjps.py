@@ -337,6 +337,23 @@ class _Products(nn.Module):
                          1)
 
 
+class _ConstantMatrices(nn.Module):
+    """Products with a constant matrix on either side (BoTNet's relative logits ``q @ rel_kᵀ``, SwiftFormer's
+    ``q @ w_g``), a computed tensor expanded over a dim (BoTNet's logits copied over the query rows) and overlapping
+    sliding windows (``Tensor.unfold``, the HaloNets' key/value blocks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rel, self.left = nn.Parameter(torch.randn(7, 5)), nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        right = x @ self.rel.t()
+        left = self.left @ x
+        copied = x.mean(2, keepdim=True).expand(-1, -1, 4, -1) + x
+        blocks = F.pad(x, (1, 1, 1, 1)).unfold(2, 4, 2).unfold(3, 3, 2)   # the HaloNets' overlapping windows
+        return torch.cat([right.flatten(1), left.flatten(1), copied.flatten(1), blocks.flatten(1)], 1)
+
+
 #: name → (model, example input, fold_batchnorm)
 CASES: dict[str, Callable[[], tuple[nn.Module, torch.Tensor, bool]]] = {
     "convs": lambda: (_Convs(), _x(2, 3, 9, 9), True),
@@ -356,6 +373,7 @@ CASES: dict[str, Callable[[], tuple[nn.Module, torch.Tensor, bool]]] = {
     "tokens": lambda: (_Tokens(), _x(2, 3, 4, 4), True),
     "written_attention": lambda: (_WrittenAttention(), _x(3, 4, 2, 3), True),
     "products": lambda: (_Products(), _x(2, 3, 4, 6), True),
+    "constant_matrices": lambda: (_ConstantMatrices(), _x(2, 3, 4, 5), True),
 }
 
 

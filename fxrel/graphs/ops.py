@@ -49,9 +49,11 @@ KINDS: dict[str, str] = {
            "step, roll, flip)",
     PAD: "copying resampling: zero padding (−∞ before a max-pool), 2-D reflect/replicate padding, nearest "
          "upsampling, constant tokens beside a transformer's patch tokens, F.unfold's patches (im2col), "
-         "repeat_interleave (every output is a copy of one input, or a constant)",
+         "repeat_interleave, expand, Tensor.unfold's sliding windows (every output is a copy of one input, or a "
+         "constant)",
     GATE: "a value times a gate broadcast over some of its dims, value ⊙ gate (squeeze-excitation, 1/σ of a "
-          "normalisation, attention weights)",
+          "normalisation, attention weights), or times an activated branch of its own shape (a gated linear unit: "
+          "SwiGLU, GEGLU)",
     CENTER: "centering x − mean(x) over a group of dims (the mean subtraction of Layer/GroupNorm)",
     STAT: "a statistic that only ever feeds a gate: 1/σ = (mean(x²) + ε)^(−1/2) of a normalisation, 1/max(‖x‖, ε) "
           "of F.normalize, ConvNeXt-V2's "
@@ -303,6 +305,12 @@ def channel_gate(value: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return value * gate
 
 
+def gated_unit(value: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``value ⊙ act(x W_g)`` of a gated linear unit, both of one shape (SwiGLU, GEGLU): a gate for CP-LRP and the
+    gradient, a product of two computed tensors for AttnLRP's uniform rule (its own target, so rules can tell)."""
+    return value * gate
+
+
 def _gate_forward(node, inputs, weight=None, bias=None):
     return inputs[0] * inputs[1]
 
@@ -498,6 +506,24 @@ def _add_vjp(node, grad, inputs, weight=None):
     return [_to_operand(grad, node, i) for i in range(2)]
 
 
+def _expanded_dims(node: fx.Node) -> list[int]:
+    """The dims an ``expand`` broadcasts (size 1 → n), never the batch axis (whose cotangent may hold several rows
+    per sample)."""
+    batch = node.meta.get("fxrel_batch_axis")
+    before, after = _in_shape(node), _shape(node)
+    return [d for d in range(len(after)) if before[d] == 1 and after[d] != 1 and (batch is None or d != batch.axis)]
+
+
+def _expand_forward(node, inputs, weight=None, bias=None):
+    sizes = [-1 if d not in _expanded_dims(node) else n for d, n in enumerate(node.args[1])]
+    return inputs[0].expand(sizes)
+
+
+def _expand_vjp(node, grad, inputs, weight=None):
+    dims = _expanded_dims(node)
+    return [grad.sum(dims, keepdim=True) if dims else grad]
+
+
 def _cat_inputs(node: fx.Node) -> list[fx.Node]:
     return list(node.args[0])
 
@@ -607,6 +633,17 @@ def _repeat_interleave_vjp(node, grad, inputs, weight=None):
     repeats, dim = node.args[1], node.args[2] % len(_shape(node))
     shape = list(_in_shape(node))
     return [grad.unflatten(dim, (shape[dim], repeats)).sum(dim + 1)]
+
+
+def _sliding_windows_forward(node, inputs, weight=None, bias=None):
+    return aten.unfold.default(inputs[0], *node.args[1:])
+
+
+def _sliding_windows_vjp(node, grad, inputs, weight=None):
+    """Each window a copy of ``size`` entries along ``dim``: the copies' cotangents summed back (overlaps add)."""
+    dim, size, step = node.args[1:]
+    sizes = [grad.size(0), *_in_shape(node)[1:]]   # the cotangent's batch axis may hold several rows per sample
+    return [aten.unfold_backward.default(grad, sizes, dim, size, step)]
 
 
 def with_tokens(x: torch.Tensor, before: torch.Tensor | None, after: torch.Tensor | None, dim: int) -> torch.Tensor:
@@ -725,6 +762,7 @@ OP_SPECS: dict[Any, OpSpec] = {
     aten.mean.dim: OpSpec(AVGPOOL, _first, _avgpool_forward, _avgpool_vjp),
     aten.add.Tensor: OpSpec(ADD, _add_inputs, _add_forward, _add_vjp),
     channel_gate: OpSpec(GATE, _add_inputs, _gate_forward, _gate_vjp),
+    gated_unit: OpSpec(GATE, _add_inputs, _gate_forward, _gate_vjp),
     aten.cat.default: OpSpec(CAT, _cat_inputs, _cat_forward, _cat_vjp),
     aten.constant_pad_nd.default: OpSpec(PAD, _first, _pad_forward, _pad_vjp),
     aten.pad.default: OpSpec(PAD, _first, _mode_pad_forward, _mode_pad_vjp),
@@ -732,6 +770,8 @@ OP_SPECS: dict[Any, OpSpec] = {
     with_tokens: OpSpec(PAD, _first, _with_tokens_forward, _with_tokens_vjp),
     aten.im2col.default: OpSpec(PAD, _first, _unfold_forward, _unfold_vjp),
     aten.repeat_interleave.self_int: OpSpec(PAD, _first, _repeat_interleave_forward, _repeat_interleave_vjp),
+    aten.expand.default: OpSpec(PAD, _first, _expand_forward, _expand_vjp),
+    aten.unfold.default: OpSpec(PAD, _first, _sliding_windows_forward, _sliding_windows_vjp),
     aten.upsample_bilinear2d.vec: OpSpec(AVGPOOL, _first, _interpolate_forward, _interpolate_vjp),
     aten.upsample_bicubic2d.vec: OpSpec(AVGPOOL, _first, _interpolate_forward, _interpolate_vjp),
     center: OpSpec(CENTER, _first, _center_forward, _center_vjp),

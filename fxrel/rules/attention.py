@@ -29,11 +29,11 @@ __all__ = ["UniformProduct", "SoftmaxTaylor", "AttentionWeightsTaylor"]
 
 class UniformProduct(Rule):
     """The uniform ε-rule of a product of two computed tensors (``bilinear`` ``a @ b``, ``product`` ``a ⊙ b``,
-    ``attend`` ``A @ V``): each factor times the product's VJP of the shared relevance,
+    ``attend`` ``A @ V``, ``gated_unit`` ``v ⊙ act(g)``): each factor times the product's VJP of the shared relevance,
     ``R_x = x ⊙ (∂z/∂x)ᵀ (R / stab(2z))`` — for a product linear in each factor this is half of its ε-relevance
     (``x ⊙ (∂z/∂x)ᵀ`` of a broadcast factor sums over the dims it was broadcast along)."""
 
-    kinds = frozenset({ops.BILINEAR, ops.ATTEND})
+    kinds = frozenset({ops.BILINEAR, ops.ATTEND, ops.GATE})   # GATE: gated linear units (``ops.gated_unit``)
 
     def __init__(self, epsilon: float = 1e-6) -> None:
         self.epsilon = epsilon

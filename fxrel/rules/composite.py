@@ -148,13 +148,15 @@ def targets(*fns) -> Matcher:
 
 def attention_pairs(attention: str, epsilon: float = 1e-6) -> list[tuple[Matcher, Rule]]:
     """The pairs that give a rule set its treatment of attention: none for ``"cp"``; for ``"attnlrp"``, the uniform
-    ε-rule at attention products and other products of two computed tensors, and the softmax Taylor rule at
+    ε-rule at attention products, gated linear units and other products of two computed tensors (the activation of
+    a unit's gate branch then passes relevance unchanged: AttnLRP's identity rule), and the softmax Taylor rule at
     attention weights and softmaxes. ``RuleError`` names the valid values."""
     if attention == "cp":
         return []
     if attention != "attnlrp":
         raise RuleError(f"attention must be one of {list(ATTENTION_RULES)}, got {attention!r}")
-    return [(kind(ops.ATTEND, ops.BILINEAR), UniformProduct(epsilon)),
+    uniform = UniformProduct(epsilon)
+    return [(kind(ops.ATTEND, ops.BILINEAR), uniform), (targets(ops.gated_unit), uniform),
             (targets(ops.attention_weights), AttentionWeightsTaylor()),
             (targets(ops.aten.softmax.int), SoftmaxTaylor())]
 

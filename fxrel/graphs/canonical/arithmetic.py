@@ -68,7 +68,8 @@ def _add(c: _Canonicalizer, n: fx.Node):
 @handles(aten.mul.Tensor, aten.div.Tensor)
 def _mul(c: _Canonicalizer, n: fx.Node):
     """A product with a constant is an affine (``x·s``, ``x/s``); a feature map times a broadcast gate
-    (squeeze-excitation) or a same-shaped squashed or activated branch is ``channel_gate(value, gate)``; any other
+    (squeeze-excitation) or a same-shaped squashed branch is ``channel_gate(value, gate)``, a same-shaped activated
+    branch (a gated linear unit) ``gated_unit(value, gate)``; any other
     product of two computed tensors is ``product(a, b)`` (the uniform rule splits its relevance)."""
     a, b = n.args[:2]
     if n.target is aten.div.Tensor and c.pending(a) is not None and c.pending(b) is not None:
@@ -102,6 +103,7 @@ def _mul(c: _Canonicalizer, n: fx.Node):
     elif sa == sb and len(activated := [op for op in (a, b) if _source(op).target in ops.ACTIVATIONS]) == 1:
         gate = activated[0]   # a gated MLP (SwiGLU: silu(x W_g) ⊙ x W_x): the activated branch gates, as in LXT's CP
         value = b if gate is a else a
+        return c.emit(ops.gated_unit, (c.value(value), c.value(gate)))
     else:   # two computed tensors, neither a gate: a product (gMLP's spatial gating, FocalNet's modulation)
         return c.emit(ops.product, (c.value(a), c.value(b)))
     return c.emit(ops.channel_gate, (c.value(value), c.value(gate)))

@@ -127,6 +127,15 @@ class _Tracker:
         if t in (aten.roll.default, aten.flip.default):
             self.along(node, batch, node.args[-1], "a roll or flip")
             return batch
+        if t is aten.expand.default:
+            before = node_shape(source)
+            self.along(node, batch, [d for d, n in enumerate(node.args[1]) if before[d] == 1 and n not in (-1, 1)],
+                       "an expand")
+            return batch
+        if t is aten.unfold.default:   # the windows become a new last dim: the batch keeps its axis
+            batch = source.meta["fxrel_batch_axis"]
+            self.along(node, batch, [node.args[1]], "sliding windows")
+            return batch
         if t is aten.repeat_interleave.self_int:
             self.along(node, batch, [node.args[2]], "a repeat_interleave")
             return batch
@@ -134,7 +143,8 @@ class _Tracker:
             dim = (node.args[1] if t is aten.cat.default else node.args[3]) % rank
             axes = {a.meta["fxrel_batch_axis"] for a in inputs}
             if dim == batch.axis or len(axes) > 1:
-                self.refuse(node, f"a concatenation along dim {dim} of tensors with the batch at {sorted(axes)}")
+                self.refuse(node, f"a concatenation along dim {dim} of tensors with the batch at "
+                                  f"{sorted(axes, key=repr)}")
             return batch
         if t is aten.mean.dim:
             return self.reduced(node, batch, node.args[1], ops.argument(node, "keepdim", False), "a mean")

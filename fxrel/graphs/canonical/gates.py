@@ -49,12 +49,16 @@ def _is_statistic(c: _Canonicalizer, node: fx.Node) -> bool:
 
 @handles(aten.expand.default)
 def _expand(c: _Canonicalizer, n: fx.Node):
-    """``gate.expand_as(x)`` feeding products only (ECA, SE variants): left as an implicit broadcast."""
+    """``gate.expand_as(x)`` feeding products only (ECA, SE variants): left as an implicit broadcast. Any other
+    ``expand`` of a computed tensor of the same rank (BoTNet's relative position logits, copied over the query rows)
+    is an explicit copy: its VJP sums over the dims it broadcasts."""
     if c.pending(n.args[0]) is not None:
         return _reshaped(c, n)
-    if not n.users or any(u.target is not aten.mul.Tensor for u in n.users):
-        raise c.unsupported("expand whose result is used other than in a product with a feature map")
-    return c.value(n.args[0])
+    if n.users and all(u.target is aten.mul.Tensor for u in n.users):
+        return c.value(n.args[0])
+    if len(n.args[1]) != n.args[0].meta["val"].dim():
+        raise c.unsupported("expand that adds dims, used other than in a product with a feature map")
+    return c.emit(aten.expand.default, (c.value(n.args[0]), list(n.args[1])))
 
 
 @handles(aten.softmax.int, aten._softmax.default)
@@ -99,13 +103,27 @@ def _weights_of(c: _Canonicalizer, node: fx.Node) -> bool:
     return isinstance(value, fx.Node) and value.target in (ops.attention_weights, aten.softmax.int)
 
 
+def _constant_matrix(c: _Canonicalizer, x: fx.Node, matrix: torch.Tensor, on_left: bool) -> fx.Node:
+    """``x @ W`` (``on_left=False``) or ``W @ x`` as a bias-free ``linear`` over ``x``'s last or second-to-last dim."""
+    if not on_left:
+        return c.emit(aten.linear.default, (x, c.param(matrix.t().contiguous(), "weight"), None))
+    rows = c.emit(aten.transpose.int, (x, -1, -2))
+    mapped = c.emit(aten.linear.default, (rows, c.param(matrix.contiguous(), "weight"), None))
+    return c.emit(aten.transpose.int, (mapped, -1, -2))
+
+
 @handles(aten.matmul.default, aten.bmm.default)
 def _matmul(c: _Canonicalizer, n: fx.Node):
     """Products of two computed tensors: attention weights times values (``attend``; ``v @ aᵀ`` as LeViT's conv
     attention writes it is ``attend(vᵀ, a)ᵀ``); ``q @ kᵀ`` (attention logits, followed to their softmax as
     :class:`_Logits`); and ``values @ weights`` with softmax weights shaped ``[…, K, 1]`` (global-context attention
-    pooling), the gate ``values ⊙ weightsᵀ`` summed over ``K`` (the AH-rule keeps the weights constant)."""
+    pooling), the gate ``values ⊙ weightsᵀ`` summed over ``K`` (the AH-rule keeps the weights constant). A product
+    with a constant matrix is a linear map: ``x @ W = linear(x, Wᵀ)``, ``W @ x = linear(xᵀ, W)ᵀ`` (BoTNet's relative
+    position logits, SwiftFormer's additive-attention vector)."""
     a, b = n.args
+    for matrix, x, on_left in ((b, a, False), (a, b, True)):
+        if c.is_const(matrix) and not c.is_const(x) and c.const(matrix).dim() == 2 and x.meta["val"].dim() >= 2:
+            return _constant_matrix(c, c.value(x), c.const(matrix), on_left)
     if c.is_const(a) or c.is_const(b) or len(a.meta["val"].shape) < 3:
         raise c.unsupported("product with a constant matrix or of matrices without a batch of rows (only "
                             "attention products and attention pooling are canonical)")

@@ -18,26 +18,24 @@ from fxrel.graphs.ops import aten
 
 def _spatial_sum(c: _Canonicalizer, x: fx.Node, dims: list[int], keepdim: bool, count: int,
                  dtype: torch.dtype) -> fx.Node:
-    """A sum over spatial dims as their mean (a canonical average pooling) times their size ``count``."""
+    """A sum over ``dims`` as their mean (a canonical average pooling or mean over tokens) times their size
+    ``count``; a sum along the batch is refused by ``mark_batch_axis``, as a mean is."""
     mean = c.emit(aten.mean.dim, (x, dims, keepdim))
     return c.emit(ops.channel_affine, (mean, c.param(torch.tensor(float(count), dtype=dtype), "scale"), None))
 
 
 @handles(aten.sum.dim_IntList)
 def _sum(c: _Canonicalizer, n: fx.Node):
-    """A sum over spatial axes is a mean times their size; over a short non-batch axis (SKNet's branch axis), the
-    sum of its slices."""
+    """A sum over spatial axes, or over longer non-batch axes (SwiftFormer's sum over tokens), is a mean times their
+    size; over one short non-batch axis (≤ 16 entries: SKNet's branch axis), the sum of its slices."""
     x, dims = n.args[0], n.args[1]
     keepdim = ops.argument(n, "keepdim", False)
     shape = x.meta["val"].shape
     dims = sorted({d % len(shape) for d in (dims or range(len(shape)))})
     if n.kwargs.get("dtype") is not None:
         raise c.unsupported("sum with a dtype conversion")
-    if ops.is_spatial_mean(dims, len(shape)):
+    if ops.is_spatial_mean(dims, len(shape)) or len(dims) != 1 or shape[dims[0]] > 16:
         return _spatial_sum(c, c.value(x), dims, keepdim, math.prod(shape[d] for d in dims), x.meta["val"].dtype)
-    if len(dims) != 1 or shape[dims[0]] > 16:
-        raise c.unsupported(f"sum over dims {dims} of a tensor shaped {tuple(shape)} (spatial sums and sums over a "
-                            "non-batch axis of ≤ 16 entries are canonical)")
     dim = dims[0]
     parts = [c.emit(aten.slice.Tensor, (c.value(x), dim, i, i + 1, 1)) for i in range(shape[dim])]
     if not keepdim:

@@ -217,6 +217,14 @@ def _repeat_interleave(c: _Canonicalizer, n: fx.Node):
     return c.emit(aten.repeat_interleave.self_int, (c.value(x), repeats, dim % len(n.meta["val"].shape)))
 
 
+@handles(aten.unfold.default)
+def _sliding_windows(c: _Canonicalizer, n: fx.Node):
+    """``x.unfold(dim, size, step)`` (the HaloNets' overlapping key/value blocks): a copying op, the windows along
+    ``dim`` as a new last dim."""
+    x, dim, size, step = n.args
+    return c.emit(aten.unfold.default, (c.value(x), dim % x.meta["val"].dim(), size, step))
+
+
 @handles(aten.upsample_nearest2d.vec, aten.upsample_bilinear2d.vec, aten.upsample_bicubic2d.vec)
 def _upsample(c: _Canonicalizer, n: fx.Node):
     return c.emit(n.target, (c.value(n.args[0]), *n.args[1:]))
