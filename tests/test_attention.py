@@ -185,7 +185,7 @@ def test_timm_transformers_and_hybrids_pass_the_coverage_checks(name):
 @pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "pvt_v2_b0", "tiny_vit_5m_224",
                                   "eva02_tiny_patch14_224", "xcit_nano_12_p16_224", "cait_xxs24_224", "levit_128s",
                                   "efficientformer_l1", "fastvit_t8", "mixer_s16_224", "convmixer_768_32",
-                                  "sebotnet33ts_256", "swiftformer_xs", "crossvit_tiny_240"])
+                                  "sebotnet33ts_256", "swiftformer_xs", "crossvit_tiny_240", "convit_tiny"])
 def test_more_timm_families_pass_the_coverage_checks(name):
     report = check_model(timm.create_model(name, pretrained=False), name)
     assert report.passed, report.error

@@ -339,8 +339,8 @@ class _Products(nn.Module):
 
 class _ConstantMatrices(nn.Module):
     """Products with a constant matrix on either side (BoTNet's relative logits ``q @ rel_kᵀ``, SwiftFormer's
-    ``q @ w_g``), a computed tensor expanded over a dim (BoTNet's logits copied over the query rows) and overlapping
-    sliding windows (``Tensor.unfold``, the HaloNets' key/value blocks)."""
+    ``q @ w_g``), a computed tensor expanded over a dim (BoTNet's logits copied over the query rows), overlapping
+    sliding windows (``Tensor.unfold``, the HaloNets' key/value blocks) and a tensor divided by its own sum."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -351,7 +351,10 @@ class _ConstantMatrices(nn.Module):
         left = self.left @ x
         copied = x.mean(2, keepdim=True).expand(-1, -1, 4, -1) + x
         blocks = F.pad(x, (1, 1, 1, 1)).unfold(2, 4, 2).unfold(3, 3, 2)   # the HaloNets' overlapping windows
-        return torch.cat([right.flatten(1), left.flatten(1), copied.flatten(1), blocks.flatten(1)], 1)
+        positive = torch.relu(x) + 0.5
+        renormalised = positive / positive.sum(-1).unsqueeze(-1)          # ConViT's a / Σ_keys a
+        return torch.cat([right.flatten(1), left.flatten(1), copied.flatten(1), blocks.flatten(1),
+                          renormalised.flatten(1)], 1)
 
 
 #: name → (model, example input, fold_batchnorm)

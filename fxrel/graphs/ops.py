@@ -56,7 +56,7 @@ KINDS: dict[str, str] = {
           "SwiGLU, GEGLU)",
     CENTER: "centering x − mean(x) over a group of dims (the mean subtraction of Layer/GroupNorm)",
     STAT: "a statistic that only ever feeds a gate: 1/σ = (mean(x²) + ε)^(−1/2) of a normalisation, 1/max(‖x‖, ε) "
-          "of F.normalize, ConvNeXt-V2's "
+          "of F.normalize, 1/Σx of a tensor divided by its own sum, ConvNeXt-V2's "
           "response scale ‖x‖/(mean ‖x‖ + ε), softmax attention weights; rules treat it as a constant (no relevance "
           "flows into it), gradients pass exactly",
     BILINEAR: "a product of two computed tensors: matrices a @ b (attention logits q @ kᵀ that do not go straight "
@@ -375,6 +375,22 @@ def _inv_norm_vjp(node, grad, inputs, weight=None):
     live = (norm > floor).to(x.dtype)
     safe = norm.clamp_min(floor)
     return [-(x / (safe * safe * safe)) * (grad * live)]
+
+
+def inv_sum(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    """``1 / Σ x`` over ``dims`` (kept as size 1): the divisor of a tensor normalised by its own sum (ConViT
+    renormalises its mixture of content and position attention, ``a / Σ_keys a``)."""
+    return 1 / x.sum(dims, keepdim=True)
+
+
+def _inv_sum_forward(node, inputs, weight=None, bias=None):
+    return inv_sum(inputs[0], node.args[1])
+
+
+def _inv_sum_vjp(node, grad, inputs, weight=None):
+    """``−g / (Σx)²``, the same for every summed entry."""
+    total = inputs[0].sum(node.args[1], keepdim=True)
+    return [(-grad / (total * total)).expand_as(inputs[0])]
 
 
 def response_scale(x: torch.Tensor, dims: list[int], channel_dims: list[int], eps: float) -> torch.Tensor:
@@ -778,6 +794,7 @@ OP_SPECS: dict[Any, OpSpec] = {
     inv_std: OpSpec(STAT, _first, _inv_std_forward, _inv_std_vjp),
     response_scale: OpSpec(STAT, _first, _response_scale_forward, _response_scale_vjp),
     inv_norm: OpSpec(STAT, _first, _inv_norm_forward, _inv_norm_vjp),
+    inv_sum: OpSpec(STAT, _first, _inv_sum_forward, _inv_sum_vjp),
     aten.softmax.int: OpSpec(STAT, _first, _softmax_forward, _softmax_vjp),
     attention_weights: OpSpec(STAT, _add_inputs, _attention_weights_forward, _attention_weights_vjp),
     attend: OpSpec(ATTEND, _add_inputs, _attend_forward, _attend_vjp),

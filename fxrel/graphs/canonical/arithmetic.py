@@ -12,7 +12,7 @@ from torch import fx
 from fxrel.graphs import ops
 from fxrel.graphs.canonical.gates import _GATE_ACTIVATIONS, _gates, _is_statistic, _source, _unexpanded
 from fxrel.graphs.canonical.logits import scaled_logits, shifted_logits
-from fxrel.graphs.canonical.normalisers import _divided_by_norm, _divided_by_std, _response_scale
+from fxrel.graphs.canonical.normalisers import _divided_by_norm, _divided_by_std, _divided_by_sum, _response_scale
 from fxrel.graphs.canonical.registry import handles
 from fxrel.graphs.canonical.walker import _Canonicalizer
 from fxrel.graphs.ops import aten
@@ -25,6 +25,20 @@ def _operand(c: _Canonicalizer, node: Any, like: fx.Node) -> torch.Tensor | None
         return None
     dtype = like.meta["val"].dtype
     return c.const(node).to(dtype) if isinstance(node, fx.Node) else torch.tensor(node, dtype=dtype)
+
+
+def _own_sum_dims(value: Any, divisor: Any) -> list[int] | None:
+    """The dims over which ``divisor`` is ``value``'s own sum, kept or unsqueezed back to size 1 (``a / a.sum(-1,
+    keepdim=True)``, ``a / a.sum(-1).unsqueeze(-1)``), else ``None``."""
+    if not isinstance(value, fx.Node) or not isinstance(divisor, fx.Node):
+        return None
+    total = _source(divisor)
+    if total.target is not aten.sum.dim_IntList or total.args[0] is not value or total.kwargs.get("dtype"):
+        return None
+    shape = value.meta["val"].shape
+    dims = sorted({d % len(shape) for d in total.args[1]})
+    kept = [1 if d in dims else size for d, size in enumerate(shape)]
+    return dims if list(divisor.meta["val"].shape) == kept else None
 
 
 def _affine(c: _Canonicalizer, x: fx.Node, scale: torch.Tensor | None, shift: torch.Tensor | None):
@@ -82,6 +96,8 @@ def _mul(c: _Canonicalizer, n: fx.Node):
         factor = None if logits is None or other is None else _operand(c, other, n)
         if factor is not None:
             return scaled_logits(c, logits, 1 / factor if n.target is aten.div.Tensor else factor)
+    if n.target is aten.div.Tensor and (dims := _own_sum_dims(a, b)) is not None:
+        return _divided_by_sum(c, a, dims)
     if n.target is aten.div.Tensor:
         divisor = _operand(c, b, n)
         if divisor is None or _operand(c, a, n) is not None or n.kwargs.get("rounding_mode"):

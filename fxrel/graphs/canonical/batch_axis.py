@@ -148,7 +148,7 @@ class _Tracker:
             return batch
         if t is aten.mean.dim:
             return self.reduced(node, batch, node.args[1], ops.argument(node, "keepdim", False), "a mean")
-        if t in (ops.center, ops.inv_std, ops.response_scale):
+        if t in (ops.center, ops.inv_std, ops.response_scale, ops.inv_sum):
             self.along(node, batch, node.args[1], "a normalisation")
             return batch
         if t is aten.amax.default:

@@ -96,9 +96,11 @@ def _attention_weights(c: _Canonicalizer, q: fx.Node, k: fx.Node, scale: torch.T
 
 def _weights_of(c: _Canonicalizer, node: fx.Node) -> bool:
     """``node`` is attention weights: a softmax over the keys (``attention_weights``, or a softmax of logits mixed
-    first), behind reshapes and the linear maps of talking heads."""
+    first), behind reshapes, the linear maps of talking heads, affine mixtures with constant weights and a division
+    by their own sum (ConViT's content and position attention)."""
     value = c.env.get(node)
-    while isinstance(value, fx.Node) and value.meta.get("fxrel_kind") in (ops.SHAPE, ops.LINEAR, ops.AFFINE):
+    while isinstance(value, fx.Node) and (value.meta.get("fxrel_kind") in (ops.SHAPE, ops.LINEAR, ops.AFFINE) or (
+            value.target is ops.channel_gate and value.args[1].target is ops.inv_sum)):   # renormalised weights
         value = value.args[0]
     return isinstance(value, fx.Node) and value.target in (ops.attention_weights, aten.softmax.int)
 

@@ -116,3 +116,9 @@ def _divided_by_norm(c: _Canonicalizer, value: fx.Node, norm: _Pending) -> fx.No
         raise c.unsupported("division by the norm of another tensor (only F.normalize's x / max(‖x‖, ε))")
     scale = c.emit(ops.inv_norm, (c.value(norm.x), list(norm.dims), norm.floor))
     return c.emit(ops.channel_gate, (c.value(value), scale))
+
+
+def _divided_by_sum(c: _Canonicalizer, value: fx.Node, dims: list[int]) -> fx.Node:
+    """``x / Σ_dims x`` (ConViT's renormalised attention mixture): a gate by the statistic ``inv_sum``, the
+    normaliser a constant for the rules as LayerNorm's σ is."""
+    return c.emit(ops.channel_gate, (c.value(value), c.emit(ops.inv_sum, (c.value(value), dims))))
