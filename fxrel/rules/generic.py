@@ -35,7 +35,7 @@ zero-safe division in every dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import fx
@@ -77,6 +77,20 @@ def stabilize(z: Any, epsilon: float, dtype: torch.dtype | None = None) -> Any:
     finfo(dtype).tiny)`` (:func:`stabilizer_for`; ``dtype`` defaults to ``z``'s where known)."""
     epsilon = stabilizer_for(epsilon, dtype or dtype_of(z))
     return torch.where(z >= 0, z + epsilon, z - epsilon)
+
+
+def weighted_sum(pairs: Iterable[tuple[float, Any]]) -> Any:
+    """``Σ_k c_k t_k`` written without what Python's ``sum`` would put in the generated code: the addition to 0 and
+    the products with 1 (two passes over every tensor of every node); ``c = −1`` subtracts. No terms: ``0.0``."""
+    total: Any = None
+    for coefficient, tensor in pairs:
+        if total is None:
+            total = tensor if coefficient == 1 else -tensor if coefficient == -1 else coefficient * tensor
+        elif coefficient in (1, -1):
+            total = total + tensor if coefficient == 1 else total - tensor
+        else:
+            total = total + coefficient * tensor
+    return 0.0 if total is None else total
 
 
 def divide(relevance: Any, z: Any, epsilon: float, dtype: torch.dtype | None = None) -> Any:
@@ -166,13 +180,13 @@ class GenericRule(Rule):
         return weight, bias
 
     def __call__(self, ctx: RuleContext, relevance: Any) -> list[Any]:
-        result: list[Any] = [0.0] * len(ctx.inputs)
+        parts: list[list[tuple[float, Any]]] = [[] for _ in ctx.inputs]   # (coefficient, x ⊙ g) per input
         shared: dict[Term, tuple] = {}  # modified passes with fixed weights, computed once per node
         for group in self.groups:
             part = relevance if group.relevance is None else group.relevance(relevance)
             passes = {term: self._pass(ctx, term, part, shared)
                       for term in self._live(ctx, group.terms + (group.denominator or ()))}
-            z = sum(term.sign * passes[term][2] for term in self._live(ctx, group.denominator or group.terms))
+            z = weighted_sum((term.sign, passes[term][2]) for term in self._live(ctx, group.denominator or group.terms))
             scaled = divide(part, z, self.stabilizer, dtype_of(ctx.node))   # ε' = max(ε, finfo.tiny)
             if group.mask is not None:
                 scaled = scaled * group.mask(ctx.output).to(scaled.dtype)
@@ -180,8 +194,8 @@ class GenericRule(Rule):
                 xs, w, _ = passes[term]
                 grads = ctx.vjp(scaled, w, per_sample=True) if term.weights is not None else ctx.vjp(scaled, w)
                 for i, (x, g) in enumerate(zip(xs, grads)):
-                    result[i] = result[i] + (group.coefficient * term.sign) * (x * g)
-        return result
+                    parts[i].append((group.coefficient * term.sign, x * g))
+        return [weighted_sum(p) for p in parts]
 
     @staticmethod
     def _live(ctx: RuleContext, terms: tuple[Term, ...]) -> tuple[Term, ...]:
