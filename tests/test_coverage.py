@@ -26,6 +26,15 @@ def test_a_supported_model_passes_every_check_and_zennit_conserves_too():
     assert report.peers["captum"] in (True, False, None)
 
 
+def test_a_fixed_size_model_is_checked_at_its_input_size():
+    """timm's ``fixed_input_size`` (BoTNets: position tables built for 256 px) wins over its ``min_input_size``."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    model.pretrained_cfg = {"input_size": (3, 40, 40), "min_input_size": (3, 32, 32), "fixed_input_size": True}
+    assert coverage._smallest_input(model) == 40
+    model.pretrained_cfg = {"input_size": (3, 40, 40), "min_input_size": (3, 32, 32)}
+    assert coverage._smallest_input(model) == 32
+
+
 class _Cumulative(nn.Module):
     """A cumulative sum along the width: outside the canonical op set."""
 
