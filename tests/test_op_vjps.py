@@ -193,7 +193,8 @@ class _Gates(nn.Module):
 
 
 class _Norms(nn.Module):
-    """LayerNorm (channels-last), GroupNorm (affine and not), RMSNorm ``x·rsqrt(mean(x²) + ε)``, SimpleNorm
+    """LayerNorm (channels-last), GroupNorm (affine and not), RMSNorm ``x·rsqrt(mean(x²) + ε)`` (written out and
+    ``F.rms_norm``, with a weight and with the dtype's ε), SimpleNorm
     ``x·rsqrt(var(x) + ε)`` (a corrected variance), EvoNorm-S0's group std, ConvNeXt-V2's response norm."""
 
     def __init__(self) -> None:
@@ -213,7 +214,8 @@ class _Norms(nn.Module):
         y = y * torch.rsqrt(y.pow(2).mean(1, keepdim=True) + 1e-5)
         y = y * torch.rsqrt(y.var((1, 2), keepdim=True) + 1e-4)
         y = y + x * torch.rsqrt(x.var(1, correction=0, keepdim=True) + 1e-4)
-        return self.grn(self.evo(y)).flatten(1)
+        z = F.rms_norm(y.permute(0, 2, 3, 1), (4,), self.ln.weight, 1e-5) + F.rms_norm(y.permute(0, 2, 3, 1), (4, 4))
+        return torch.cat([self.grn(self.evo(y)).flatten(1), z.flatten(1)], 1)
 
 
 class _Softmax(nn.Module):

@@ -103,6 +103,24 @@ def _layer_norm(c: _Canonicalizer, n: fx.Node):
                        c.const(a.get("bias")))
 
 
+@handles(aten.rms_norm.default)
+def _rms_norm(c: _Canonicalizer, n: fx.Node):
+    """``F.rms_norm``: ``x · (mean(x²) + ε)^(−1/2) · γ`` over the normalised dims, a gate by the statistic
+    ``inv_std`` of ``x`` itself (no centring) and a per-channel scale; ``eps=None`` is the dtype's epsilon, as torch
+    takes it."""
+    names = ("input", "normalized_shape", "weight", "eps")
+    a = dict(zip(names, n.args), **n.kwargs)
+    x = a["input"]
+    rank = x.meta["val"].dim()
+    dims = list(range(rank - len(a["normalized_shape"]), rank))
+    eps = a.get("eps")
+    eps = torch.finfo(x.meta["val"].dtype).eps if eps is None else eps
+    value = c.value(x)
+    normalized = c.emit(ops.channel_gate, (value, c.emit(ops.inv_std, (value, dims, eps))))
+    weight = c.const(a.get("weight"))
+    return normalized if weight is None else c.emit(ops.channel_affine, (normalized, c.param(weight, "scale"), None))
+
+
 @handles(aten.group_norm.default)
 def _group_norm(c: _Canonicalizer, n: fx.Node):
     """GroupNorm: the channels viewed as ``[N, G, C/G·H·W]``, normalised over the last axis, viewed back."""
