@@ -5,8 +5,8 @@ Each row runs in a fresh process, which builds the model (random weights; BatchN
 measures a second call:
 
 * on CPU, the peak resident-memory growth during the call over the resident memory just before it, with RSS
-  sampled every 0.5 ms by a thread (psutil) and glibc made to return every block of 64 KiB or more on free
-  (``MALLOC_MMAP_THRESHOLD_``), so that RSS follows the live tensors;
+  sampled every 0.5 ms by a thread (psutil, which this benchmark needs) and glibc made to return every block of
+  64 KiB or more on free (``MALLOC_MMAP_THRESHOLD_``), so that RSS follows the live tensors;
 * on CUDA, ``torch.cuda.max_memory_allocated`` during the call minus the memory allocated before it.
 
 The ratio column divides by the gradient × input row of the same model. Methods: ``gradient_x_input`` (autograd, the
