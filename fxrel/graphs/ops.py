@@ -531,8 +531,8 @@ def _expanded_dims(node: fx.Node) -> list[int]:
 
 
 def _expand_forward(node, inputs, weight=None, bias=None):
-    sizes = [-1 if d not in _expanded_dims(node) else n for d, n in enumerate(node.args[1])]
-    return inputs[0].expand(sizes)
+    dims = _expanded_dims(node)
+    return inputs[0].expand([n if d in dims else -1 for d, n in enumerate(node.args[1])])
 
 
 def _expand_vjp(node, grad, inputs, weight=None):
@@ -607,14 +607,20 @@ def _mode_pad_vjp(node, grad, inputs, weight=None):
     return [backward(grad, inputs[0], node.args[1])]
 
 
+def _cotangent_in_shape(node: fx.Node, grad) -> list[int]:
+    """The input's shape with the batch size of the cotangent ``grad`` (its batch axis may hold several relevance
+    rows per sample): the ``input_size`` that ATen's backward ops take."""
+    return [grad.size(0), *_in_shape(node)[1:]]
+
+
 def _upsample_forward(node, inputs, weight=None, bias=None):
     return aten.upsample_nearest2d.vec(inputs[0], *node.args[1:])
 
 
 def _upsample_vjp(node, grad, inputs, weight=None):
     scales = node.args[2] if len(node.args) > 2 and node.args[2] is not None else (None, None)
-    input_size = [grad.size(0), *_in_shape(node)[1:]]   # the batch axis of the cotangent, which may hold several
-    return [aten.upsample_nearest2d_backward.default(grad, list(_shape(node)[2:]), input_size, *scales)]
+    return [aten.upsample_nearest2d_backward.default(grad, list(_shape(node)[2:]), _cotangent_in_shape(node, grad),
+                                                     *scales)]
 
 
 def _interpolate_forward(node, inputs, weight=None, bias=None):
@@ -624,7 +630,7 @@ def _interpolate_forward(node, inputs, weight=None, bias=None):
 def _interpolate_vjp(node, grad, inputs, weight=None):
     """Bilinear or bicubic resampling: its ATen backward (a linear map's transpose)."""
     _, align_corners, scales = node.args[1:4]
-    input_size = [grad.size(0), *_in_shape(node)[1:]]
+    input_size = _cotangent_in_shape(node, grad)
     backward = {aten.upsample_bilinear2d.vec: aten.upsample_bilinear2d_backward.default,
                 aten.upsample_bicubic2d.vec: aten.upsample_bicubic2d_backward.default}[node.target]
     return [backward(grad, list(_shape(node)[2:]), input_size, align_corners, *(scales or (None, None)))]
@@ -658,8 +664,7 @@ def _sliding_windows_forward(node, inputs, weight=None, bias=None):
 def _sliding_windows_vjp(node, grad, inputs, weight=None):
     """Each window a copy of ``size`` entries along ``dim``: the copies' cotangents summed back (overlaps add)."""
     dim, size, step = node.args[1:]
-    sizes = [grad.size(0), *_in_shape(node)[1:]]   # the cotangent's batch axis may hold several rows per sample
-    return [aten.unfold_backward.default(grad, sizes, dim, size, step)]
+    return [aten.unfold_backward.default(grad, _cotangent_in_shape(node, grad), dim, size, step)]
 
 
 def with_tokens(x: torch.Tensor, before: torch.Tensor | None, after: torch.Tensor | None, dim: int) -> torch.Tensor:

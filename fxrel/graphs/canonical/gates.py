@@ -11,7 +11,7 @@ from torch import fx
 from fxrel.graphs import ops
 from fxrel.graphs.canonical.normalisers import _reshaped
 from fxrel.graphs.canonical.pending import _Logits
-from fxrel.graphs.canonical.reductions import _spatial_sum
+from fxrel.graphs.canonical.reductions import _sum_as_mean
 from fxrel.graphs.canonical.registry import handles
 from fxrel.graphs.canonical.walker import _Canonicalizer
 from fxrel.graphs.ops import aten
@@ -140,7 +140,7 @@ def _matmul(c: _Canonicalizer, n: fx.Node):
         gated = c.emit(ops.channel_gate, (c.value(a), gate))
         rank = len(a.meta["val"].shape)
         count = a.meta["val"].shape[-1]
-        return _spatial_sum(c, gated, [rank - 1], True, count, a.meta["val"].dtype)
+        return _sum_as_mean(c, gated, [rank - 1], True, count, a.meta["val"].dtype)
     shape = tuple(n.meta["val"].shape)
     return _Logits(c.value(a), c.value(b), shape, shape)
 

@@ -16,7 +16,7 @@ from fxrel.graphs.canonical.walker import _Canonicalizer
 from fxrel.graphs.ops import aten
 
 
-def _spatial_sum(c: _Canonicalizer, x: fx.Node, dims: list[int], keepdim: bool, count: int,
+def _sum_as_mean(c: _Canonicalizer, x: fx.Node, dims: list[int], keepdim: bool, count: int,
                  dtype: torch.dtype) -> fx.Node:
     """A sum over ``dims`` as their mean (a canonical average pooling or mean over tokens) times their size
     ``count``; a sum along the batch is refused by ``mark_batch_axis``, as a mean is."""
@@ -35,7 +35,7 @@ def _sum(c: _Canonicalizer, n: fx.Node):
     if n.kwargs.get("dtype") is not None:
         raise c.unsupported("sum with a dtype conversion")
     if ops.is_spatial_mean(dims, len(shape)) or len(dims) != 1 or shape[dims[0]] > 16:
-        return _spatial_sum(c, c.value(x), dims, keepdim, math.prod(shape[d] for d in dims), x.meta["val"].dtype)
+        return _sum_as_mean(c, c.value(x), dims, keepdim, math.prod(shape[d] for d in dims), x.meta["val"].dtype)
     dim = dims[0]
     parts = [c.emit(aten.slice.Tensor, (c.value(x), dim, i, i + 1, 1)) for i in range(shape[dim])]
     if not keepdim:
