@@ -1,7 +1,7 @@
 """Peak memory of one explanation against autograd gradient × input, in one run, in one table.
 
-Each row runs in a fresh process, which builds the model (random weights; BatchNorm calibrated as in
-``bench_lrp.py``), makes one warm-up call (capture, canonicalisation and the relevance graph are built then) and
+Each row runs in a fresh process, which builds the model (``bench_lrp.build_model``: random weights, BatchNorm
+calibrated), makes one warm-up call (capture, canonicalisation and the relevance graph are built then) and
 measures a second call:
 
 * on CPU, the peak resident-memory growth during the call over the resident memory just before it, with RSS
@@ -26,6 +26,7 @@ import threading
 import time
 
 import torch
+from bench_lrp import build_model
 
 BASELINE = "gradient_x_input"
 #: glibc maps every block of 64 KiB or more on its own and unmaps it when freed, so that resident memory follows the
@@ -34,15 +35,11 @@ CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def build(name: str, size: int, seed: int) -> torch.nn.Module:
-    import torchvision
-
-    from fxrel.random_weights import calibrate_batchnorm
-
-    torch.manual_seed(seed)
-    model = getattr(torchvision.models, name)(weights=None).eval().requires_grad_(False)
-    if hasattr(model, "heads"):   # torchvision zero-initialises a ViT's head: draw it, so the logits are not 0
+    """``bench_lrp``'s torchvision model (random weights, BatchNorm calibrated), a ViT's zero-initialised head drawn
+    so that its logits are not 0."""
+    model = build_model(name, "torchvision", size, seed)
+    if hasattr(model, "heads"):
         torch.nn.init.normal_(model.heads.head.weight, std=0.02)
-    calibrate_batchnorm(model, size=size, seed=seed)
     return model
 
 
