@@ -167,13 +167,14 @@ def _smallest_input(model: nn.Module) -> int:
     raise RuntimeError(f"no input size in {SIZES} or the config's {native} runs: {first_line(last)}")
 
 
-def constant_free(model: nn.Module, x: torch.Tensor | None = None) -> nn.Module:
-    """A copy with every additive constant zeroed: biases, BatchNorm/GroupNorm/LayerNorm shifts, running means, the
-    parameters broadcast over the batch (shaped ``[1, …]`` with ≥ 3 dims: a transformer's class/distillation/register
-    tokens and position embeddings, which enter by concatenation or addition) and, given an example ``x``, every
-    module that computes from no input (XCiT's Fourier position encoding, a conv over fixed features). Zeroing a
-    parameter that multiplies instead only removes a branch; LRP-0 still has to conserve."""
-    clone = copy.deepcopy(model)
+def constant_free(model: nn.Module, x: torch.Tensor | None = None, copy_model: bool = True) -> nn.Module:
+    """A copy (``copy_model=False``: the model itself) with every additive constant zeroed: biases, BatchNorm/
+    GroupNorm/LayerNorm shifts, running means, the parameters broadcast over the batch (shaped ``[1, …]`` with ≥ 3
+    dims: a transformer's class/distillation/register tokens and position embeddings, which enter by concatenation or
+    addition) and, given an example ``x``, every module that computes from no input (XCiT's Fourier position
+    encoding, a conv over fixed features). Zeroing a parameter that multiplies instead only removes a branch; LRP-0
+    still has to conserve."""
+    clone = copy.deepcopy(model) if copy_model else model
     with torch.no_grad():
         for parameter in clone.parameters():
             if parameter.dim() >= 3 and parameter.shape[0] == 1:
@@ -224,8 +225,16 @@ def check_model(model: nn.Module, name: str, size: int | None = None, peers: boo
                 seed: int = 0) -> ModelReport:
     """Run the checks of the module docstring on one model: on a float64 copy in eval mode (``model`` itself is not
     changed)."""
+    return _check_owned(copy.deepcopy(model), name, size, peers, seed)
+
+
+def _check_owned(model: nn.Module, name: str, size: int | None = None, peers: bool = False,
+                 seed: int = 0) -> ModelReport:
+    """:func:`check_model` on a model it may change: converted to float64 in place, its additive constants zeroed
+    for the LRP-0 check (a sweep creates each model for this alone, and the largest timm models fit in memory only
+    once)."""
     report = ModelReport(name)
-    model = copy.deepcopy(model).eval().double()
+    model = model.eval().double()
     stage = "input size"
     try:
         report.size = size or _smallest_input(model)
@@ -244,6 +253,7 @@ def check_model(model: nn.Module, name: str, size: int | None = None, peers: boo
         stage = "canonical"
         canonicalize(captured, (x,))
         report.results["canonical"] = True
+        del captured
         stage = "gradient"
         explainer = Explainer(model, "gradient")
         explainer.relevance_graph(x)
@@ -258,8 +268,11 @@ def check_model(model: nn.Module, name: str, size: int | None = None, peers: boo
             report, "gradient", model, x, lambda: relative_error(
                 Explainer(model, "gradient", fold_batchnorm=False)(x, target), reference), 1e-4) or (
             _finite_differences_side(report, model, x, target, ours, reference))
+        stage = "lrp_eps"
+        report.results["lrp_eps"] = bool(torch.isfinite(explainer.using("lrp_epsilon")(x, target)).all())
+        del explainer, ours
         stage = "lrp0"
-        bare = constant_free(model, x)
+        bare = constant_free(model, x, copy_model=False)
         with torch.no_grad():
             logit = bare(x)[0, target].item()
         total = Explainer(bare, "lrp_0", attention="cp")(x, target).sum().item()   # CP-LRP: the conserving rule
@@ -271,8 +284,6 @@ def check_model(model: nn.Module, name: str, size: int | None = None, peers: boo
 
         report.results["lrp0"] = report.lrp0_error <= 1e-3 or _second_look(report, "lrp0", bare, x, unfolded_lrp0,
                                                                             1e-3)
-        stage = "lrp_eps"
-        report.results["lrp_eps"] = bool(torch.isfinite(explainer.using("lrp_epsilon")(x, target)).all())
         if peers:
             report.peers = {peer: _peer_conserves(peer, bare, x, target, logit) for peer in PEERS}
     except Exception as err:  # one model's failure is a row of the report, not the end of the sweep
@@ -429,7 +440,7 @@ def _checked(name: str, peers: bool) -> ModelReport:
         model = timm.create_model(name, pretrained=False)
     except Exception as err:
         return ModelReport(name, error=f"create: {first_line(err)}")
-    return check_model(model, name, peers=peers)
+    return _check_owned(model, name, peers=peers)
 
 
 def _first_to_go() -> None:

@@ -170,7 +170,7 @@ def test_rows_per_sample_need_the_batch_first():
 
 #: small timm models of the families the issue sampled (random weights); the smallest input each takes
 TIMM_FAMILIES = ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "mobilevit_xxs", "poolformer_s12",
-                 "edgenext_xx_small", "haloregnetz_b"]
+                 "edgenext_xx_small", "haloregnetz_b", "efficientvit_b0", "lowformer_b0", "naflexvit_base_patch16_map"]
 
 
 @pytest.mark.parametrize("name", TIMM_FAMILIES)
@@ -185,9 +185,20 @@ def test_timm_transformers_and_hybrids_pass_the_coverage_checks(name):
 @pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "pvt_v2_b0", "tiny_vit_5m_224",
                                   "eva02_tiny_patch14_224", "xcit_nano_12_p16_224", "cait_xxs24_224", "levit_128s",
                                   "efficientformer_l1", "fastvit_t8", "mixer_s16_224", "convmixer_768_32",
-                                  "sebotnet33ts_256", "swiftformer_xs", "crossvit_tiny_240", "convit_tiny"])
+                                  "sebotnet33ts_256", "swiftformer_xs", "crossvit_tiny_240", "convit_tiny",
+                                  "mvitv2_tiny", "volo_d1_224"])
 def test_more_timm_families_pass_the_coverage_checks(name):
     report = check_model(timm.create_model(name, pretrained=False), name)
+    assert report.passed, report.error
+
+
+@pytest.mark.slow
+def test_sam_with_its_computed_relative_position_mask_passes_the_coverage_checks():
+    """SAM's ViT (relative positions computed from the queries, passed to attention as a float mask), four blocks at
+    128 px: its own 1024 px do not fit a float64 check in 24 GB."""
+    model = timm.create_model("samvit_base_patch16", pretrained=False, img_size=128, depth=4,
+                              global_attn_indexes=(1, 3), num_classes=10)
+    report = check_model(model, "samvit_base_patch16 (4 blocks, 128 px)", size=128)
     assert report.passed, report.error
 
 

@@ -18,6 +18,7 @@ from torch import nn
 import fxrel
 from fxrel.coverage import constant_free
 from fxrel.errors import UnsupportedOpError
+from fxrel.graphs import ops
 from tests.helpers import assert_exact_and_conserving, autograd_input_gradient, rel_error
 
 
@@ -245,16 +246,33 @@ class _Divided(nn.Module):
         return x / (x.mean((2, 3), keepdim=True) + 1)
 
 
+class _Reciprocal(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (2.0 / (x.mean((2, 3), keepdim=True) + 1))
+
+
 class _Cubed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.rsqrt(x.pow(3).mean(1, keepdim=True) + 1)
 
 
-@pytest.mark.parametrize("block, what", [(_Divided, "division by a computed tensor"), (_Cubed, "power 3")])
+@pytest.mark.parametrize("block, what", [(_Reciprocal, "reciprocal"), (_Cubed, "power 3")])
 def test_ops_outside_the_set_are_named(block, what):
     net = nn.Sequential(nn.Conv2d(3, 4, 3), block(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
     with pytest.raises(UnsupportedOpError, match=what):
         fxrel.Explainer(net, "gradient").canonical_graph(torch.randn(1, 3, 8, 8))
+
+
+def test_a_division_by_a_computed_tensor_is_a_gate_by_its_inverse():
+    """``x / (mean(x) + 1)``: ``channel_gate(x, inverse(·))``; the gradient is autograd's, and LRP-0 (the divisor a
+    constant for the rules, as LayerNorm's σ is) conserves."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), _Divided(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 2)).double().eval()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    graph = fxrel.Explainer(net, "gradient").canonical_graph(x)
+    assert [n.target for n in graph.graph.nodes if n.meta.get("fxrel_kind") == ops.STAT] == [ops.inverse]
+    assert_exact_and_conserving(net, x, torch.tensor([1, 0]))
 
 
 class _Attention(nn.Module):

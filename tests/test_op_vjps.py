@@ -359,6 +359,75 @@ class _ConstantMatrices(nn.Module):
                           renormalised.flatten(1)], 1)
 
 
+class _LinearAttention(nn.Module):
+    """EfficientViT's ReLU linear attention (values padded with a column of ones, the output divided by the
+    computed normaliser), MViTv2's decomposed relative positions (``einsum`` with a constant table per query row,
+    ``byhwc,hkc->byhwk``, and with a plain constant matrix) written into a slice of the logits in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rel_h, self.mix = nn.Parameter(torch.randn(4, 4, 5)), nn.Parameter(torch.randn(3, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = torch.relu(x), torch.relu(x.flip(-1)), x               # [B, 3, 4·4 tokens, 5]
+        out = q @ (k.transpose(-1, -2) @ F.pad(v, (0, 1), value=1.0))
+        attended = out[..., :-1] / (out[..., -1:] + 1e-3)
+        rel = torch.einsum("byhwc,hkc->byhwk", x.reshape(x.shape[0], 3, 4, 4, 5), self.rel_h)
+        logits = x @ x.transpose(-1, -2)                                   # [B, 3, 16, 16]
+        logits[:, :, 4:, 1:5] = logits[:, :, 4:, 1:5] + rel.reshape(x.shape[0], 3, 16, 4)[:, :, 4:]
+        mixed = torch.einsum("bntc,dc->bntd", x, self.mix)
+        return torch.cat([attended.flatten(1), logits.flatten(1), mixed.flatten(1)], 1)
+
+
+class _Outlook(nn.Module):
+    """VOLO's outlook attention (patches unfolded, mixed, folded back with their overlaps summed: ``F.fold``), its
+    token-labelling head's maximum over tokens (``max(dim)``'s values), and CSATv2's reordering by constant indices
+    (a repeated index; a 2-D index)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("order", torch.tensor([5, 0, 2, 2, 1]))
+        self.register_buffer("pairs", torch.tensor([[1, 0], [2, 2]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        patches = F.unfold(x, 3, padding=1, stride=2)                    # [B, C·9, L]
+        mixed = torch.relu(patches) * patches.flip(1)
+        folded = F.fold(mixed, x.shape[-2:], 3, padding=1, stride=2)
+        return torch.cat([folded.flatten(1), folded.flatten(2).max(2)[0], folded[:, :, :, self.order].flatten(1),
+                          folded[:, self.pairs].flatten(1)], 1)
+
+
+class _TransposedConvs(nn.Module):
+    """Transposed convolutions (LowFormer's upsampling), canonical as zero insertion, padding or cropping and a
+    convolution: strides 1–3, padding above the kernel's reach (a crop), output padding, groups, dilation, 1-D."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.ConvTranspose2d(4, 6, 4, stride=2, padding=1)
+        self.b = nn.ConvTranspose2d(6, 4, 3, stride=3, padding=2, output_padding=1, groups=2, dilation=2)
+        self.c = nn.ConvTranspose2d(4, 2, 3, padding=3, bias=False)
+        self.d = nn.ConvTranspose1d(4, 3, 2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up = self.c(self.b(self.a(x)))
+        return torch.cat([up.flatten(1), self.d(x.flatten(2)).flatten(1)], 1)
+
+
+class _LatentAttention(nn.Module):
+    """Attention from a learned latent query (NaFlexViT's MAP head: a constant query, one linear map of the keys per
+    head) and attention whose float mask is computed from the queries (SAM's relative positions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.latent, self.rel = nn.Parameter(torch.randn(1, 3, 2, 5)), nn.Parameter(torch.randn(4, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:               # x: [B, 3 heads, 4 tokens, 5]
+        pooled = F.scaled_dot_product_attention(self.latent.expand(x.shape[0], -1, -1, -1), x, torch.relu(x))
+        bias = x @ self.rel.t()                                          # [B, 3, 4 queries, 4 keys]
+        biased = F.scaled_dot_product_attention(x, x.flip(2), x, attn_mask=bias)
+        return torch.cat([pooled.flatten(1), biased.flatten(1)], 1)
+
+
 #: name → (model, example input, fold_batchnorm)
 CASES: dict[str, Callable[[], tuple[nn.Module, torch.Tensor, bool]]] = {
     "convs": lambda: (_Convs(), _x(2, 3, 9, 9), True),
@@ -379,6 +448,10 @@ CASES: dict[str, Callable[[], tuple[nn.Module, torch.Tensor, bool]]] = {
     "written_attention": lambda: (_WrittenAttention(), _x(3, 4, 2, 3), True),
     "products": lambda: (_Products(), _x(2, 3, 4, 6), True),
     "constant_matrices": lambda: (_ConstantMatrices(), _x(2, 3, 4, 5), True),
+    "linear_attention": lambda: (_LinearAttention(), _x(2, 3, 16, 5), True),
+    "outlook": lambda: (_Outlook(), _x(2, 3, 5, 6), True),
+    "transposed_convs": lambda: (_TransposedConvs(), _x(2, 4, 3, 4), True),
+    "latent_attention": lambda: (_LatentAttention(), _x(2, 3, 4, 5), True),
 }
 
 

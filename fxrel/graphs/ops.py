@@ -42,21 +42,22 @@ KINDS: dict[str, str] = {
                 "hardsigmoid, mish, x²)",
     MAXPOOL: "max pooling, a maximum over dims (amax)",
     AVGPOOL: "average / adaptive average pooling, means, bilinear upsampling (convex combinations), bicubic "
-             "resampling (a linear map with some negative taps: CrossViT resizes its input)",
+             "resampling (a linear map with some negative taps: CrossViT resizes its input), F.fold's sums of "
+             "overlapping patches (VOLO's outlook attention)",
     ADD: "elementwise sum of two tensors (residual connections)",
     CAT: "concatenation along one dimension",
     SHAPE: "shape-only op (view, reshape, permute, transpose, squeeze/unsqueeze, clone, slice/split/chunk with any "
            "step, roll, flip)",
     PAD: "copying resampling: zero padding (−∞ before a max-pool), 2-D reflect/replicate padding, nearest "
          "upsampling, constant tokens beside a transformer's patch tokens, F.unfold's patches (im2col), "
-         "repeat_interleave, expand, Tensor.unfold's sliding windows (every output is a copy of one input, or a "
-         "constant)",
+         "repeat_interleave, expand, Tensor.unfold's sliding windows, index_select with constant indices (every "
+         "output is a copy of one input, or a constant)",
     GATE: "a value times a gate broadcast over some of its dims, value ⊙ gate (squeeze-excitation, 1/σ of a "
           "normalisation, attention weights), or times an activated branch of its own shape (a gated linear unit: "
           "SwiGLU, GEGLU)",
     CENTER: "centering x − mean(x) over a group of dims (the mean subtraction of Layer/GroupNorm)",
     STAT: "a statistic that only ever feeds a gate: 1/σ = (mean(x²) + ε)^(−1/2) of a normalisation, 1/max(‖x‖, ε) "
-          "of F.normalize, 1/Σx of a tensor divided by its own sum, ConvNeXt-V2's "
+          "of F.normalize, 1/Σx of a tensor divided by its own sum, 1/b of any other computed divisor, ConvNeXt-V2's "
           "response scale ‖x‖/(mean ‖x‖ + ε), softmax attention weights; rules treat it as a constant (no relevance "
           "flows into it), gradients pass exactly",
     BILINEAR: "a product of two computed tensors: matrices a @ b (attention logits q @ kᵀ that do not go straight "
@@ -393,6 +394,21 @@ def _inv_sum_vjp(node, grad, inputs, weight=None):
     return [(-grad / (total * total)).expand_as(inputs[0])]
 
 
+def inverse(x: torch.Tensor) -> torch.Tensor:
+    """``1 / x`` of a computed divisor that is not a normaliser's own pattern (EfficientViT's linear attention divides
+    ``q·Σ_n k_nᵀ v_n`` by ``q·Σ_n k_nᵀ + ε``): for the rules a constant gate, as LayerNorm's σ is."""
+    return 1 / x
+
+
+def _inverse_forward(node, inputs, weight=None, bias=None):
+    return inverse(inputs[0])
+
+
+def _inverse_vjp(node, grad, inputs, weight=None):
+    """``−g / x²``."""
+    return [-grad / (inputs[0] * inputs[0])]
+
+
 def response_scale(x: torch.Tensor, dims: list[int], channel_dims: list[int], eps: float) -> torch.Tensor:
     """ConvNeXt-V2's global response normalisation scale ``n = g / (mean_c g + ε)``, ``g = ‖x‖₂`` over ``dims``."""
     g = torch.linalg.vector_norm(x, 2, dims, keepdim=True)
@@ -646,6 +662,26 @@ def _unfold_vjp(node, grad, inputs, weight=None):
     return [aten.col2im.default(grad, list(_in_shape(node)[2:]), kernel, dilation, padding, stride)]
 
 
+def _take_forward(node, inputs, weight=None, bias=None):
+    """The indices arrive as ``weight`` (:func:`weight_and_bias`)."""
+    return aten.index_select.default(inputs[0], node.args[1], weight)
+
+
+def _take_vjp(node, grad, inputs, weight=None):
+    """Each output a copy of the input entry it names: the cotangents summed back onto those entries."""
+    return [aten.index_select_backward.default(grad, _cotangent_in_shape(node, grad), node.args[1], weight)]
+
+
+def _fold_forward(node, inputs, weight=None, bias=None):
+    return aten.col2im.default(inputs[0], *node.args[1:])
+
+
+def _fold_vjp(node, grad, inputs, weight=None):
+    """``F.fold``'s transpose, ``F.unfold`` (each patch entry reads its pixel)."""
+    _, kernel, dilation, padding, stride = node.args[1:6]
+    return [aten.im2col.default(grad, kernel, dilation, padding, stride)]
+
+
 def _repeat_interleave_forward(node, inputs, weight=None, bias=None):
     return aten.repeat_interleave.self_int(inputs[0], *node.args[1:])
 
@@ -790,6 +826,8 @@ OP_SPECS: dict[Any, OpSpec] = {
     aten.upsample_nearest2d.vec: OpSpec(PAD, _first, _upsample_forward, _upsample_vjp),
     with_tokens: OpSpec(PAD, _first, _with_tokens_forward, _with_tokens_vjp),
     aten.im2col.default: OpSpec(PAD, _first, _unfold_forward, _unfold_vjp),
+    aten.col2im.default: OpSpec(AVGPOOL, _first, _fold_forward, _fold_vjp),
+    aten.index_select.default: OpSpec(PAD, _first, _take_forward, _take_vjp),
     aten.repeat_interleave.self_int: OpSpec(PAD, _first, _repeat_interleave_forward, _repeat_interleave_vjp),
     aten.expand.default: OpSpec(PAD, _first, _expand_forward, _expand_vjp),
     aten.unfold.default: OpSpec(PAD, _first, _sliding_windows_forward, _sliding_windows_vjp),
@@ -800,6 +838,7 @@ OP_SPECS: dict[Any, OpSpec] = {
     response_scale: OpSpec(STAT, _first, _response_scale_forward, _response_scale_vjp),
     inv_norm: OpSpec(STAT, _first, _inv_norm_forward, _inv_norm_vjp),
     inv_sum: OpSpec(STAT, _first, _inv_sum_forward, _inv_sum_vjp),
+    inverse: OpSpec(STAT, _first, _inverse_forward, _inverse_vjp),
     aten.softmax.int: OpSpec(STAT, _first, _softmax_forward, _softmax_vjp),
     attention_weights: OpSpec(STAT, _add_inputs, _attention_weights_forward, _attention_weights_vjp),
     attend: OpSpec(ATTEND, _add_inputs, _attend_forward, _attend_vjp),
@@ -827,9 +866,12 @@ def tensor_inputs(node: fx.Node) -> list[fx.Node]:
 
 def weight_and_bias(node: fx.Node) -> tuple[fx.Node | None, fx.Node | None]:
     """The ``get_attr`` nodes holding a parametrised node's weight and bias (``None`` where absent); for
-    ``with_tokens``, its tokens before and after; for ``attention_weights``, its attention bias (as the weight)."""
+    ``with_tokens``, its tokens before and after; for ``attention_weights``, its attention bias (as the weight); for
+    ``index_select``, its indices (as the weight)."""
     if node.target is with_tokens:   # its constant tokens (before, after)
         return node.args[1], node.args[2]
+    if node.target is aten.index_select.default:   # its constant indices, as the weight
+        return node.args[2], None
     if node.target is attention_weights:   # its attention bias, as the weight
         return (node.args[3] if len(node.args) > 3 else None), None
     kind = node.meta.get("fxrel_kind")

@@ -12,7 +12,13 @@ from torch import fx
 from fxrel.graphs import ops
 from fxrel.graphs.canonical.gates import _GATE_ACTIVATIONS, _gates, _is_statistic, _source, _unexpanded
 from fxrel.graphs.canonical.logits import scaled_logits, shifted_logits
-from fxrel.graphs.canonical.normalisers import _divided_by_norm, _divided_by_std, _divided_by_sum, _response_scale
+from fxrel.graphs.canonical.normalisers import (
+    _divided_by_computed,
+    _divided_by_norm,
+    _divided_by_std,
+    _divided_by_sum,
+    _response_scale,
+)
 from fxrel.graphs.canonical.registry import handles
 from fxrel.graphs.canonical.walker import _Canonicalizer
 from fxrel.graphs.ops import aten
@@ -81,7 +87,8 @@ def _add(c: _Canonicalizer, n: fx.Node):
 
 @handles(aten.mul.Tensor, aten.div.Tensor)
 def _mul(c: _Canonicalizer, n: fx.Node):
-    """A product with a constant is an affine (``x·s``, ``x/s``); a feature map times a broadcast gate
+    """A product with a constant is an affine (``x·s``, ``x/s``), a division by a computed divisor a gate by its
+    inverse; a feature map times a broadcast gate
     (squeeze-excitation) or a same-shaped squashed branch is ``channel_gate(value, gate)``, a same-shaped activated
     branch (a gated linear unit) ``gated_unit(value, gate)``; any other
     product of two computed tensors is ``product(a, b)`` (the uniform rule splits its relevance)."""
@@ -100,9 +107,10 @@ def _mul(c: _Canonicalizer, n: fx.Node):
         return _divided_by_sum(c, a, dims)
     if n.target is aten.div.Tensor:
         divisor = _operand(c, b, n)
-        if divisor is None or _operand(c, a, n) is not None or n.kwargs.get("rounding_mode"):
-            raise c.unsupported("division by a computed tensor (only division by a constant is canonical)")
-        return _affine(c, a, 1 / divisor, None)
+        if _operand(c, a, n) is not None or n.kwargs.get("rounding_mode"):
+            raise c.unsupported("division of a constant or with a rounding mode (only a computed tensor divided by "
+                                "a constant or by a computed tensor is canonical)")
+        return _affine(c, a, 1 / divisor, None) if divisor is not None else _divided_by_computed(c, a, b)
     for value, other in ((a, b), (b, a)):
         scale = _operand(c, other, n)
         if scale is not None and _operand(c, value, n) is None:

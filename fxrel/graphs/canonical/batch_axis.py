@@ -47,7 +47,7 @@ _RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
 #: ops that work on axes ≥ 1 of a batch-first tensor
 _BATCH_FIRST = (aten.convolution.default, aten.max_pool2d.default, aten.avg_pool2d.default,
                 aten.adaptive_avg_pool2d.default, aten.upsample_nearest2d.vec, aten.upsample_bilinear2d.vec,
-                aten.upsample_bicubic2d.vec, aten.im2col.default,
+                aten.upsample_bicubic2d.vec, aten.im2col.default, aten.col2im.default,
                 aten.pad.default)
 
 
@@ -101,9 +101,9 @@ class _Tracker:
         if not inputs:
             return None
         source = inputs[0]
-        batch = _aligned(source.meta["fxrel_batch_axis"], node, source) if len(node_shape(node)) >= len(
-            node_shape(source)) else source.meta["fxrel_batch_axis"]
         t, rank = node.target, len(node_shape(node))
+        batch = _aligned(source.meta["fxrel_batch_axis"], node, source) if len(node_shape(node)) >= len(
+            node_shape(source)) and t not in _BATCH_FIRST else source.meta["fxrel_batch_axis"]  # F.fold adds a dim
         if t in _RESHAPES:
             moved = _reshaped(source.meta["fxrel_batch_axis"], node_shape(source), node_shape(node), self.size)
             if moved is None:
@@ -123,6 +123,9 @@ class _Tracker:
             step = node.args[4] if len(node.args) > 4 else 1
             if dim == batch.axis and not (start == 0 and end >= node_shape(source)[dim] and step == 1):
                 self.refuse(node, f"a slice along dim {dim}, the batch axis")
+            return batch
+        if t is aten.index_select.default:
+            self.along(node, batch, [node.args[1]], "an index_select")
             return batch
         if t in (aten.roll.default, aten.flip.default):
             self.along(node, batch, node.args[-1], "a roll or flip")

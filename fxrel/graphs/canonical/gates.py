@@ -9,6 +9,7 @@ import torch
 from torch import fx
 
 from fxrel.graphs import ops
+from fxrel.graphs.canonical.layers import contract_with_constant
 from fxrel.graphs.canonical.normalisers import _reshaped
 from fxrel.graphs.canonical.pending import _Logits
 from fxrel.graphs.canonical.reductions import _sum_as_mean
@@ -126,9 +127,13 @@ def _matmul(c: _Canonicalizer, n: fx.Node):
     for matrix, x, on_left in ((b, a, False), (a, b, True)):
         if c.is_const(matrix) and not c.is_const(x) and c.const(matrix).dim() == 2 and x.meta["val"].dim() >= 2:
             return _constant_matrix(c, c.value(x), c.const(matrix), on_left)
-    if c.is_const(a) or c.is_const(b) or len(a.meta["val"].shape) < 3:
-        raise c.unsupported("product with a constant matrix or of matrices without a batch of rows (only "
-                            "attention products and attention pooling are canonical)")
+    if c.is_const(a) or c.is_const(b):
+        raise c.unsupported("product with a constant of more than two dims (only constant matrices, attention "
+                            "products and attention pooling are canonical)")
+    if len(a.meta["val"].shape) < 3:   # CSATv2's scalar-head attention: q @ kᵀ of [B, N] rows is [B, B]
+        raise c.unsupported(f"a product of two computed matrices {list(a.meta['val'].shape)} @ "
+                            f"{list(b.meta['val'].shape)} without a batch dim: it contracts or mixes the samples of "
+                            "a batch")
     if _weights_of(c, a):
         return c.emit(ops.attend, (c.value(b), c.value(a)))
     if b.target is aten.transpose.int and _weights_of(c, b.args[0]):
@@ -159,11 +164,39 @@ def _attention(c: _Canonicalizer, n: fx.Node):
     scale = a.get("scale") or 1 / math.sqrt(q.shape[-1])
     shape = (*q.shape[:-1], k.shape[-2])
     bias = None
+    if a.get("attn_mask") is not None and not c.is_const(a["attn_mask"]):
+        return _computed_bias(c, a, scale, shape)
     if a.get("attn_mask") is not None:
         mask = c.const(a["attn_mask"])
         bias = torch.where(mask, 0.0, -math.inf).to(q.dtype) if mask.dtype == torch.bool else mask.to(q.dtype)
     if a.get("is_causal"):
         causal = torch.full(shape[-2:], -math.inf, dtype=q.dtype).triu(1)
         bias = causal if bias is None else bias + causal
+    if c.is_const(a["query"]) and not c.is_const(a["key"]):
+        return _latent_query(c, a["query"], a["key"], a["value"], scale, bias)
     weights = _attention_weights(c, c.value(a["query"]), c.value(a["key"]), scale, bias, shape, shape)
     return c.emit(ops.attend, (c.value(a["value"]), weights))
+
+
+def _computed_bias(c: _Canonicalizer, a: dict, scale: float, shape: tuple[int, ...]) -> fx.Node:
+    """Attention whose float mask is computed (SAM's decomposed relative positions, computed from the queries): the
+    logits ``q kᵀ·s`` a bilinear product, the bias added to them (a sum), their softmax the weights (a statistic)."""
+    if a["attn_mask"].meta["val"].dtype == torch.bool or a.get("is_causal"):
+        raise c.unsupported("attention with a computed boolean mask or a computed mask and causal masking")
+    kt = c.emit(aten.transpose.int, (c.value(a["key"]), -1, -2))
+    logits = c.materialised(_Logits(c.value(a["query"]), kt, shape, shape, scale))
+    biased = c.emit(aten.add.Tensor, (logits, c.value(a["attn_mask"])))
+    return c.emit(ops.attend, (c.value(a["value"]), c.emit(aten.softmax.int, (biased, -1))))
+
+
+def _latent_query(c: _Canonicalizer, query: fx.Node, key: fx.Node, value: fx.Node, scale: float,
+                  bias: torch.Tensor | None) -> fx.Node:
+    """Attention from a learned query (attention pooling on latent tokens: NaFlexViT's and SigLIP's MAP heads): the
+    logits ``k qᵀ·s`` are a linear map of the keys, one matrix per head (:func:`contract_with_constant`), their
+    softmax over the keys the weights (a statistic) that ``attend`` mixes the values with."""
+    q = c.const(query)
+    if q.dim() != 4 or key.meta["val"].dim() != 4 or bias is not None or not bool((q == q[:1]).all()):
+        raise c.unsupported("attention from a constant query other than one [1, heads, queries, dim] latent shared by "
+                            "every sample, without a mask")
+    logits = contract_with_constant(c, key, "bhjd", q[0] * scale, "hid", "bhij")
+    return c.emit(ops.attend, (c.value(value), c.emit(aten.softmax.int, (logits, -1))))

@@ -1,6 +1,7 @@
 """Handlers for parametrised layers: convolutions, linear layers, Batch/Layer/GroupNorm."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ def _conv(c: _Canonicalizer, n: fx.Node):
     if n.target is aten.convolution.default:
         _, _, _, stride, padding, dilation, transposed, output_padding, groups = n.args
         if transposed:
-            raise c.unsupported("transposed convolution")
+            return _transposed(c, x, weight, c.const(b), stride, padding, output_padding, groups, dilation)
     else:
         names = ("stride", "padding", "dilation", "groups")
         given = dict(zip(names, n.args[3:]), **n.kwargs)
@@ -37,6 +38,46 @@ def _conv(c: _Canonicalizer, n: fx.Node):
     return c.emit(aten.convolution.default,
                   (source, c.param(weight, "weight"), c.param(c.const(b), "bias"), stride,
                    expand(padding), dilation, False, [0] * dims, groups))
+
+
+@handles(aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input)
+def _conv_transpose(c: _Canonicalizer, n: fx.Node):
+    names = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+    a = dict(zip(names, n.args), **n.kwargs)
+    weight = c.const(a["weight"])
+    dims = weight.dim() - 2
+    def given(name: str, default: int) -> list[int]:
+        v = a.get(name, default)
+        v = [v] if isinstance(v, int) else list(v)
+        return v * dims if len(v) == 1 else v
+    return _transposed(c, a["input"], weight, c.const(a.get("bias")), given("stride", 1), given("padding", 0),
+                       given("output_padding", 0), a.get("groups", 1), given("dilation", 1))
+
+
+def _transposed(c: _Canonicalizer, x: fx.Node, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
+                padding: list[int], output_padding: list[int], groups: int, dilation: list[int]) -> fx.Node:
+    """A transposed convolution (LowFormer's upsampling) as the convolution it is the adjoint of: ``s − 1`` zeros
+    inserted after every input pixel (a copying op), the result padded by ``d(k − 1) − p`` (``+ output_padding``
+    after, less the ``s − 1`` trailing zeros; negative amounts crop), then a stride-1 convolution with the kernel
+    flipped and its in/out channels swapped per group. The same linear map, so every convolution rule applies."""
+    dims = weight.dim() - 2
+    shape = list(x.meta["val"].shape)
+    value = c.value(x)
+    if any(s > 1 for s in stride):
+        spread = [*shape[:2], *[v for size in shape[2:] for v in (size, 1)]]
+        value = c.emit(aten.reshape.default, (value, spread))
+        value = c.emit(aten.constant_pad_nd.default, (value, [p for s in reversed(stride) for p in (0, s - 1, 0, 0)],
+                                                      0.0))
+        value = c.emit(aten.reshape.default, (value, [*shape[:2], *[size * s for size, s in zip(shape[2:], stride)]]))
+    reach = [d * (k - 1) - p for d, k, p in zip(dilation, weight.shape[2:], padding)]
+    pads = [q for i in reversed(range(dims)) for q in (reach[i], reach[i] + output_padding[i] - (stride[i] - 1))]
+    if any(pads):
+        value = c.emit(aten.constant_pad_nd.default, (value, pads, 0.0))
+    c_in, c_out = weight.shape[0], weight.shape[1] * groups
+    kernel = weight.reshape(groups, c_in // groups, c_out // groups, *weight.shape[2:]).transpose(1, 2)
+    kernel = kernel.reshape(c_out, c_in // groups, *weight.shape[2:]).flip(list(range(2, 2 + dims))).contiguous()
+    return c.emit(aten.convolution.default, (value, c.param(kernel, "weight"), c.param(bias, "bias"), [1] * dims,
+                                             [0] * dims, list(dilation), False, [0] * dims, groups))
 
 
 def _string_padding(c: _Canonicalizer, x: fx.Node, padding: str, weight: torch.Tensor, stride: list[int],
@@ -136,3 +177,55 @@ def _group_norm(c: _Canonicalizer, n: fx.Node):
     weight = torch.ones_like(bias) if weight is None else weight
     bias = None if bias is None else bias.reshape(view)
     return c.emit(ops.channel_affine, (normalized, c.param(weight.reshape(view), "scale"), c.param(bias, "shift")))
+
+
+@handles(aten.einsum.default)
+def _einsum(c: _Canonicalizer, n: fx.Node):
+    """``einsum(eq, x, W)`` of a computed ``x`` and a constant ``W`` (MViTv2's and SAM's decomposed relative position
+    logits, ``byhwc,hkc->byhwk``): a linear map of ``x``, :func:`contract_with_constant`."""
+    equation, operands = n.args[0].replace(" ", ""), n.args[1]
+    if len(operands) != 2 or "..." in equation or "->" not in equation:
+        raise c.unsupported("einsum other than of two operands with explicit indices and output")
+    (xs, ws), out = equation.split("->")[0].split(","), equation.split("->")[1]
+    x, w = operands
+    if c.is_const(x) and not c.is_const(w):
+        x, w, xs, ws = w, x, ws, xs
+    if c.is_const(x) or not c.is_const(w):
+        raise c.unsupported("einsum of two computed tensors (only a computed tensor with a constant is canonical)")
+    return contract_with_constant(c, x, xs, c.const(w), ws, out)
+
+
+def contract_with_constant(c: _Canonicalizer, x: fx.Node, xs: str, weight: torch.Tensor, ws: str,
+                           out: str) -> fx.Node:
+    """``einsum(f"{xs},{ws}->{out}", x, weight)`` for a computed ``x`` and a constant ``weight``, written as a grouped
+    1 × 1 convolution.
+
+    The indices of ``x`` split into the contracted ones ``C`` (in ``weight``, not in the output), the group ones ``G``
+    (in ``weight`` and the output: one matrix per group), and the free ones ``F`` (the output's, with the batch
+    first). ``x`` is permuted to ``[F₀, G·C, F_rest, 1]``, convolved with ``weight`` as ``[G·K, C, 1, 1]`` in ``G``
+    groups (``K``: the weight's output indices), and reshaped and permuted back; indices of ``weight`` alone are
+    summed into it first."""
+    equation = f"{xs},{ws}->{out}"
+    if len(set(xs)) != len(xs) or len(set(ws)) != len(ws) or any(i not in out for i in xs if i not in ws):
+        raise c.unsupported(f"einsum '{equation}' with a repeated index or a sum over the computed tensor alone")
+    alone = [d for d, i in enumerate(ws) if i not in xs and i not in out]
+    if alone:
+        weight, ws = weight.sum(alone), "".join(i for i in ws if i in xs or i in out)
+    groups = [i for i in xs if i in ws and i in out]
+    contracted = [i for i in xs if i in ws and i not in out]
+    free = [i for i in xs if i not in ws]
+    kept = [i for i in ws if i not in xs]
+    if not free or free[0] != xs[0]:
+        raise c.unsupported(f"einsum '{equation}' whose computed tensor's first (batch) index is contracted")
+    sizes = dict(zip(xs, x.meta["val"].shape)) | dict(zip(ws, weight.shape))
+    count = lambda indices: math.prod(sizes[i] for i in indices)  # noqa: E731
+    order = [free[0], *groups, *contracted, *free[1:]]
+    rows = c.emit(aten.permute.default, (c.value(x), [xs.index(i) for i in order]))
+    rows = c.emit(aten.reshape.default, (rows, [sizes[free[0]], count(groups + contracted), count(free[1:]), 1]))
+    kernel = weight.permute([ws.index(i) for i in groups + kept + contracted])
+    kernel = kernel.reshape(count(groups + kept), count(contracted), 1, 1).contiguous()
+    mixed = c.emit(aten.convolution.default, (rows, c.param(kernel, "weight"), None, [1, 1], [0, 0], [1, 1], False,
+                                              [0, 0], count(groups) if groups else 1))
+    produced = [free[0], *groups, *kept, *free[1:]]
+    mixed = c.emit(aten.reshape.default, (mixed, [sizes[i] for i in produced]))
+    return c.emit(aten.permute.default, (mixed, [produced.index(i) for i in out]))

@@ -122,3 +122,10 @@ def _divided_by_sum(c: _Canonicalizer, value: fx.Node, dims: list[int]) -> fx.No
     """``x / Σ_dims x`` (ConViT's renormalised attention mixture): a gate by the statistic ``inv_sum``, the
     normaliser a constant for the rules as LayerNorm's σ is."""
     return c.emit(ops.channel_gate, (c.value(value), c.emit(ops.inv_sum, (c.value(value), dims))))
+
+
+def _divided_by_computed(c: _Canonicalizer, value: fx.Node, divisor: fx.Node) -> fx.Node:
+    """``a / b`` with a computed ``b`` that closes no normaliser pattern (EfficientViT's linear attention,
+    ``(q Kᵀ V) / (q Kᵀ 1 + ε)``): a gate by the statistic ``inverse(b)``, the divisor a constant for the rules as
+    LayerNorm's σ is; gradients pass exactly."""
+    return c.emit(ops.channel_gate, (c.value(value), c.emit(ops.inverse, (c.value(divisor),))))

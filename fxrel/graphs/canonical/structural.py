@@ -172,10 +172,28 @@ def _pad(c: _Canonicalizer, n: fx.Node):
     value = float(value or 0.0)
     pooled = bool(n.users) and all(u.target in (aten.max_pool2d.default, aten.max_pool2d_with_indices.default)
                                    for u in n.users)
+    if mode == "constant" and math.isfinite(value) and value != 0.0 and all(p >= 0 for p in pads):
+        return _padded_with(c, n, pads, value)
     if mode != "constant" or not (value == 0.0 or (value == -math.inf and pooled)):
-        raise c.unsupported(f"padding mode={mode} value={value} (zero padding or cropping, −∞ padding before "
-                            "max-pooling (TF 'SAME') and 2-D reflect/replicate padding are canonical)")
+        raise c.unsupported(f"padding mode={mode} value={value} (constant padding with a finite value or "
+                            "cropping, −∞ padding before max-pooling (TF 'SAME') and 2-D reflect/replicate padding "
+                            "are canonical)")
     return c.emit(aten.constant_pad_nd.default, (c.value(n.args[0]), pads, value))
+
+
+def _padded_with(c: _Canonicalizer, n: fx.Node, pads: list[int], value: float) -> fx.Node:
+    """Padding with a constant ``value ≠ 0`` (EfficientViT pads its values with a column of ones, the linear
+    attention's normaliser): zero padding plus a constant shift that is ``value`` on the padded entries only, an
+    additive constant the rules absorb as they absorb a bias. The shift has size 1 on every dim not padded, so it
+    broadcasts over the batch."""
+    x = n.args[0]
+    shape = x.meta["val"].shape
+    padded = {len(shape) - 1 - i // 2 for i, p in enumerate(pads) if p}
+    core = torch.zeros([size if d in padded else 1 for d, size in enumerate(shape)], dtype=x.meta["val"].dtype)
+    shift = torch.nn.functional.pad(core, pads, value=value)
+    zero_padded = c.emit(aten.constant_pad_nd.default, (c.value(x), pads, 0.0))
+    return c.emit(ops.channel_affine, (zero_padded, c.param(torch.ones((), dtype=shift.dtype), "scale"),
+                                       c.param(shift, "shift")))
 
 
 @handles(aten.amax.default)
@@ -185,6 +203,31 @@ def _amax(c: _Canonicalizer, n: fx.Node):
     if not dims:
         raise c.unsupported("amax over every dim (only a maximum over given dims is canonical)")
     return c.emit(aten.amax.default, (c.value(x), dims, ops.argument(n, "keepdim", False)))
+
+
+@handles(aten.index.Tensor)
+def _index(c: _Canonicalizer, n: fx.Node):
+    """``x[:, …, idx]`` with constant integer indices along one dim (CSATv2 reorders its DCT coefficients): each
+    output a copy of the entry it names, an ``index_select`` (multi-dimensional indices flattened, then the result
+    viewed in their shape)."""
+    x, indices = n.args
+    given = [(d, i) for d, i in enumerate(indices) if i is not None]
+    if len(given) != 1 or not c.is_const(given[0][1]) or c.const(given[0][1]).dtype not in (torch.int32, torch.int64):
+        raise c.unsupported("indexing other than with one constant integer tensor along one dim")
+    dim, index = given[0][0], c.const(given[0][1])
+    taken = c.emit(aten.index_select.default, (c.value(x), dim, c.param(index.flatten().long(), "index")))
+    if index.dim() == 1:
+        return taken
+    return c.emit(aten.reshape.default, (taken, list(n.meta["val"].shape)))
+
+
+@handles(aten.max.dim)
+def _max_dim(c: _Canonicalizer, n: fx.Node):
+    """``x.max(dim)`` whose values alone are used (VOLO's token-labelling head takes the maximum over tokens): the
+    maximum over that dim, an ``amax``; the indices are not canonical."""
+    if any(u.target is not operator.getitem or u.args[1] != 0 for u in n.users):
+        raise c.unsupported("max over a dim whose indices are used (only its values are canonical)")
+    return (c.emit(aten.amax.default, (c.value(n.args[0]), [n.args[1]], ops.argument(n, "keepdim", False))),)
 
 
 @handles(aten.avg_pool1d.default)
@@ -205,6 +248,15 @@ def _unfold(c: _Canonicalizer, n: fx.Node):
     """``F.unfold`` (TNT's and VOLO's local patches): a copying op, each output a pixel of a patch or zero padding."""
     x, kernel, dilation, padding, stride = n.args
     return c.emit(aten.im2col.default, (c.value(x), list(kernel), list(dilation), list(padding), list(stride)))
+
+
+@handles(aten.col2im.default)
+def _fold(c: _Canonicalizer, n: fx.Node):
+    """``F.fold`` (VOLO's outlook attention puts its weighted patches back): each pixel the sum of the patch entries
+    that cover it, a linear map with unit taps (a sum pooling)."""
+    x, size, kernel, dilation, padding, stride = n.args
+    return c.emit(aten.col2im.default, (c.value(x), list(size), list(kernel), list(dilation), list(padding),
+                                        list(stride)))
 
 
 @handles(aten.repeat_interleave.self_int)
@@ -246,6 +298,34 @@ def _type_as(c: _Canonicalizer, n: fx.Node):
     if not n.meta["val"].dtype.is_floating_point:
         raise c.unsupported(f"type_as to {n.meta['val'].dtype} (only floating-point casts are canonical)")
     return c.pending(n.args[0]) or c.value(n.args[0])
+
+
+@handles(aten.copy.default)
+def _copy(c: _Canonicalizer, n: fx.Node):
+    """``dest.copy_(src)`` of the same shape (what functionalisation makes of ``attn[:, :, a:, b:] = …``, MViTv2's
+    relative positions): the overwritten value is ``src``; the region written goes back by ``slice_scatter``."""
+    dest, src = n.args[:2]
+    if not isinstance(src, fx.Node) or src.meta["val"].shape != dest.meta["val"].shape:
+        raise c.unsupported("copy_ of a broadcast or non-tensor source (only a same-shaped overwrite is canonical)")
+    return c.pending(src) or c.value(src)
+
+
+@handles(aten.slice_scatter.default)
+def _slice_scatter(c: _Canonicalizer, n: fx.Node):
+    """``dest`` with ``dest[start:end]`` along ``dim`` replaced by ``src`` (an in-place slice assignment,
+    functionalised): the concatenation of ``dest``'s slices before and after with ``src`` (step 1)."""
+    dest, src = n.args[:2]
+    shape = dest.meta["val"].shape
+    dim = ops.argument(n, "dim", 0) % len(shape)
+    start, end = ops.argument(n, "start", None) or 0, ops.argument(n, "end", None)
+    end = shape[dim] if end is None else min(end, shape[dim])
+    start, end = start % shape[dim] if start < 0 else start, end % shape[dim] if end < 0 else end
+    if ops.argument(n, "step", 1) != 1:
+        raise c.unsupported("slice_scatter with a step (only contiguous slice assignments are canonical)")
+    before = [c.emit(aten.slice.Tensor, (c.value(dest), dim, 0, start))] if start > 0 else []
+    after = [c.emit(aten.slice.Tensor, (c.value(dest), dim, end, shape[dim]))] if end < shape[dim] else []
+    parts = [*before, c.value(src), *after]
+    return parts[0] if len(parts) == 1 else c.emit(aten.cat.default, (parts, dim))
 
 
 @handles(aten.dropout.default, aten.detach.default, aten.lift_fresh_copy.default)

@@ -69,7 +69,7 @@ class _Canonicalizer:
         if isinstance(deferred, _Pending):
             raise self.unsupported(f"'{node.name}' is part of a normalising statistic that does not end in rsqrt")
         if isinstance(deferred, _Logits):   # used other than on the way to a softmax: the product itself
-            self.env[node] = self._materialised(deferred)
+            self.env[node] = self.materialised(deferred)
         if self.is_const(node):
             raise self.unsupported(f"the constant '{node.name}' (a parameter, buffer or a value computed from them) "
                                    "is used where a computed feature map is expected")
@@ -85,7 +85,7 @@ class _Canonicalizer:
         value = self.env.get(node) if isinstance(node, fx.Node) else None
         return value if isinstance(value, _Pending) else None
 
-    def _materialised(self, logits: _Logits) -> fx.Node:
+    def materialised(self, logits: _Logits) -> fx.Node:
         """Attention logits that do not go straight into a softmax (CaiT's talking heads mix them first): the
         bilinear product ``q @ kᵀ``, its scale, reshape and bias as canonical nodes."""
         dtype = self.current.meta["val"].dtype if "val" in self.current.meta else None
