@@ -168,7 +168,8 @@ def _smallest_input(model: nn.Module) -> int:
 
 
 def constant_free(model: nn.Module, x: torch.Tensor | None = None, copy_model: bool = True) -> nn.Module:
-    """A copy (``copy_model=False``: the model itself) with every additive constant zeroed: biases, BatchNorm/
+    """A copy (``copy_model=False``: the model itself) with every additive constant zeroed: biases (every parameter
+    named ``bias…``: an LSTM's ``bias_ih_l0`` too), BatchNorm/
     GroupNorm/LayerNorm shifts, running means, the parameters broadcast over the batch (shaped ``[1, …]`` with ≥ 3
     dims: a transformer's class/distillation/register tokens and position embeddings, which enter by concatenation or
     addition) and, given an example ``x``, every module that computes from no input (XCiT's Fourier position
@@ -180,8 +181,11 @@ def constant_free(model: nn.Module, x: torch.Tensor | None = None, copy_model: b
             if parameter.dim() >= 3 and parameter.shape[0] == 1:
                 parameter.zero_()
         for module in clone.modules():
+            for name, parameter in module.named_parameters(recurse=False):
+                if name.startswith("bias"):   # also a recurrent layer's bias_ih_l0 … bias_hh_l1_reverse
+                    parameter.zero_()
             bias = getattr(module, "bias", None)
-            if isinstance(bias, torch.Tensor):
+            if isinstance(bias, torch.Tensor):   # a bias that is a buffer
                 bias.zero_()
             mean = getattr(module, "running_mean", None)
             if isinstance(mean, torch.Tensor):

@@ -1,9 +1,11 @@
 """Capture: turn an ``nn.Module`` plus an example input into a functional ATen-level ``torch.fx.GraphModule``.
 
-fxrel captures with ``torch.export`` (non-strict) followed by ``run_decompositions({})``, which functionalises the
+fxrel captures with ``torch.export`` (non-strict) followed by ``run_decompositions``, which functionalises the
 graph: in-place ops (``relu_``, ``add_``, ``+=``) become their pure forms, ``dropout`` in eval mode disappears,
 ``flatten`` becomes ``view`` and every shape-dependent Python branch (timm's TF-"SAME" padding, ``ConvMlp``'s size
-check) is resolved for the example's shape. The result uses a small set of ATen ops, which is what canonicalisation
+check) is resolved for the example's shape; recurrent layers (``nn.LSTM``/``GRU``/``RNN``, Sequencer's 2-D LSTMs) are
+unrolled into their cells — linear maps, sigmoid/tanh gates and their products — by torch's own decompositions
+(:data:`RECURRENT`). The result uses a small set of ATen ops, which is what canonicalisation
 needs. Parameters and buffers become ``get_attr`` nodes of the returned module; each call node keeps
 ``nn_module_stack`` (module names for rule patterns) and ``stack_trace`` (source lines for errors).
 
@@ -24,12 +26,14 @@ import copy
 import re
 import threading
 import traceback
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 from torch import fx, nn
+from torch._decomp import get_decompositions
 from torch.nn.modules import module as module_globals
 
 from fxrel.errors import CaptureError, UnsupportedOpError
@@ -107,6 +111,12 @@ def as_input_tuple(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tup
     return tuple(example_inputs)
 
 
+#: the ops ``run_decompositions`` expands (torch's decompositions); every other op is kept as export gives it
+_aten = torch.ops.aten
+RECURRENT = get_decompositions([_aten.lstm.input, _aten.lstm.data, _aten.gru.input, _aten.gru.data,
+                                _aten.rnn_tanh.input, _aten.rnn_relu.input])
+
+
 def _attr_name(qualified: str) -> str:
     return "p_" + re.sub(r"\W", "_", qualified)
 
@@ -121,8 +131,10 @@ def capture(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
     inputs = as_input_tuple(example_inputs)
     name = type(model).__name__
     try:
-        with torch.no_grad(), _untouched(model) as functions:
-            program = torch.export.export(model, inputs).run_decompositions({})
+        with torch.no_grad(), _untouched(model) as functions, warnings.catch_warnings():
+            # an RNN re-lists its weights when export swaps them for fakes; _untouched restores the list
+            warnings.filterwarnings("ignore", r"The tensor attributes .*_flat_weights.* were assigned during export")
+            program = torch.export.export(model, inputs).run_decompositions(RECURRENT)
     except Exception as exc:  # export raises many kinds of errors; name the model, the user's line, keep the cause
         lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()][:3]
         raise CaptureError(f"torch.export could not capture {name}: {type(exc).__name__}: {' '.join(lines)}"

@@ -49,12 +49,17 @@ def _own_sum_dims(value: Any, divisor: Any) -> list[int] | None:
 
 def _affine(c: _Canonicalizer, x: fx.Node, scale: torch.Tensor | None, shift: torch.Tensor | None):
     """``x·scale + shift`` with constant ``scale``/``shift`` as a canonical ``channel_affine`` (layer scale, NFNet's
-    α/β gains, ``x + 0``); an identity is dropped."""
+    α/β gains, ``x + 0``); an identity is dropped, keeping the shape a broadcast constant gave (an RNN's zero initial
+    state ``[1, B, H]`` plus its input ``[B, H]``)."""
     if shift is not None and not bool((shift != 0).any()):
         shift = None
     if scale is None or (scale.numel() == 1 and float(scale) == 1.0):
         if shift is None:
-            return c.value(x)
+            value, shape = c.value(x), list(c.current.meta["val"].shape)
+            if list(x.meta["val"].shape) == shape:
+                return value
+            same_size = x.meta["val"].numel() == c.current.meta["val"].numel()
+            return c.emit(aten.reshape.default if same_size else aten.expand.default, (value, shape))
         scale = torch.ones((), dtype=shift.dtype)
     return c.emit(ops.channel_affine, (c.value(x), c.param(scale, "scale"), c.param(shift, "shift")))
 
