@@ -193,6 +193,17 @@ def test_more_timm_families_pass_the_coverage_checks(name):
 
 
 @pytest.mark.slow
+def test_a_model_padding_constants_into_its_windows_at_a_small_input_is_checked_at_its_own_size():
+    """iFormer at 32 px pads 2 × 2 maps to 7 × 7 windows whose padded tokens carry sigmoid(0) = ½ into the attention
+    (LRP-0 misses 3.6e-3 of the logit); the sweep's row is the check at the configured 224 px, which conserves."""
+    from fxrel.coverage import coverage
+
+    (row,) = coverage(["iformer_t"])
+    assert row.passed and row.size == 224, row.error
+    assert "at 32 px: lrp0" in row.note
+
+
+@pytest.mark.slow
 def test_sam_with_its_computed_relative_position_mask_passes_the_coverage_checks():
     """SAM's ViT (relative positions computed from the queries, passed to attention as a float mask), four blocks at
     128 px: its own 1024 px do not fit a float64 check in 24 GB."""
