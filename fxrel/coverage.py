@@ -1,6 +1,7 @@
 """Model-zoo coverage: which timm models fxrel explains, checked model by model (issue "Explain every timm CNN").
 
-For each model (random weights, ``pretrained=False``; batch 1; float64; the smallest input it accepts) the report
+For each model (random weights, ``pretrained=False``; batch 1; float64 — float32, noted, where a float64 check would
+not fit in memory; the smallest input it accepts, and its configured size when a check fails there) the report
 records, stage by stage — a stage that fails skips the rest and its first error line is kept:
 
 * **captured** — ``torch.export`` traced it (:func:`fxrel.graphs.capture`);
@@ -232,17 +233,17 @@ def check_model(model: nn.Module, name: str, size: int | None = None, peers: boo
     return _check_owned(copy.deepcopy(model), name, size, peers, seed)
 
 
-def _check_owned(model: nn.Module, name: str, size: int | None = None, peers: bool = False,
-                 seed: int = 0) -> ModelReport:
-    """:func:`check_model` on a model it may change: converted to float64 in place, its additive constants zeroed
-    for the LRP-0 check (a sweep creates each model for this alone, and the largest timm models fit in memory only
-    once)."""
+def _check_owned(model: nn.Module, name: str, size: int | None = None, peers: bool = False, seed: int = 0,
+                 dtype: torch.dtype = torch.float64) -> ModelReport:
+    """:func:`check_model` on a model it may change: converted to ``dtype`` (float64) in place, its additive constants
+    zeroed for the LRP-0 check (a sweep creates each model for this alone, and the largest timm models fit in memory
+    only once)."""
     report = ModelReport(name)
-    model = model.eval().double()
+    model = model.eval().to(dtype)
     stage = "input size"
     try:
         report.size = size or _smallest_input(model)
-        x = torch.randn(1, 3, report.size, report.size, dtype=torch.float64,
+        x = torch.randn(1, 3, report.size, report.size, dtype=dtype,
                         generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
             logits = model(x)
@@ -329,6 +330,8 @@ def _finite_differences_side(report: ModelReport, model: nn.Module, x: torch.Ten
     directions decide: the check holds if fxrel's directional derivatives match them (relative 1e-4) and autograd's
     are off by more than 1e-2 (timm's XCiT, LeViT and EfficientFormer: autograd through the model itself is off),
     noted in the report."""
+    if x.dtype != torch.float64:   # a step of 1e-6 needs float64
+        return False
     generator = torch.Generator().manual_seed(1)
     ours_error = autograd_error = 0.0
     with torch.no_grad():
@@ -452,15 +455,43 @@ def _checked(name: str, peers: bool) -> ModelReport:
     except Exception as err:
         return ModelReport(name, error=f"create: {first_line(err)}")
     native = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (None,))[-1]
-    report = _check_owned(model, name, peers=peers)
+    dtype, lean = _check_dtype(model)
+    report = _check_owned(model, name, peers=peers, dtype=dtype)
+    report.note = "; ".join(filter(None, [lean, report.note]))
     if report.passed or report.size is None or native is None or report.size >= native or not report.results.get(
             "canonical"):
         return report
     del model
     gc.collect()
-    again = _check_owned(created(), name, size=int(native), peers=peers)
-    again.note = "; ".join(filter(None, [again.note, f"at {report.size} px: {report.error}"]))
+    again = _check_owned(created(), name, size=int(native), peers=peers, dtype=dtype)
+    again.note = "; ".join(filter(None, [lean, again.note, f"at {report.size} px: {report.error}"]))
     return again
+
+
+#: resident memory of a float64 check, in multiples of the model's float64 weights (2.2 measured on
+#: vit_base_patch16_224, with a margin)
+CHECK_MEMORY_FACTOR = 3.0
+
+
+def _available_bytes() -> int | None:
+    """Linux's estimate of the memory available to a new process (``MemAvailable``), or ``None``."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_dtype(model: nn.Module) -> tuple[torch.dtype, str]:
+    """float64, or float32 with a note when the float64 check would not fit in the available memory (timm's
+    billion-parameter ViTs on a 24 GB machine): the same checks and tolerances, on half the bytes."""
+    need = CHECK_MEMORY_FACTOR * 8 * sum(p.numel() for p in model.parameters())
+    available = _available_bytes()
+    if available is None or need <= available:
+        return torch.float64, ""
+    return torch.float32, f"float32: float64 would need about {need / 2**30:.0f} GB, {available / 2**30:.0f} available"
 
 
 def _first_to_go() -> None:

@@ -139,7 +139,7 @@ def test_a_journal_keeps_finished_rows_and_a_resumed_sweep_skips_them(tmp_path, 
     assert first[1].error.startswith("create:")
     with open(journal, "a") as handle:
         handle.write('{"name": "vgg11", "size": 3')      # a sweep killed while writing its last row
-    monkeypatch.setattr(coverage, "check_model", lambda *a, **k: pytest.fail("a journalled model was re-checked"))
+    monkeypatch.setattr(coverage, "_check_owned", lambda *a, **k: pytest.fail("a journalled model was re-checked"))
     seen = []
     again = coverage.coverage(["resnet10t", "no_such_model"], journal=journal, progress=seen.append)
     assert seen == ["resnet10t", "no_such_model"]
@@ -156,3 +156,12 @@ def test_an_isolated_model_whose_process_is_killed_is_a_failed_row(tmp_path, mon
     (row,) = coverage.coverage(["resnet10t"], isolate=True, journal=tmp_path / "j.jsonl")
     assert not row.passed and row.error == "process: killed by SIGKILL (out of memory) loading weights"
     assert coverage.read_journal(tmp_path / "j.jsonl")["resnet10t"].error == row.error
+
+
+def test_a_model_whose_float64_check_would_not_fit_in_memory_is_checked_in_float32(monkeypatch):
+    monkeypatch.setattr(coverage, "_available_bytes", lambda: 2**20)
+    (row,) = coverage.coverage(["resnet10t"])
+    assert row.passed, row.error
+    assert row.note.startswith("float32: float64 would need about 0 GB, 0 available")
+    monkeypatch.setattr(coverage, "_available_bytes", lambda: None)   # unknown: float64
+    assert coverage._check_dtype(nn.Linear(3, 2)) == (torch.float64, "")
