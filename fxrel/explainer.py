@@ -100,7 +100,7 @@ def _non_finite_report(graph: RelevanceGraph, x: torch.Tensor, mask: torch.Tenso
     n = first[0]
     forward = n.meta.get("fxrel_forward", n.name)
     module = next((c.meta.get("fxrel_module", "") for c in graph.canonical.graph.nodes if c.name == forward), "")
-    if n.meta.get("fxrel_role") in (None, "forward"):
+    if n.meta.get("fxrel_role") in (None, "forward", "recomputed"):
         return (f"the model's own forward pass is not finite from node '{forward}' (module '{module}') on: the "
                 "input overflows the model (scale it down, or use float64)")
     return (f"the relevance is not finite from relevance-graph node '{n.name}' on: stream "

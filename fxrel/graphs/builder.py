@@ -13,8 +13,9 @@ feed other streams and are not returned. RSP uses both: helper streams bring gra
 map, where the relative map computed from them becomes the sectional stream's initial relevance.
 
 Fan-out is summation: a node used by several others receives the sum of what each sends back.
-Every emitted node records ``fxrel_role`` (``forward``/``seed``/``relevance``), ``fxrel_forward`` (the forward node it
-serves), ``fxrel_rule`` and ``fxrel_stream``.
+Every emitted node records ``fxrel_role`` (``forward``/``seed``/``relevance``, and ``recomputed`` for the forward
+values :mod:`~fxrel.graphs.rematerialise` recomputes where the backward pass reads them), ``fxrel_forward`` (the
+forward node it serves), ``fxrel_rule`` and ``fxrel_stream``.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from torch import fx
 from fxrel.errors import RuleError
 from fxrel.graphs import ops
 from fxrel.graphs.analysis import find_node
+from fxrel.graphs.rematerialise import rematerialise
 from fxrel.graphs.rule_protocol import Rule
 
 Seed = Callable[..., Any]
@@ -302,6 +304,7 @@ def build_relevance_graph(canonical: fx.GraphModule, streams: Sequence[Stream], 
                             fxrel_stream="combined")
     keys = list(outputs)
     b.graph.output({k: (v.node if isinstance(v, fx.Proxy) else v) for k, v in outputs.items()})
+    rematerialise(b.graph)
     b.graph.eliminate_dead_code()
     module = fx.GraphModule(b.root, b.graph, "RelevanceGraph")
     return RelevanceGraph(module, canonical, returned, start_node.name, labels, keys,

@@ -1,6 +1,6 @@
 """Export of relevance graphs for inspection: networkx graphs, Graphviz DOT, and shape annotation.
 
-Every node of a relevance graph carries ``fxrel_role`` (forward / seed / relevance), ``fxrel_forward`` (the
+Every node of a relevance graph carries ``fxrel_role`` (forward / seed / relevance / recomputed), ``fxrel_forward`` (the
 canonical forward node it serves), ``fxrel_rule`` and ``fxrel_stream``; these exports keep that metadata.
 """
 from __future__ import annotations
