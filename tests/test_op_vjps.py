@@ -428,6 +428,20 @@ class _LatentAttention(nn.Module):
         return torch.cat([pooled.flatten(1), biased.flatten(1)], 1)
 
 
+class _BatchedConstants(nn.Module):
+    """Products with a constant of more than two dims (LambdaNets' relative position embeddings, one matrix per query
+    position), broadcast both ways: ``E[1, p, k, j] @ v[B, 1, j, d]`` and ``x[B, 3, m, k] @ W[3, k, n]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.per_head = nn.Parameter(torch.randn(1, 4, 2, 5)), nn.Parameter(torch.randn(3, 4, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:                 # x: [B, 3, 5, 4]
+        left = self.emb.expand(1, -1, -1, -1) @ x[:, :1]                  # [B, 4, 2, 4]
+        right = x @ self.per_head                                         # [B, 3, 5, 2]
+        return torch.cat([left.flatten(1), right.flatten(1)], 1)
+
+
 #: name → (model, example input, fold_batchnorm)
 CASES: dict[str, Callable[[], tuple[nn.Module, torch.Tensor, bool]]] = {
     "convs": lambda: (_Convs(), _x(2, 3, 9, 9), True),
@@ -452,6 +466,7 @@ CASES: dict[str, Callable[[], tuple[nn.Module, torch.Tensor, bool]]] = {
     "outlook": lambda: (_Outlook(), _x(2, 3, 5, 6), True),
     "transposed_convs": lambda: (_TransposedConvs(), _x(2, 4, 3, 4), True),
     "latent_attention": lambda: (_LatentAttention(), _x(2, 3, 4, 5), True),
+    "batched_constants": lambda: (_BatchedConstants(), _x(2, 3, 5, 4), True),
 }
 
 

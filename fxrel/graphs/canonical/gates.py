@@ -115,6 +115,51 @@ def _constant_matrix(c: _Canonicalizer, x: fx.Node, matrix: torch.Tensor, on_lef
     return c.emit(aten.transpose.int, (mapped, -1, -2))
 
 
+def _batched_constant(c: _Canonicalizer, n: fx.Node) -> fx.Node:
+    """``x @ W`` or ``W @ x`` with a constant ``W`` of more than two dims (LambdaNets' relative position embeddings,
+    one ``[k, j]`` matrix per query position): the contraction as :func:`contract_with_constant` writes it, batch
+    dims broadcast as ``matmul`` does (a dim of size 1 in ``W`` is ``x``'s own; one of size 1 in ``x`` takes ``W``'s
+    size, ``x`` squeezed there)."""
+    a, b = n.args
+    on_left = c.is_const(a)
+    weight, x = (c.const(a), b) if on_left else (c.const(b), a)
+    shape, rank = list(x.meta["val"].shape), max(weight.dim(), x.meta["val"].dim())
+    if x.meta["val"].dim() < 2 or weight.dim() < 2:
+        raise c.unsupported("product of a constant with a vector (only matrix products are canonical)")
+    letters = iter("abcdefghijklmnopqrstuvwxyz")
+    batch = [next(letters) for _ in range(rank - 2)]
+    m, k, last = next(letters), next(letters), next(letters)
+    xs, ws, out, x_dims = [], [], [], []
+    for i, letter in enumerate(batch):
+        xd = i - (rank - 2) + len(shape) - 2
+        wd = i - (rank - 2) + weight.dim() - 2
+        xsize = shape[xd] if xd >= 0 else 1
+        wsize = weight.shape[wd] if wd >= 0 else 1
+        if xd >= 0 and (xsize > 1 or wsize == 1):
+            xs.append(letter)
+            x_dims.append(xd)
+        if wd >= 0 and wsize > 1:
+            ws.append(letter)
+        if xsize > 1 or wsize > 1 or xd >= 0:
+            out.append(letter)
+    weight = weight.squeeze([d for d in range(weight.dim() - 2) if weight.shape[d] == 1]) if weight.dim() > 2 \
+        else weight
+    x_dims += [len(shape) - 2, len(shape) - 1]
+    value = c.value(x)
+    if len(x_dims) < len(shape):
+        value = c.emit(aten.reshape.default, (value, [shape[d] for d in x_dims]))
+    if on_left:   # W[…, m, k] @ x[…, k, n]
+        ws, xs, out = [*ws, m, k], [*xs, k, last], [*out, m, last]
+    else:         # x[…, m, k] @ W[…, k, n]
+        xs, ws, out = [*xs, m, k], [*ws, k, last], [*out, m, last]
+    sizes = dict(zip(xs, [shape[d] for d in x_dims])) | dict(zip(ws, weight.shape))
+    mixed = contract_with_constant(c, value, [shape[d] for d in x_dims], "".join(xs), weight, "".join(ws),
+                                   "".join(out))
+    if [sizes[i] for i in out] == list(n.meta["val"].shape):
+        return mixed
+    return c.emit(aten.reshape.default, (mixed, list(n.meta["val"].shape)))
+
+
 @handles(aten.matmul.default, aten.bmm.default)
 def _matmul(c: _Canonicalizer, n: fx.Node):
     """Products of two computed tensors: attention weights times values (``attend``; ``v @ aᵀ`` as LeViT's conv
@@ -127,9 +172,10 @@ def _matmul(c: _Canonicalizer, n: fx.Node):
     for matrix, x, on_left in ((b, a, False), (a, b, True)):
         if c.is_const(matrix) and not c.is_const(x) and c.const(matrix).dim() == 2 and x.meta["val"].dim() >= 2:
             return _constant_matrix(c, c.value(x), c.const(matrix), on_left)
-    if c.is_const(a) or c.is_const(b):
-        raise c.unsupported("product with a constant of more than two dims (only constant matrices, attention "
-                            "products and attention pooling are canonical)")
+    if c.is_const(a) != c.is_const(b):
+        return _batched_constant(c, n)
+    if c.is_const(a):
+        raise c.unsupported("product of two constants that was not folded")
     if len(a.meta["val"].shape) < 3:   # CSATv2's scalar-head attention: q @ kᵀ of [B, N] rows is [B, B]
         raise c.unsupported(f"a product of two computed matrices {list(a.meta['val'].shape)} @ "
                             f"{list(b.meta['val'].shape)} without a batch dim: it contracts or mixes the samples of "
@@ -198,5 +244,6 @@ def _latent_query(c: _Canonicalizer, query: fx.Node, key: fx.Node, value: fx.Nod
     if q.dim() != 4 or key.meta["val"].dim() != 4 or bias is not None or not bool((q == q[:1]).all()):
         raise c.unsupported("attention from a constant query other than one [1, heads, queries, dim] latent shared by "
                             "every sample, without a mask")
-    logits = contract_with_constant(c, key, "bhjd", q[0] * scale, "hid", "bhij")
+    logits = contract_with_constant(c, c.value(key), list(key.meta["val"].shape), "bhjd", q[0] * scale, "hid",
+                                    "bhij")
     return c.emit(ops.attend, (c.value(value), c.emit(aten.softmax.int, (logits, -1))))

@@ -192,13 +192,13 @@ def _einsum(c: _Canonicalizer, n: fx.Node):
         x, w, xs, ws = w, x, ws, xs
     if c.is_const(x) or not c.is_const(w):
         raise c.unsupported("einsum of two computed tensors (only a computed tensor with a constant is canonical)")
-    return contract_with_constant(c, x, xs, c.const(w), ws, out)
+    return contract_with_constant(c, c.value(x), list(x.meta["val"].shape), xs, c.const(w), ws, out)
 
 
-def contract_with_constant(c: _Canonicalizer, x: fx.Node, xs: str, weight: torch.Tensor, ws: str,
+def contract_with_constant(c: _Canonicalizer, x: fx.Node, shape: list[int], xs: str, weight: torch.Tensor, ws: str,
                            out: str) -> fx.Node:
-    """``einsum(f"{xs},{ws}->{out}", x, weight)`` for a computed ``x`` and a constant ``weight``, written as a grouped
-    1 × 1 convolution.
+    """``einsum(f"{xs},{ws}->{out}", x, weight)`` for a computed ``x`` (a canonical node, shaped ``shape``) and a
+    constant ``weight``, written as a grouped 1 × 1 convolution.
 
     The indices of ``x`` split into the contracted ones ``C`` (in ``weight``, not in the output), the group ones ``G``
     (in ``weight`` and the output: one matrix per group), and the free ones ``F`` (the output's, with the batch
@@ -217,10 +217,10 @@ def contract_with_constant(c: _Canonicalizer, x: fx.Node, xs: str, weight: torch
     kept = [i for i in ws if i not in xs]
     if not free or free[0] != xs[0]:
         raise c.unsupported(f"einsum '{equation}' whose computed tensor's first (batch) index is contracted")
-    sizes = dict(zip(xs, x.meta["val"].shape)) | dict(zip(ws, weight.shape))
+    sizes = dict(zip(xs, shape)) | dict(zip(ws, weight.shape))
     count = lambda indices: math.prod(sizes[i] for i in indices)  # noqa: E731
     order = [free[0], *groups, *contracted, *free[1:]]
-    rows = c.emit(aten.permute.default, (c.value(x), [xs.index(i) for i in order]))
+    rows = c.emit(aten.permute.default, (x, [xs.index(i) for i in order]))
     rows = c.emit(aten.reshape.default, (rows, [sizes[free[0]], count(groups + contracted), count(free[1:]), 1]))
     kernel = weight.permute([ws.index(i) for i in groups + kept + contracted])
     kernel = kernel.reshape(count(groups + kept), count(contracted), 1, 1).contiguous()
