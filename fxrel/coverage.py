@@ -310,6 +310,11 @@ def _sensitivity(model: nn.Module, x: torch.Tensor) -> float:
         return relative_error(model(x * (1 + 1e-15)), logits)
 
 
+def _notes(parts: list[str]) -> str:
+    """A row's note: its non-empty parts, joined."""
+    return "; ".join(filter(None, parts))
+
+
 def _second_look(report: ModelReport, check: str, model: nn.Module, x: torch.Tensor,
                  unfolded_error: Callable[[], float], tolerance: float) -> bool:
     """A failed check on an ill-conditioned model is repeated with BatchNorm left unfolded — the model's own
@@ -318,9 +323,9 @@ def _second_look(report: ModelReport, check: str, model: nn.Module, x: torch.Ten
     if moved <= 1e-8:
         return False
     error = unfolded_error()
-    report.note = "; ".join(filter(None, [report.note, (
+    report.note = _notes([report.note, (
         f"{check}: ill-conditioned (a 1e-15 relative input change moves the logits by {moved:.1e}); with BatchNorm "
-        f"unfolded the error is {error:.1e}")]))
+        f"unfolded the error is {error:.1e}")])
     return error <= tolerance
 
 
@@ -343,9 +348,9 @@ def _finite_differences_side(report: ModelReport, model: nn.Module, x: torch.Ten
             autograd_error = max(autograd_error, abs((reference * v).sum().item() - fd) / scale)
     holds = ours_error <= 1e-4 and autograd_error > 1e-2
     if holds:
-        report.note = "; ".join(filter(None, [report.note, (
+        report.note = _notes([report.note, (
             f"gradient: autograd's own gradient is off against finite differences (directional error "
-            f"{autograd_error:.1e}); fxrel's matches them ({ours_error:.1e})")]))
+            f"{autograd_error:.1e}); fxrel's matches them ({ours_error:.1e})")])
     return holds
 
 
@@ -457,14 +462,14 @@ def _checked(name: str, peers: bool) -> ModelReport:
     native = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (None,))[-1]
     dtype, lean = _check_dtype(model)
     report = _check_owned(model, name, peers=peers, dtype=dtype)
-    report.note = "; ".join(filter(None, [lean, report.note]))
+    report.note = _notes([lean, report.note])
     if report.passed or report.size is None or native is None or report.size >= native or not report.results.get(
             "canonical"):
         return report
     del model
     gc.collect()
     again = _check_owned(created(), name, size=int(native), peers=peers, dtype=dtype)
-    again.note = "; ".join(filter(None, [lean, again.note, f"at {report.size} px: {report.error}"]))
+    again.note = _notes([lean, again.note, f"at {report.size} px: {report.error}"])
     return again
 
 

@@ -152,10 +152,9 @@ def _batched_constant(c: _Canonicalizer, n: fx.Node) -> fx.Node:
         ws, xs, out = [*ws, m, k], [*xs, k, last], [*out, m, last]
     else:         # x[…, m, k] @ W[…, k, n]
         xs, ws, out = [*xs, m, k], [*ws, k, last], [*out, m, last]
-    sizes = dict(zip(xs, [shape[d] for d in x_dims])) | dict(zip(ws, weight.shape))
     mixed = contract_with_constant(c, value, [shape[d] for d in x_dims], "".join(xs), weight, "".join(ws),
                                    "".join(out))
-    if [sizes[i] for i in out] == list(n.meta["val"].shape):
+    if len(out) == len(n.meta["val"].shape):   # only batch dims of size 1 in both factors are left out
         return mixed
     return c.emit(aten.reshape.default, (mixed, list(n.meta["val"].shape)))
 

@@ -13,6 +13,13 @@ from fxrel.graphs.canonical.walker import _Canonicalizer
 from fxrel.graphs.ops import aten
 
 
+def _per_dim(value: Any, dims: int) -> list[int]:
+    """A convolution's stride/padding/dilation argument (an int, or one value or one per spatial dim) as one value
+    per spatial dim."""
+    value = [value] if isinstance(value, int) else list(value)
+    return value * dims if len(value) == 1 else value
+
+
 @handles(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
          aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding)
 def _conv(c: _Canonicalizer, n: fx.Node):
@@ -22,22 +29,20 @@ def _conv(c: _Canonicalizer, n: fx.Node):
     if n.target is aten.convolution.default:
         _, _, _, stride, padding, dilation, transposed, output_padding, groups = n.args
         if transposed:
-            return _transposed(c, x, weight, c.const(b), stride, padding, output_padding, groups, dilation)
+            return _transposed(c, x, weight, c.const(b), *(_per_dim(v, dims) for v in (
+                stride, padding, output_padding)), groups, _per_dim(dilation, dims))
     else:
         names = ("stride", "padding", "dilation", "groups")
         given = dict(zip(names, n.args[3:]), **n.kwargs)
         stride, padding = given.get("stride", [1] * dims), given.get("padding", [0] * dims)
         dilation, groups = given.get("dilation", [1] * dims), given.get("groups", 1)
-    def expand(v: Any) -> list:
-        v = [v] if isinstance(v, int) else v
-        return list(v) * dims if len(v) == 1 else list(v)
-    stride, dilation = expand(stride), expand(dilation)
+    stride, dilation = _per_dim(stride, dims), _per_dim(dilation, dims)
     source = c.value(x)
     if isinstance(padding, str):
         source, padding = _string_padding(c, source, padding, weight, stride, dilation)
     return c.emit(aten.convolution.default,
                   (source, c.param(weight, "weight"), c.param(c.const(b), "bias"), stride,
-                   expand(padding), dilation, False, [0] * dims, groups))
+                   _per_dim(padding, dims), dilation, False, [0] * dims, groups))
 
 
 @handles(aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input)
@@ -46,12 +51,10 @@ def _conv_transpose(c: _Canonicalizer, n: fx.Node):
     a = dict(zip(names, n.args), **n.kwargs)
     weight = c.const(a["weight"])
     dims = weight.dim() - 2
-    def given(name: str, default: int) -> list[int]:
-        v = a.get(name, default)
-        v = [v] if isinstance(v, int) else list(v)
-        return v * dims if len(v) == 1 else v
-    return _transposed(c, a["input"], weight, c.const(a.get("bias")), given("stride", 1), given("padding", 0),
-                       given("output_padding", 0), a.get("groups", 1), given("dilation", 1))
+    stride, padding, output_padding, dilation = (_per_dim(a.get(name, default), dims) for name, default in (
+        ("stride", 1), ("padding", 0), ("output_padding", 0), ("dilation", 1)))
+    return _transposed(c, a["input"], weight, c.const(a.get("bias")), stride, padding, output_padding,
+                       a.get("groups", 1), dilation)
 
 
 def _transposed(c: _Canonicalizer, x: fx.Node, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
