@@ -54,6 +54,29 @@ def test_an_unsupported_op_fails_at_canonicalisation_with_its_node_named():
     assert not report.passed
 
 
+class _DetachedBranch(nn.Module):
+    """``s − s.detach()`` is zero, so the function is ``1 + 3e-5·head(pool(conv x))``; autograd differentiates the
+    non-detached ``s`` and is off. The gradient, about 1e-7 of the logit's size, drowns in rounding at a
+    finite-difference step of 1e-6 (relative 1e-3) and is exact at larger steps (the function is linear)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3, bias=False), nn.Linear(4, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.head(self.conv(x).mean((2, 3)))
+        s = torch.tanh(z)
+        return 1 + 3e-5 * z + (s - s.detach())
+
+
+def test_finite_differences_decide_when_autograd_is_off_at_the_step_that_suits_the_model():
+    torch.manual_seed(0)
+    report = coverage.check_model(_DetachedBranch(), "detached", size=8)
+    assert report.gradient_error > 1e-2                 # autograd and fxrel disagree …
+    assert report.results["gradient"] is True           # … and the finite differences side with fxrel
+    assert "autograd's own gradient is off" in report.note and "step 1e-06" not in report.note
+
+
 def test_constant_free_copy_zeroes_biases_and_running_means_only():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(2, 2))

@@ -443,6 +443,21 @@ class _BatchedConstants(nn.Module):
 
 
 #: name → (model, example input, fold_batchnorm)
+class _DifferentialScale(nn.Module):
+    """Differential attention's λ (timm's ``DiffAttention``): a scalar computed from parameters alone, cast by
+    ``type_as`` to a computed tensor's dtype, weighting the difference of two branches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+        self.q, self.k = nn.Parameter(torch.randn(4) * 0.1), nn.Parameter(torch.randn(4) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.a(x)
+        lam = (torch.exp((self.q * self.k).sum(-1)) - 0.2).type_as(u)
+        return u - lam * self.b(x)
+
+
 CASES: dict[str, Callable[[], tuple[nn.Module, torch.Tensor, bool]]] = {
     "convs": lambda: (_Convs(), _x(2, 3, 9, 9), True),
     "conv1d": lambda: (_Conv1d(), _x(2, 3, 12), True),
@@ -467,6 +482,7 @@ CASES: dict[str, Callable[[], tuple[nn.Module, torch.Tensor, bool]]] = {
     "transposed_convs": lambda: (_TransposedConvs(), _x(2, 4, 3, 4), True),
     "latent_attention": lambda: (_LatentAttention(), _x(2, 3, 4, 5), True),
     "batched_constants": lambda: (_BatchedConstants(), _x(2, 3, 5, 4), True),
+    "differential_scale": lambda: (_DifferentialScale(), _x(2, 3, 4, 4), True),
 }
 
 

@@ -294,9 +294,13 @@ def _to_copy(c: _Canonicalizer, n: fx.Node):
 
 @handles(aten.type_as.default)
 def _type_as(c: _Canonicalizer, n: fx.Node):
-    """``x.type_as(other)`` to a floating-point dtype (EVA's rotary embedding): dropped like a dtype cast."""
-    if not n.meta["val"].dtype.is_floating_point:
-        raise c.unsupported(f"type_as to {n.meta['val'].dtype} (only floating-point casts are canonical)")
+    """``x.type_as(other)`` to a floating-point dtype (EVA's rotary embedding): dropped like a dtype cast; of a
+    constant (differential attention's λ), the constant cast — ``other`` gives only the dtype."""
+    dtype = n.meta["val"].dtype
+    if not dtype.is_floating_point:
+        raise c.unsupported(f"type_as to {dtype} (only floating-point casts are canonical)")
+    if c.is_const(n.args[0]):
+        return c.folded(n, c.const(n.args[0]).to(dtype))
     return c.pending(n.args[0]) or c.value(n.args[0])
 
 

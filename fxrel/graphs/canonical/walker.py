@@ -51,6 +51,11 @@ class _Canonicalizer:
             self.consts[node] = node.target(*args, **kwargs)
         return True
 
+    def folded(self, node: fx.Node, value: torch.Tensor) -> None:
+        """Record ``value`` as ``node``'s constant: a handler's result that depends on parameters alone although an
+        argument is computed (``constant.type_as(x)`` reads only ``x``'s dtype)."""
+        self.consts[node] = value
+
     def param(self, value: torch.Tensor | None, name: str) -> fx.Node | None:
         """Register ``value`` as an attribute of the canonical module and return its ``get_attr`` node."""
         if value is None:
