@@ -31,7 +31,7 @@ def _lrp(name: str, layer: Rule, *, linear: Rule | None = None, first_rule: Rule
     for routing nodes and gates; BatchNorm left unfolded gets ``affine`` (default Pass, as zennit). ``attention``:
     ``"cp"`` keeps attention weights constant (CP-LRP), ``"attnlrp"`` explains them (AttnLRP's softmax and uniform
     rules, :func:`fxrel.rules.composite.attention_pairs`)."""
-    pairs: list[tuple[Matcher, Rule]] = list(attention_pairs(attention, stabilizer or 1e-6))
+    pairs: list[tuple[Matcher, Rule]] = list(attention_pairs(attention, stabilizer))
     if first_rule is not None:
         pairs.append((first(*first_kinds), first_rule))
     pairs += [(kind(ops.CONV), layer), (kind(ops.LINEAR), linear or layer),

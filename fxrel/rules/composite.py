@@ -147,15 +147,17 @@ def targets(*fns) -> Matcher:
 
 
 def attention_pairs(attention: str, epsilon: float = 1e-6) -> list[tuple[Matcher, Rule]]:
-    """The pairs that give a rule set its treatment of attention: none for ``"cp"``; for ``"attnlrp"``, the uniform
-    ε-rule at attention products, gated linear units and other products of two computed tensors (the activation of
-    a unit's gate branch then passes relevance unchanged: AttnLRP's identity rule), and the softmax Taylor rule at
-    attention weights and softmaxes. ``RuleError`` names the valid values."""
+    """The pairs that give a rule set its treatment of attention. Both treatments: the uniform rule, with the rule
+    set's ``ε``, at products of two computed tensors (``bilinear``: LRP-0 at ε = 0 conserves through them exactly;
+    the structural default's ε = 1e-6 leaked 2e-6 of an iFormer block's relevance). ``"cp"`` adds nothing else
+    (attention weights constant); ``"attnlrp"`` adds the uniform rule at attention products and gated linear units
+    (the activation of a unit's gate branch then passes relevance unchanged: AttnLRP's identity rule), and the
+    softmax Taylor rule at attention weights and softmaxes. ``RuleError`` names the valid values."""
+    uniform = UniformProduct(epsilon)
     if attention == "cp":
-        return []
+        return [(kind(ops.BILINEAR), uniform)]
     if attention != "attnlrp":
         raise RuleError(f"attention must be one of {list(ATTENTION_RULES)}, got {attention!r}")
-    uniform = UniformProduct(epsilon)
     return [(kind(ops.ATTEND, ops.BILINEAR), uniform), (targets(ops.gated_unit), uniform),
             (targets(ops.attention_weights), AttentionWeightsTaylor()),
             (targets(ops.aten.softmax.int), SoftmaxTaylor())]
