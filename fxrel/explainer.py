@@ -24,6 +24,7 @@ from fxrel.errors import InputError, NumericalError, RuleError
 from fxrel.graphs.builder import RelevanceGraph, build_relevance_graph
 from fxrel.graphs.canonical import canonicalize
 from fxrel.graphs.capture import capture
+from fxrel.graphs.profile import ProfileRow, profile_program
 from fxrel.rules.base import Rule
 from fxrel.rules.composite import Matcher, RulePlan
 from fxrel.text import format_table
@@ -351,6 +352,15 @@ class Explainer:
             rows.append((node.name, node.meta.get("fxrel_kind", ""), node.meta.get("fxrel_module", ""),
                          "  ".join(f"{v:+.6g}" for v in sums)))
         return format_table(rows[0], rows[1:])
+
+    def profile(self, x: torch.Tensor, target: Target = None, repeats: int = 3, by_op: bool = False
+                ) -> list[ProfileRow]:
+        """Where the eager relevance program's time goes on ``x``, rule by rule (and op by op with ``by_op``;
+        :mod:`fxrel.graphs.profile`)."""
+        self.check_call(x)
+        graph = self.relevance_graph(x)
+        mask, _ = self._seed_mask(graph, x, target)
+        return profile_program(graph, (x,), mask, repeats, by_op)
 
 
 def explain(model: nn.Module, x: torch.Tensor, target: Target = None, method: str | Method = "epsilon_plus_flat",

@@ -158,6 +158,33 @@ def test_layer_table_audits_conservation(net):
     assert any(line.startswith("add_tensor") for line in lines)
 
 
+def test_profile_times_every_program_node_once_grouped_by_rule_and_served_kind(net):
+    """Every call node of the program with a role is in exactly one group (by rule and the kind it serves, and by op
+    with ``by_op``); the groups' shares sum to 1; the rule plan's rules are the relevance groups' rules."""
+    from fxrel.graphs.profile import profile_table
+
+    x = torch.randn(2, 3, 8, 8)
+    explainer = fxrel.Explainer(net, "epsilon_plus_flat")
+    graph = explainer.relevance_graph(x)
+    timed = [n for n in graph.module.graph.nodes
+             if n.op in ("call_function", "call_method") and n.meta.get("fxrel_role") is not None]
+    plan = explainer.rule_plan(x)
+    for by_op in (False, True):
+        rows = explainer.profile(x, 1, repeats=2, by_op=by_op)
+        assert sum(r.nodes for r in rows) == len(timed)
+        assert abs(sum(r.share for r in rows) - 1) < 1e-9 and all(r.seconds >= 0 for r in rows)
+        assert len({(r.role, r.rule, r.kind, r.op) for r in rows}) == len(rows)
+    by_rule = explainer.profile(x, 1, repeats=1)
+    relevance = {(r.rule, r.kind) for r in by_rule if r.role == "relevance" and r.rule != "fan-out sum"}
+    assert ("ZPlus(stabilizer=1e-06)", "conv") in relevance and ("Flat()", "conv") in relevance
+    assert {rule for rule, _ in relevance} <= {repr(r) for r in plan.values()}
+    ops = {r.op for r in explainer.profile(x, 1, repeats=1, by_op=True)}
+    assert "convolution" in ops
+    assert profile_table(by_rule).splitlines()[-1].startswith("total")
+    with pytest.raises(ValueError, match="repeats must be"):
+        explainer.profile(x, 1, repeats=0)
+
+
 def test_explainer_caches_per_signature(net, monkeypatch):
     x = torch.randn(2, 3, 8, 8)
     e = fxrel.Explainer(net, "lrp_epsilon")

@@ -170,6 +170,14 @@ def test_graph_plan_and_layers_to_file(tmp_path, capsys):
     assert str(plan) in capsys.readouterr().out
 
 
+def test_graph_profile_prints_the_rule_by_rule_table(capsys):
+    assert main(["graph", "tv:resnet18", "--method", "epsilon_plus_flat", "--size", "16", "--format", "profile",
+                 "--target", "5", "-q"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["role", "rule", "kind", "nodes"] and lines[-1].startswith("total")
+    assert any(line.startswith("relevance") and "ZPlus" in line for line in lines)
+
+
 def test_graph_dot(capsys):
     pytest.importorskip("fxrel.graphs.export")
     assert main(["graph", "tv:resnet18", "--method", "gradient", "--size", "16", "--format", "dot", "-q"]) == 0
