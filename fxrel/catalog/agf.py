@@ -149,7 +149,7 @@ SCORES = {"logit": seed_gradient, "softmax_gaussian": softmax_gaussian_gradient}
 # --- §3: the building blocks -------------------------------------------------------------------------------------
 #: Eq. 9 and Eq. 10: the generic rule with the terms (|x|, |θ|) and (1, |θ|), no bias, zero-safe division
 INFLUENCE = GenericRule((Group((Term(absolute, torch.abs, "absw", zero_bias=True),)),), 0.0, "C=G(|x|,|θ|)")
-AGNOSTIC = GenericRule((Group((Term(ones, torch.abs, "absw", zero_bias=True),)),), 0.0, "A=G(1,|θ|)")
+AGNOSTIC = GenericRule((Group((Term(ones, torch.abs, "absw", zero_bias=True, param_sign=1),)),), 0.0, "A=G(1,|θ|)")
 
 
 def channel_mean(t: Any) -> Any:

@@ -75,8 +75,8 @@ def stabilizer_for(epsilon: float, dtype: torch.dtype | None, normal: bool = Tru
 def stabilize(z: Any, epsilon: float, dtype: torch.dtype | None = None) -> Any:
     """``z + ε'·sign(z)`` with ``sign(0) = +1``: moves every denominator away from zero by ``ε' = max(ε,
     finfo(dtype).tiny)`` (:func:`stabilizer_for`; ``dtype`` defaults to ``z``'s where known)."""
-    epsilon = stabilizer_for(epsilon, dtype or dtype_of(z))
-    return torch.where(z >= 0, z + epsilon, z - epsilon)
+    step = z.new_full((), stabilizer_for(epsilon, dtype or dtype_of(z)))   # in z's dtype: where keeps it
+    return z + torch.where(z >= 0, step, -step)   # = where(z ≥ 0, z + ε', z − ε') bit for bit, in fewer passes
 
 
 def weighted_sum(pairs: Iterable[tuple[float, Any]]) -> Any:
@@ -93,9 +93,13 @@ def weighted_sum(pairs: Iterable[tuple[float, Any]]) -> Any:
     return 0.0 if total is None else total
 
 
-def divide(relevance: Any, z: Any, epsilon: float, dtype: torch.dtype | None = None) -> Any:
+def divide(relevance: Any, z: Any, epsilon: float, dtype: torch.dtype | None = None,
+           nonnegative: bool = False) -> Any:
     """``relevance / stab(z)`` (:func:`stabilize`, ``ε`` raised to the dtype's smallest normal); with ``ε = 0`` a
-    zero denominator sends nothing (``sdiv`` of the LRP spec §6) in every dtype."""
+    zero denominator sends nothing (``sdiv`` of the LRP spec §6) in every dtype. ``nonnegative``: ``z ≥ 0`` by
+    construction (z⁺, flat, w²), so ``stab(z) = z + ε'`` — the same values in one pass over ``z`` instead of four."""
+    if epsilon > 0 and nonnegative:
+        return relevance / (z + stabilizer_for(epsilon, dtype or dtype_of(z)))
     if epsilon > 0:
         return relevance / stabilize(z, epsilon, dtype)
     zero = z == 0
@@ -107,7 +111,7 @@ def identity(x: Any, ctx: RuleContext) -> Any:
 
 
 def positive(x: Any, ctx: RuleContext) -> Any:
-    return x.clamp(min=0)
+    return x if ctx.nonnegative else x.clamp(min=0)   # a ReLU's output is its own positive part
 
 
 def negative(x: Any, ctx: RuleContext) -> Any:
@@ -144,6 +148,7 @@ class Term:
     zero_bias: bool = False
     sign: float = 1.0
     weights: SampleWeights | None = None
+    param_sign: int = 0   #: the sign of ``param``'s outputs, bias included: 1 (≥ 0), −1 (≤ 0), 0 (either)
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,27 @@ class Group:
     mask: Callable[[Any], Any] | None = None
     relevance: Callable[[Any], Any] | None = None
     denominator: tuple[Term, ...] | None = None
+
+
+#: the sign of an input modifier's outputs (``identity`` keeps the input's own: ≥ 0 after a ReLU)
+_INPUT_SIGNS: dict[Callable, int] = {positive: 1, negative: -1, absolute: 1, ones: 1}
+#: parameter-free linear kinds that map inputs ≥ 0 to outputs ≥ 0 (canonical sums have no negated operand)
+_MONOTONE_KINDS = frozenset({ops.ADD, ops.AVGPOOL, ops.CAT, ops.PAD, ops.SHAPE})
+
+
+def _term_sign(ctx: RuleContext, term: Term) -> int:
+    """The sign of a term's contribution ``s_m · f(x_m; W_m, b_m)`` to a denominator when its construction fixes it:
+    1 (≥ 0), −1 (≤ 0), 0 (either)."""
+    x_sign = _INPUT_SIGNS.get(term.input, 1 if term.input is identity and ctx.nonnegative else 0)
+    if term.weights is not None:
+        return 0
+    if ctx.weight is None:
+        w_sign = 1 if ctx.kind in _MONOTONE_KINDS else 0
+    else:
+        w_sign = term.param_sign if term.param is not None else 0
+        if ctx.bias is not None and not term.zero_bias and x_sign != 1:   # the bias, of W's sign, agrees with Wx
+            return 0
+    return int(x_sign * w_sign * (1 if term.sign > 0 else -1))
 
 
 @dataclass(repr=False)
@@ -186,8 +212,10 @@ class GenericRule(Rule):
             part = relevance if group.relevance is None else group.relevance(relevance)
             passes = {term: self._pass(ctx, term, part, shared)
                       for term in self._live(ctx, group.terms + (group.denominator or ()))}
-            z = weighted_sum((term.sign, passes[term][2]) for term in self._live(ctx, group.denominator or group.terms))
-            scaled = divide(part, z, self.stabilizer, dtype_of(ctx.node))   # ε' = max(ε, finfo.tiny)
+            denominator = self._live(ctx, group.denominator or group.terms)
+            z = weighted_sum((term.sign, passes[term][2]) for term in denominator)
+            nonnegative = all(_term_sign(ctx, term) == 1 for term in denominator)
+            scaled = divide(part, z, self.stabilizer, dtype_of(ctx.node), nonnegative)   # ε' = max(ε, finfo.tiny)
             if group.mask is not None:
                 scaled = scaled * group.mask(ctx.output).to(scaled.dtype)
             for term in self._live(ctx, group.terms):
@@ -224,9 +252,11 @@ def single(term: Term, stabilizer: float, name: str, coefficient: float = 1.0) -
     return GenericRule((Group((term,), coefficient),), stabilizer, name)
 
 
-def split_signs(pos: ParamMod, neg: ParamMod, tag: str) -> tuple[Term, Term]:
-    """The two terms ``(x⁺, pos(W), pos(b))`` and ``(x⁻, neg(W), bias dropped)`` of a sign-split rule."""
-    return (Term(positive, pos, f"{tag}+"), Term(negative, neg, f"{tag}-", zero_bias=True))
+def split_signs(pos: ParamMod, neg: ParamMod, tag: str, signs: tuple[int, int] = (0, 0)) -> tuple[Term, Term]:
+    """The two terms ``(x⁺, pos(W), pos(b))`` and ``(x⁻, neg(W), bias dropped)`` of a sign-split rule; ``signs``
+    are those of ``pos``'s and ``neg``'s outputs where known (:attr:`Term.param_sign`)."""
+    return (Term(positive, pos, f"{tag}+", param_sign=signs[0]),
+            Term(negative, neg, f"{tag}-", zero_bias=True, param_sign=signs[1]))
 
 
 def rule_terms(rule: GenericRule) -> Sequence[Term]:

@@ -50,8 +50,8 @@ def SumSplit(absolute: bool, stabilizer: float = 0.0) -> GenericRule:
 def ZPlus(stabilizer: float = 1e-6, ignore_bias: bool = False) -> GenericRule:
     """z⁺ / α1β0 (Montavon et al. 2017, DTD): ``R_i = Σ_j (x_i⁺w_ij⁺ + x_i⁻w_ij⁻) / Σ_i' (…) · R_j``; the positive
     bias ``b⁺`` joins the denominator unless ``ignore_bias`` (the CLRP/RAP/innvestigate variant)."""
-    pos, neg = split_signs(weights_pos, weights_neg, "pos")
-    terms = (Term(pos.input, pos.param, pos.tag, zero_bias=True), neg) if ignore_bias else (pos, neg)
+    pos, neg = split_signs(weights_pos, weights_neg, "pos", (1, -1))
+    terms = (Term(pos.input, pos.param, pos.tag, zero_bias=True, param_sign=1), neg) if ignore_bias else (pos, neg)
     name = f"ZPlus(stabilizer={stabilizer:g}{', ignore_bias=True' if ignore_bias else ''})"
     return GenericRule((Group(terms),), stabilizer, name)
 
@@ -62,8 +62,8 @@ def AlphaBeta(alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6) -
     if alpha < 0 or beta < 0 or abs(alpha - beta - 1) > 1e-12:
         raise ValueError(f"AlphaBeta needs alpha, beta ≥ 0 and alpha − beta = 1 (got alpha={alpha}, beta={beta})")
     return GenericRule(
-        (Group(split_signs(weights_pos, weights_neg, "pos"), alpha),
-         Group(split_signs(weights_neg, weights_pos, "neg"), -beta)),
+        (Group(split_signs(weights_pos, weights_neg, "pos", (1, -1)), alpha),
+         Group(split_signs(weights_neg, weights_pos, "neg", (-1, 1)), -beta)),
         stabilizer, f"AlphaBeta(alpha={alpha:g}, beta={beta:g})")
 
 
@@ -86,12 +86,12 @@ def Gamma(gamma: float = 0.25, stabilizer: float = 1e-6) -> GenericRule:
 
 def WSquare(stabilizer: float = 1e-6) -> GenericRule:
     """w² (Montavon et al. 2017, DTD for unbounded inputs): ``R_i = Σ_j w_ij² / Σ_i' w_i'j² · R_j``."""
-    return single(Term(ones, lambda p: p * p, "square"), stabilizer, "WSquare()")
+    return single(Term(ones, lambda p: p * p, "square", param_sign=1), stabilizer, "WSquare()")
 
 
 def Flat(stabilizer: float = 1e-6) -> GenericRule:
     """Flat (Lapuschkin et al. 2019): w² with all weights 1 — spreads ``R_j`` uniformly over its receptive field."""
-    return single(Term(ones, torch.ones_like, "ones", zero_bias=True), stabilizer, "Flat()")
+    return single(Term(ones, torch.ones_like, "ones", zero_bias=True, param_sign=1), stabilizer, "Flat()")
 
 
 def ZBox(low: float | str | Sequence[float] | torch.Tensor, high: float | str | Sequence[float] | torch.Tensor,
