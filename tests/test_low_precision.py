@@ -17,7 +17,7 @@ from torch import nn
 
 import fxrel
 from fxrel.demo.models import BasicBlock, conv_bn_relu
-from fxrel.rules.generic import stabilizer_for
+from fxrel.rules.generic import stabilize, stabilizer_for
 
 METHODS = sorted(set(fxrel.methods()) - {"agf_ssl"})   # agf_ssl needs reference images
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -135,6 +135,25 @@ def test_stabilisers_are_raised_only_where_they_underflow():
     assert stabilizer_for(0.0, torch.float16) == 0.0   # sdiv stays zero-safe division
     assert stabilizer_for(1e-6, torch.float16, normal=False) == 1e-6   # representable (subnormal): kept
     assert stabilizer_for(1e-9, torch.float16, normal=False) == 2.0 ** -24
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_stabilize_is_z_plus_epsilon_signed_with_sign_of_zero_plus_one_bit_for_bit(dtype):
+    """``stab(z) = z + ε'·sign(z)``, ``sign(±0) = +1`` (zennit's convention), is the literal ``where`` form bit for bit
+    — signed zeros, subnormals, ±inf and NaN included — eagerly and in a traced graph."""
+    info = torch.finfo(dtype)
+    special = torch.tensor([0.0, -0.0, info.tiny, -info.tiny, info.tiny * info.eps, -info.tiny * info.eps, 1.0,
+                            -1.0, info.max, -info.max, float("inf"), -float("inf"), float("nan")], dtype=dtype)
+    z = torch.cat([special, torch.randn(1000, generator=torch.Generator().manual_seed(0)).to(dtype)])
+    for eps in (1e-6, 1e-2):
+        step = stabilizer_for(eps, dtype)
+        literal = torch.where(z >= 0, z + step, z - step)
+        traced = torch.fx.symbolic_trace(lambda t: stabilize(t, eps, dtype))   # noqa: B023 (traced at once)
+        for ours in (stabilize(z, eps), traced(z)):
+            assert ours.dtype == dtype
+            assert torch.equal(ours.nan_to_num(0.0), literal.nan_to_num(0.0))
+            assert torch.equal(torch.signbit(ours), torch.signbit(literal))
+            assert torch.equal(ours.isnan(), literal.isnan())
 
 
 def test_a_dead_unit_is_finite_in_float16():
