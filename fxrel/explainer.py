@@ -336,6 +336,38 @@ class Explainer:
         relevance = self.attribute(x, target, seed=seed).relevance
         return next(iter(relevance.values())) if len(relevance) == 1 else relevance
 
+    def classes(self, x: torch.Tensor, classes: Sequence[int] | torch.Tensor, chunk: int | None = None
+                ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Relevance for several classes of every image, ``[B, K, *x.shape[1:]]``: ``classes`` the same K classes
+        for every image (``[K]``) or K per image (``[B, K]``). The B·K (image, class) rows run as one batch of the
+        relevance program (``chunk`` rows at a time to bound memory; a short last chunk is padded, so one program
+        serves the run), each row equal to a single-target call on its image."""
+        self.check_call(x)
+        index = torch.as_tensor(classes, device=x.device)
+        if index.dtype.is_floating_point or index.dtype == torch.bool:
+            raise InputError(f"classes must be integer class indices, got dtype {index.dtype}")
+        if index.dim() == 1:
+            index = index.expand(len(x), -1)
+        if index.dim() != 2 or index.shape[0] != len(x) or index.shape[1] == 0:
+            raise InputError(f"classes must be [K] (the same for every image) or [batch ({len(x)}), K] with K ≥ 1, "
+                             f"got shape {tuple(index.shape)}")
+        if chunk is not None and chunk < 1:
+            raise InputError(f"chunk must be ≥ 1 rows, got {chunk}")
+        per_image = index.shape[1]
+        rows, targets = x.repeat_interleave(per_image, 0), index.reshape(-1)
+        step = min(chunk or len(rows), len(rows))
+        parts: list[dict[str, torch.Tensor]] = []
+        for start in range(0, len(rows), step):
+            part_x, part_t = rows[start:start + step], targets[start:start + step]
+            short = step - len(part_x)
+            if short:   # pad with copies of the last row: the program built for `step` rows serves this chunk too
+                part_x = torch.cat([part_x, part_x[-1:].expand(short, *part_x.shape[1:])])
+                part_t = torch.cat([part_t, part_t[-1:].expand(short)])
+            relevance = self.attribute(part_x, part_t).relevance
+            parts.append({k: v[:step - short] for k, v in relevance.items()})
+        out = {k: torch.cat([p[k] for p in parts]).unflatten(0, (len(x), per_image)) for k in parts[0]}
+        return next(iter(out.values())) if len(out) == 1 else out
+
     def layer_table(self, x: torch.Tensor, target: Target = None) -> str:
         """How much relevance passes each canonical node (Σ over all but the batch axis): the conservation audit."""
         if self.method.default_stops(self.canonical_graph(x)) is not None:

@@ -185,6 +185,45 @@ def test_profile_times_every_program_node_once_grouped_by_rule_and_served_kind(n
         explainer.profile(x, 1, repeats=0)
 
 
+def test_classes_explains_k_classes_per_image_in_one_batch_equal_to_single_target_calls(net, monkeypatch):
+    """``Explainer.classes``: [B, K] relevance equal to K single-target calls per image (float64: to rounding), for
+    the same classes for every image and for per-image classes; a chunked run pads its short last chunk, so one
+    relevance program (one build) serves every chunk; bad class arguments are named."""
+    model = net.double()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    explainer = fxrel.Explainer(model, "epsilon_plus_flat")
+    shared = explainer.classes(x, [4, 0])
+    assert shared.shape == (3, 2, 3, 8, 8)
+    for b in range(3):
+        for k, c in enumerate((4, 0)):
+            assert rel_error(shared[b, k], explainer(x[b:b + 1], c)[0]) < 1e-12
+    per_image = torch.tensor([[1, 2], [3, 4], [0, 1]])
+    builds = []
+    original = fxrel.Explainer.relevance_graph
+
+    def counted(self, x, stops=None):
+        key = (tuple(x.shape), stops)
+        if key not in builds:
+            builds.append(key)
+        return original(self, x, stops)
+
+    monkeypatch.setattr(fxrel.Explainer, "relevance_graph", counted)
+    chunked = explainer.classes(x, per_image, chunk=4)   # 6 rows: chunks of 4 and 2 (padded to 4)
+    assert [shape[0] for shape, _ in builds] == [4]
+    for b in range(3):
+        for k in range(2):
+            expected = explainer(x[b:b + 1], int(per_image[b, k]))[0]
+            assert rel_error(chunked[b, k], expected) < 1e-12
+    with pytest.raises(fxrel.InputError, match=r"classes must be \[K\]"):
+        explainer.classes(x, torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(fxrel.InputError, match="integer class indices"):
+        explainer.classes(x, [0.5])
+    with pytest.raises(fxrel.InputError, match="chunk must be"):
+        explainer.classes(x, [0], chunk=0)
+    with pytest.raises(fxrel.InputError, match="out of range|class"):
+        explainer.classes(x, [7])
+
+
 def test_explainer_caches_per_signature(net, monkeypatch):
     x = torch.randn(2, 3, 8, 8)
     e = fxrel.Explainer(net, "lrp_epsilon")

@@ -1,0 +1,62 @@
+"""All classes in one sweep: the cost per (image, class) row of ``Explainer.classes`` against a single-target call.
+
+One image, K classes: K single-target calls (batch 1) against one ``Explainer.classes(x, K classes)`` call (a batch
+of K rows), eager, medians of ``--repeats`` after a warm-up, torchvision models with random weights and calibrated
+BatchNorm.
+
+    python benchmarks/bench_classes.py                       # resnet50, 224 px, K = 4 and 10, epsilon_plus_flat
+    python benchmarks/bench_classes.py --model resnet18 --size 64 --classes 2,4
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import fxrel
+from fxrel.random_weights import calibrate_batchnorm
+
+
+def _median(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet50", help="torchvision model name")
+    parser.add_argument("--method", default="epsilon_plus_flat")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--classes", default="4,10", help="values of K, comma-separated")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, args.model)(weights=None)
+    calibrate_batchnorm(model, args.size, 1)
+    model = model.eval().requires_grad_(False)
+    x = torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(2))
+    explainer = fxrel.Explainer(model, args.method)
+    single = _median(lambda: explainer(x, 0), args.repeats)
+    print(f"torchvision {args.model}, {args.method}, {args.size} px, eager, {torch.get_num_threads()} threads; "
+          f"one single-target call {single * 1e3:.0f} ms")
+    print("| K | K single-target calls ms | classes(x, K) ms | per row × single call |")
+    print("|---|---|---|---|")
+    for k in (int(v) for v in args.classes.split(",")):
+        batched = _median(lambda k=k: explainer.classes(x, list(range(k))), args.repeats)
+        print(f"| {k} | {k * single * 1e3:.0f} | {batched * 1e3:.0f} | {batched / k / single:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
