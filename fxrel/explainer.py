@@ -128,6 +128,27 @@ def resolve_targets(model: nn.Module, x: torch.Tensor, target: Target) -> torch.
         return targets_from_scores(model(x), target)
 
 
+@dataclass(frozen=True)
+class AuditRow:
+    """One rule application of :meth:`Explainer.conservation_audit`."""
+
+    node: str
+    kind: str
+    module: str
+    rule: str
+    stream: str
+    received: float   #: Σ R at the node's output
+    sent: float       #: Σ R sent to its inputs
+    size_out: float   #: Σ |R| at the output
+    size_in: float    #: Σ |R| sent
+
+    @property
+    def leak(self) -> float:
+        """``|Σ R_in − Σ R_out|`` relative to the larger of ``Σ|R_out|``, ``Σ|R_in|`` (0 when both are 0)."""
+        scale = max(self.size_out, self.size_in)
+        return abs(self.sent - self.received) / scale if scale > 0 else 0.0
+
+
 @dataclass
 class Explanation:
     """Result of one explainer call."""
@@ -367,6 +388,32 @@ class Explainer:
             parts.append({k: v[:step - short] for k, v in relevance.items()})
         out = {k: torch.cat([p[k] for p in parts]).unflatten(0, (len(x), per_image)) for k in parts[0]}
         return next(iter(out.values())) if len(out) == 1 else out
+
+    def conservation_audit(self, x: torch.Tensor, target: Target = None) -> list[AuditRow]:
+        """What every rule application received and sent on (Σ over the batch, per returned stream), forward
+        order: the local conservation audit. A rule conserves where ``leak`` is at rounding level; unlike the sum at
+        the input, this stays decidable when relevance inside the network grows far beyond the logit (LRP-0's
+        z-rule at residual sums whose operands nearly cancel)."""
+        self.check_call(x)
+        canonical = self.canonical_graph(x)
+        graph = build_relevance_graph(canonical, self.method.streams(canonical, self.rules), self.start, None,
+                                      self.method.combine, audit=True)
+        mask, _ = self._seed_mask(graph, x, target)
+        with torch.no_grad():
+            result = graph.module(x, mask)
+        nodes = {n.name: n for n in canonical.graph.nodes}
+        rows = []
+        for key, value in result.items():
+            if not key.startswith("audit:"):
+                continue
+            _, stream, name = key.split(":", 2)
+            node = nodes[name]
+            plan = next(s.plan for s in graph.streams if s.name == stream)
+            received, sent, size_out, size_in = value.tolist()
+            rows.append(AuditRow(name, node.meta.get("fxrel_kind", ""), node.meta.get("fxrel_module", ""),
+                                 repr(plan[name]), stream, received, sent, size_out, size_in))
+        order = {n: i for i, n in enumerate(nodes)}
+        return sorted(rows, key=lambda r: (order[r.node], r.stream))
 
     def layer_table(self, x: torch.Tensor, target: Target = None) -> str:
         """How much relevance passes each canonical node (Σ over all but the batch axis): the conservation audit."""

@@ -224,6 +224,24 @@ def test_classes_explains_k_classes_per_image_in_one_batch_equal_to_single_targe
         explainer.classes(x, [7])
 
 
+def test_conservation_audit_finds_every_rule_conserving_on_a_bias_free_net_and_names_a_leaking_rule(net):
+    """Every rule application of LRP-0 on the constant-free net sends on what it receives (to rounding, relative to
+    its own Σ|R|); LRP-ε with a large ε leaks at the conv and linear nodes, and the audit names them."""
+    from fxrel.coverage import constant_free
+
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    bare = constant_free(net.double())
+    rows = fxrel.Explainer(bare, "lrp_0").conservation_audit(x, 1)
+    canonical = fxrel.Explainer(bare, "lrp_0").canonical_graph(x)
+    assert {r.node for r in rows} == {n.name for n in canonical.graph.nodes if n.op == "call_function"}
+    assert max(r.leak for r in rows) < 1e-13
+    total = fxrel.Explainer(bare, "lrp_0")(x, 1).sum().item()
+    assert abs(rows[0].sent - total) < 1e-12 * abs(total)   # the first node in forward order sends to the input
+    leaking = {r.kind for r in fxrel.Explainer(bare, "lrp_epsilon", epsilon=0.5).conservation_audit(x, 1)
+               if r.leak > 1e-6}
+    assert "conv" in leaking and "linear" in leaking
+
+
 def test_explainer_caches_per_signature(net, monkeypatch):
     x = torch.randn(2, 3, 8, 8)
     e = fxrel.Explainer(net, "lrp_epsilon")

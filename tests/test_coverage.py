@@ -77,6 +77,24 @@ def test_finite_differences_decide_when_autograd_is_off_at_the_step_that_suits_t
     assert "autograd's own gradient is off" in report.note and "step 1e-06" not in report.note
 
 
+def _rows(leak: float, size: float) -> list:
+    from fxrel.explainer import AuditRow
+    return [AuditRow("a", "conv", "m", "Epsilon(epsilon=0)", "lrp_0", 1.0, 1.0 + leak * size, size, size),
+            AuditRow("b", "add", "m", "Norm(stabilizer=0)", "lrp_0", 1.0, 1.0, size, size)]
+
+
+@pytest.mark.parametrize("leak, size, holds", [(1e-16, 1e17, True), (1e-6, 1e17, False), (1e-16, 10.0, False)])
+def test_an_ill_conditioned_lrp0_sum_is_decided_by_the_local_audit(monkeypatch, leak, size, holds):
+    """Where Σ|R| inside the net outgrows what float64 resolves (10^17 × the logit), every rule conserving to rounding
+    decides the check (noted); a leaking rule fails it; a well-conditioned net is not second-guessed (False: the sum
+    at the input stands)."""
+    monkeypatch.setattr(coverage.Explainer, "conservation_audit", lambda self, x, target: _rows(leak, size))
+    report = coverage.ModelReport("m")
+    x = torch.zeros(1, 3, 4, 4, dtype=torch.float64)
+    assert coverage._audited(report, nn.Identity().eval(), x, 0, 1.0) is holds
+    assert ("ill-conditioned" in report.note) is (size > 1e6)
+
+
 def test_constant_free_copy_zeroes_biases_and_running_means_only():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(2, 2))

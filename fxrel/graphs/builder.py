@@ -13,9 +13,9 @@ feed other streams and are not returned. RSP uses both: helper streams bring gra
 map, where the relative map computed from them becomes the sectional stream's initial relevance.
 
 Fan-out is summation: a node used by several others receives the sum of what each sends back.
-Every emitted node records ``fxrel_role`` (``forward``/``seed``/``relevance``, and ``recomputed`` for the forward
-values :mod:`~fxrel.graphs.rematerialise` recomputes where the backward pass reads them), ``fxrel_forward`` (the
-forward node it serves), ``fxrel_rule`` and ``fxrel_stream``.
+Every emitted node records ``fxrel_role`` (``forward``/``seed``/``relevance``/``audit``, and ``recomputed`` for the
+forward values :mod:`~fxrel.graphs.rematerialise` recomputes where the backward pass reads them), ``fxrel_forward``
+(the forward node it serves), ``fxrel_rule`` and ``fxrel_stream``.
 """
 from __future__ import annotations
 
@@ -190,15 +190,27 @@ class _Builder:
         return self.graph._root.prev
 
 
+def _audit(received: fx.Proxy, sent: Sequence[Any]) -> fx.Proxy:
+    """``[Σ R_out, Σ R_in, Σ|R_out|, Σ|R_in|]`` of one rule application (inputs that get no tensor count as 0)."""
+    parts = [r for r in sent if isinstance(r, fx.Proxy)]
+    total = sum((r.sum() for r in parts[1:]), parts[0].sum()) if parts else received.sum() * 0
+    size = sum((r.abs().sum() for r in parts[1:]), parts[0].abs().sum()) if parts else received.sum() * 0
+    return torch.stack([received.sum(), total, received.abs().sum(), size])
+
+
 def build_relevance_graph(canonical: fx.GraphModule, streams: Sequence[Stream], start: str | None = None,
                           stops: Sequence[str] | None = None,
-                          combine: Callable[[dict[str, Any]], Any] | None = None) -> RelevanceGraph:
+                          combine: Callable[[dict[str, Any]], Any] | None = None,
+                          audit: bool = False) -> RelevanceGraph:
     """Build the explicit relevance program for ``streams`` on a canonical graph.
 
     ``start``: node (or module) name where relevance starts (default: the model output). ``stops``: node or module
     names whose relevance is returned (default: the model inputs); ``"*"`` returns every node's relevance.
     ``combine``: maps ``{stream name: relevance}`` at each stop to one result, returned as ``"combined:<stop>"``
-    in place of the streams' own outputs (contrastive methods subtract a dual stream this way).
+    in place of the streams' own outputs (contrastive methods subtract a dual stream this way). ``audit``: also
+    return, for every node a returned stream's rule runs at, ``"audit:<stream>:<node>"`` = ``[Σ R_out, Σ R_in,
+    Σ|R_out|, Σ|R_in|]`` over the whole batch — what the rule received and what it sent to the node's inputs (the
+    local conservation audit).
     """
     if not streams:
         raise RuleError("a relevance sweep needs at least one stream")
@@ -284,6 +296,10 @@ def build_relevance_graph(canonical: fx.GraphModule, streams: Sequence[Stream], 
             b.tag_since(marker, fxrel_role="relevance", fxrel_forward=node.name, fxrel_rule=repr(rule),
                         fxrel_stream=s.name)
             downstream[s.name] = sent
+            if audit and not s.helper and isinstance(relevance, fx.Proxy):
+                marker = b.last()
+                outputs[f"audit:{s.name}:{node.name}"] = _audit(relevance, sent)
+                b.tag_since(marker, fxrel_role="audit", fxrel_forward=node.name, fxrel_stream=s.name)
             for arg, r in zip(ops.tensor_inputs(node), sent):
                 pending.setdefault((s.name, arg), []).append(r)
 
