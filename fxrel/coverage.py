@@ -6,9 +6,11 @@ records, stage by stage — a stage that fails skips the rest and its first erro
 
 * **captured** — ``torch.export`` traced it (:func:`fxrel.graphs.capture`);
 * **canonical** — every node maps onto the closed canonical op set (:func:`fxrel.graphs.canonicalize`);
-* **gradient** — the ``gradient`` rule set equals autograd's input gradient (max |a − b| / max |b| ≤ 1e-4);
+* **gradient** — the ``gradient`` rule set equals autograd's input gradient (max |a − b| / max |b| ≤ 1e-4), or,
+  where autograd's own gradient disagrees with central finite differences, fxrel's matches them (noted);
 * **lrp0** — on a copy with every additive constant removed (biases, BatchNorm shifts and running means zeroed), the
-  LRP-0 relevance at the input sums to the target logit (relative 1e-3);
+  LRP-0 relevance at the input sums to the target logit (relative 1e-3), or, where relevance inside the network
+  outgrows what the dtype resolves, every rule application conserves (the local audit, noted);
 * **lrp_eps** — LRP-ε on the model itself is finite;
 
 with the time to build (capture + canonicalise + relevance graph) and to run. ``peers=True`` adds the same
