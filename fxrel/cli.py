@@ -29,7 +29,7 @@ __all__ = ["main"]
 EXIT_OK = 0
 EXIT_IO = 1
 EXIT_USAGE = 2
-_FORMATS = ("code", "dot", "svg", "json", "plan", "layers", "profile")
+_FORMATS = ("code", "dot", "svg", "json", "plan", "layers", "audit", "profile")
 
 
 class CLIError(Exception):
@@ -404,6 +404,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_graph(args: argparse.Namespace) -> int:
     import json
 
+    from fxrel.explainer import audit_table
     from fxrel.graphs import export
     from fxrel.graphs.profile import profile_table
 
@@ -412,7 +413,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
     if _check_method(args.method, params):
         raise CLIError(f"'{args.method}' is a post-hoc wrapper (several sweeps), it has no single relevance "
                        "graph; inspect its base method instead")
-    if args.format in ("layers", "profile") and len(targets) != 1:
+    if args.format in ("layers", "audit", "profile") and len(targets) != 1:
         raise CLIError(f"graph --format {args.format} takes a single --target")
     outputs = _claim_outputs(out=args.out)
 
@@ -429,6 +430,8 @@ def cmd_graph(args: argparse.Namespace) -> int:
             text = str(explainer.rule_plan(x))
         elif args.format == "layers":
             text = explainer.layer_table(x, targets[0])
+        elif args.format == "audit":
+            text = audit_table(explainer.conservation_audit(x, targets[0]))
         elif args.format == "profile":
             text = profile_table(explainer.profile(x, targets[0]))
         elif args.format == "dot":
@@ -705,8 +708,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list the explanation methods")
     p.set_defaults(func=cmd_methods)
 
-    p = sub.add_parser("graph", help="show a model's relevance graph code, DOT graph, rule plan, layer table or "
-                                     "rule-by-rule profile",
+    p = sub.add_parser("graph", help="show a model's relevance graph code, DOT graph, rule plan, layer table, "
+                                     "conservation audit or rule-by-rule profile",
                        description="Print (or write with --out) the relevance program of MODEL for one method.")
     _add_model_options(p, positional_model=True)
     p.add_argument("--format", choices=_FORMATS, default="code", help="default code")

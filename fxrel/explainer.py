@@ -149,6 +149,13 @@ class AuditRow:
         return abs(self.sent - self.received) / scale if scale > 0 else 0.0
 
 
+def audit_table(rows: Sequence[AuditRow]) -> str:
+    """The rows of :meth:`Explainer.conservation_audit` as a text table, forward order."""
+    body = [(r.node, r.kind, r.module, r.rule, f"{r.received:+.6g}", f"{r.sent:+.6g}", f"{r.leak:.1e}")
+            for r in rows]
+    return format_table(("node", "kind", "module", "rule", "Σ R out", "Σ R in", "leak"), body)
+
+
 @dataclass
 class Explanation:
     """Result of one explainer call."""

@@ -178,6 +178,15 @@ def test_graph_profile_prints_the_rule_by_rule_table(capsys):
     assert any(line.startswith("relevance") and "ZPlus" in line for line in lines)
 
 
+def test_graph_audit_prints_every_rule_application_with_its_leak(capsys):
+    assert main(["graph", "tv:resnet18", "--method", "lrp_0", "--size", "16", "--format", "audit", "--target", "5",
+                 "-q"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["node", "kind", "module", "rule"] and lines[0].split()[-1] == "leak"
+    rows = [line.split() for line in lines[2:]]
+    assert rows[0][0] == "convolution_default" and any(r[0].startswith("add_tensor") for r in rows)
+
+
 def test_graph_dot(capsys):
     pytest.importorskip("fxrel.graphs.export")
     assert main(["graph", "tv:resnet18", "--method", "gradient", "--size", "16", "--format", "dot", "-q"]) == 0
