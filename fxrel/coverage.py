@@ -22,6 +22,7 @@ on the same constant-free copy; ``-`` marks a peer that refuses the model. :func
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import json
 import signal
@@ -556,6 +557,31 @@ def _mark(value: bool | None) -> str:
     return {True: "yes", False: "NO", None: "-"}[value]
 
 
+def timm_family(name: str) -> str:
+    """The timm module that registers ``name`` (``vision_transformer``, ``resnet`` …): a model's family; ``-`` for a
+    name timm does not list."""
+    return _families().get(name, "-")
+
+
+@functools.lru_cache(maxsize=1)
+def _families() -> dict[str, str]:
+    import timm
+
+    return {n: module for module in timm.list_modules() for n in timm.list_models(module=module)}
+
+
+def family_table(rows: Sequence[ModelReport], markdown: bool = False) -> str:
+    """Pass counts by timm family, most models first, with the failing models named."""
+    groups: dict[str, list[ModelReport]] = {}
+    for r in rows:
+        groups.setdefault(timm_family(r.name), []).append(r)
+    body = [[family, str(len(members)), str(sum(r.passed for r in members)),
+             f"{100 * sum(r.passed for r in members) / len(members):.0f}%",
+             ", ".join(r.name for r in members if not r.passed) or "-"]
+            for family, members in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))]
+    return (format_markdown if markdown else format_table)(["family", "models", "pass", "%", "failing"], body)
+
+
 def table(rows: Sequence[ModelReport], markdown: bool = False, peers: bool = False) -> str:
     """The report as a text or markdown table, with the pass count and every failure with its first error line."""
     header = ["model", "px", *CHECKS, *(PEERS if peers else ()), "grad err", "ΣR/y−1", "build s", "run s"]
@@ -571,7 +597,7 @@ def table(rows: Sequence[ModelReport], markdown: bool = False, peers: bool = Fal
     notes = [f"- {r.name}: {r.note}" for r in rows if r.passed and r.note]
     summary = f"{passed}/{len(rows)} models pass all {len(CHECKS)} checks" + (f" ({100 * passed / len(rows):.1f}%)"
                                                                               if rows else "")
-    return "\n".join([summary, "", text, *([""] + failures if failures else []),
+    return "\n".join([summary, "", family_table(rows, markdown), "", text, *([""] + failures if failures else []),
                       *(["", "Passed on a second look:"] + notes if notes else [])])
 
 

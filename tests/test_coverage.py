@@ -95,6 +95,16 @@ def test_an_ill_conditioned_lrp0_sum_is_decided_by_the_local_audit(monkeypatch, 
     assert ("ill-conditioned" in report.note) is (size > 1e6)
 
 
+def test_the_family_table_counts_passes_by_timm_module_and_names_the_failures():
+    passed = {"captured": True, "canonical": True, "gradient": True, "lrp0": True, "lrp_eps": True}
+    rows = [coverage.ModelReport("resnet50", results=dict(passed)), coverage.ModelReport("resnet18", error="x"),
+            coverage.ModelReport("vit_tiny_patch16_224", results=dict(passed)), coverage.ModelReport("no_such")]
+    lines = coverage.family_table(rows, markdown=True).splitlines()
+    assert lines[2] == "| resnet | 2 | 1 | 50% | resnet18 |"
+    assert "| vision_transformer | 1 | 1 | 100% | - |" in lines and "| - | 1 | 0 | 0% | no_such |" in lines
+    assert "| family | models | pass | % | failing |" == lines[0]
+
+
 def test_constant_free_copy_zeroes_biases_and_running_means_only():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(2, 2))
