@@ -10,23 +10,13 @@ BatchNorm.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from bench_lrp import build_model, measure
 
 import fxrel
-from fxrel.random_weights import calibrate_batchnorm
 
-
-def _median(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+CPU = torch.device("cpu")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,21 +30,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    import torchvision
-
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, args.model)(weights=None)
-    calibrate_batchnorm(model, args.size, 1)
-    model = model.eval().requires_grad_(False)
+    model = build_model(args.model, "torchvision", args.size, 0)
     x = torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(2))
     explainer = fxrel.Explainer(model, args.method)
-    single = _median(lambda: explainer(x, 0), args.repeats)
+    _, single, _ = measure(lambda: explainer(x, 0), CPU, 0, args.repeats)
     print(f"torchvision {args.model}, {args.method}, {args.size} px, eager, {torch.get_num_threads()} threads; "
           f"one single-target call {single * 1e3:.0f} ms")
     print("| K | K single-target calls ms | classes(x, K) ms | per row × single call |")
     print("|---|---|---|---|")
     for k in (int(v) for v in args.classes.split(",")):
-        batched = _median(lambda k=k: explainer.classes(x, list(range(k))), args.repeats)
+        _, batched, _ = measure(lambda k=k: explainer.classes(x, list(range(k))), CPU, 0, args.repeats)
         print(f"| {k} | {k * single * 1e3:.0f} | {batched * 1e3:.0f} | {batched / k / single:.2f} |", flush=True)
 
 

@@ -81,6 +81,14 @@ def measure(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int, r
     return first, statistics.median(times), out
 
 
+def gradient_x_input(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Autograd gradient × input of each row's target logit (the benchmarks' baseline)."""
+    xg = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(model(xg).gather(1, target[:, None]).sum(), xg)
+    return grad * x
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet50", help="model name (timm, or torchvision with --hub)")

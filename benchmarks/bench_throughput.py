@@ -14,18 +14,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-from bench_lrp import build_model, measure
+from bench_lrp import build_model, gradient_x_input, measure
 
 import fxrel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def gradient_x_input(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    xg = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        (grad,) = torch.autograd.grad(model(xg).gather(1, target[:, None]).sum(), xg)
-    return grad * x
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,24 +10,14 @@ autograd gradient × input and of the method's eager program (the generated code
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from bench_lrp import build_model, gradient_x_input, measure
 
 import fxrel
 from fxrel.graphs.profile import ProfileRow, profile_program
-from fxrel.random_weights import calibrate_batchnorm
 
-
-def _median(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+CPU = torch.device("cpu")
 
 
 def _markdown(rows: list[ProfileRow], by_op: bool, limit: int) -> str:
@@ -48,28 +38,17 @@ def _markdown(rows: list[ProfileRow], by_op: bool, limit: int) -> str:
 
 def profile_model(name: str, args: argparse.Namespace) -> None:
     """One model's section: the two medians, then the table(s)."""
-    import torchvision
-
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None)
-    calibrate_batchnorm(model, args.size, 1)
-    model = model.eval().requires_grad_(False)
+    model = build_model(name, "torchvision", args.size, 0)
     x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         target = model(x).argmax(1)
 
-    def grad_x_input() -> torch.Tensor:
-        xg = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            (grad,) = torch.autograd.grad(model(xg).gather(1, target[:, None]).sum(), xg)
-        return grad * x
-
     explainer = fxrel.Explainer(model, args.method)
     graph = explainer.relevance_graph(x)
     mask, _ = explainer._seed_mask(graph, x, target)
-    baseline = _median(grad_x_input, args.repeats)
+    _, baseline, _ = measure(lambda: gradient_x_input(model, x, target), CPU, 0, args.repeats)
     with torch.no_grad():
-        program = _median(lambda: graph.module(x, mask), args.repeats)
+        _, program, _ = measure(lambda: graph.module(x, mask), CPU, 0, args.repeats)
     rows = profile_program(graph, (x,), mask, args.repeats)
     print(f"### {name}\n\nautograd gradient × input {baseline * 1e3:.0f} ms; `{args.method}` eager program "
           f"{program * 1e3:.0f} ms ({program / baseline:.2f}×); interpreted for the profile "

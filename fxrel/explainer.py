@@ -241,10 +241,15 @@ class Explainer:
                 stops = self.method.default_stops(self.canonical_graph(x))
             key = (*self._signature(x), tuple(stops) if stops is not None else None)
             if key not in self._graphs:
-                canonical = self.canonical_graph(x)
-                streams = self.method.streams(canonical, self.rules)
-                self._graphs[key] = build_relevance_graph(canonical, streams, self.start, stops, self.method.combine)
+                self._graphs[key] = self._built(x, stops)
             return self._graphs[key]
+
+    def _built(self, x: torch.Tensor, stops: Sequence[str] | None, audit: bool = False) -> RelevanceGraph:
+        """A new relevance program of this explainer's method, rules, start and ``stops`` (``audit``: with the local
+        conservation audit's outputs, :func:`fxrel.graphs.build_relevance_graph`)."""
+        canonical = self.canonical_graph(x)
+        return build_relevance_graph(canonical, self.method.streams(canonical, self.rules), self.start, stops,
+                                     self.method.combine, audit)
 
     def _runner(self, x: torch.Tensor, stops: Sequence[str] | None) -> tuple[RelevanceGraph, Any]:
         with self._lock:
@@ -402,13 +407,11 @@ class Explainer:
         the input, this stays decidable when relevance inside the network grows far beyond the logit (LRP-0's
         z-rule at residual sums whose operands nearly cancel)."""
         self.check_call(x)
-        canonical = self.canonical_graph(x)
-        graph = build_relevance_graph(canonical, self.method.streams(canonical, self.rules), self.start, None,
-                                      self.method.combine, audit=True)
+        graph = self._built(x, None, audit=True)
         mask, _ = self._seed_mask(graph, x, target)
         with torch.no_grad():
             result = graph.module(x, mask)
-        nodes = {n.name: n for n in canonical.graph.nodes}
+        nodes = {n.name: n for n in graph.canonical.graph.nodes}
         rows = []
         for key, value in result.items():
             if not key.startswith("audit:"):
@@ -423,7 +426,8 @@ class Explainer:
         return sorted(rows, key=lambda r: (order[r.node], r.stream))
 
     def layer_table(self, x: torch.Tensor, target: Target = None) -> str:
-        """How much relevance passes each canonical node (Σ over all but the batch axis): the conservation audit."""
+        """How much relevance passes each canonical node (Σ over all but the batch axis); what each rule sent on is
+        :meth:`conservation_audit`."""
         if self.method.default_stops(self.canonical_graph(x)) is not None:
             raise RuleError(f"method '{self.method.name}' returns a map at its layer, not relevance at every node; "
                             "audit its sweep with method 'gradient' instead")
