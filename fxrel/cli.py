@@ -552,7 +552,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             bar.set_description(description)
             bar.update()
 
-        kwargs = dict(batch_size=args.batch_size, device=device, progress=step)
+        kwargs = dict(batch_size=args.batch_size, device=device, seed=args.metric_seed, progress=step)
         if world > 1:
             result = evaluation.evaluate_distributed(models, scenes, methods, metric_names, **kwargs)
         else:
@@ -596,7 +596,7 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
             bar.update()
 
         result = evaluation.evaluate(models, scenes, methods, metric_names, batch_size=args.batch_size,
-                                     device=device, progress=step)
+                                     device=device, seed=args.metric_seed, progress=step)
     header = (f"{len(scenes)} test scenes (seed {args.seed}, 64 px), {int(scenes.labels.sum())} (image, class) pairs, "
               f"{int((scenes.labels.sum(1) > 1).sum())} scenes with several objects; every method with its default "
               "parameters")
@@ -679,6 +679,8 @@ def _add_table_options(p: argparse.ArgumentParser, images: int, written: str) ->
     p.add_argument("--images", type=_positive_int, default=images, metavar="N", help=f"test scenes (default {images})")
     p.add_argument("--seed", type=int, default=1, metavar="N", help="scene seed (default 1)")
     p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="pairs per batch (16)")
+    p.add_argument("--metric-seed", type=int, default=0, metavar="N",
+                   help="seed of the metrics' random draws, each keyed by (seed, metric, image, class) (default 0)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
     p.add_argument("--markdown", metavar="FILE.md", help=f"also write the {written} as markdown")
     p.add_argument("--json", metavar="FILE.json", help="also write the means as JSON")

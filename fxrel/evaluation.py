@@ -25,12 +25,14 @@ from fxrel.catalog.registry import REGISTRY, make_method, method_info
 from fxrel.errors import InputError, RuleError
 from fxrel.explainer import explain
 from fxrel.imageops import resize_maps
+from fxrel.metrics.robustness import ExplainFn
 from fxrel.text import format_markdown, format_table, parse_spec
 from fxrel.ucag import ucag
 
 __all__ = ["MetricSpec", "METRICS", "DEFAULT_METRICS", "DEFAULT_METHODS", "method_fn", "evaluate", "EvalResult"]
 
-MapFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``(model, x, targets, keys=None) → maps``; ``keys`` (one ``(image, class)`` per row) key a method's random draws
+MapFn = Callable[..., torch.Tensor]
 
 
 # -- methods --------------------------------------------------------------------------------------------------------
@@ -67,19 +69,23 @@ def method_fn(spec: str, ucag_weighting: str = "sigmoid") -> MapFn:
     parameters as ``name[key=value,…]`` (``agf[residual=absolute]``), or ``ucag:BASE`` (UCAG over BASE, which may
     carry parameters); every method runs with its defaults but for those given (z^β bounds: each image's min/max).
     ``ucag_weighting``: UCAG's crop confidence (Eq. 4); ``"sigmoid"`` by default because the scenes are multi-label
-    (the paper's ``"exp_softmax"`` assumes one class per image)."""
+    (the paper's ``"exp_softmax"`` assumes one class per image). ``keys`` (one per row) go to a method that draws
+    random numbers (SmoothGrad), so a pair's map does not depend on its batch (:mod:`fxrel.streams`); under UCAG the
+    base explains crops, whose draws are keyed by the crop's position."""
     base, _, wrapped = spec.partition(":")
     if base == "ucag" and wrapped:
         name, chosen = _parsed(wrapped, spec)
         params = chosen
 
-        def run_ucag(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        def run_ucag(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, keys=None) -> torch.Tensor:
             return ucag(model, x, targets, method=name, method_params=params, weighting=ucag_weighting)
         return run_ucag
     name, params = _parsed(spec, spec)
+    keyed = "keys" in method_info(name).defaults
 
-    def run(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return metrics.as_maps(explain(model, x, target=targets, method=name, **params))
+    def run(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, keys=None) -> torch.Tensor:
+        extra = {"keys": keys} if keyed and keys is not None else {}
+        return metrics.as_maps(explain(model, x, target=targets, method=name, **params, **extra))
     return run
 
 
@@ -94,9 +100,11 @@ class Samples:
     masks: torch.Tensor         #: [P, H, W] bool, the class's pixels
     boxes: torch.Tensor         #: [P, H, W] bool, the class's box
     maps: torch.Tensor          #: [P, H, W]
-    explain: MapFn
+    explain: MapFn              #: the method, its random draws keyed by ``keys``
     others: torch.Tensor        #: [P, H, W] bool, the union of the other present classes' boxes
     other_targets: torch.Tensor  #: [P] another class present in the image (the next one), -1 for single objects
+    keys: list[tuple[int, int]]  #: the (image, class) of each row: the key of every random draw (fxrel.streams)
+    seed: int = 0                #: the seed of every random draw
     shared: dict = field(default_factory=dict)   #: results that several metrics read (insertion and deletion …)
 
     def once(self, key: str, compute: Callable[[], dict]) -> dict:
@@ -127,7 +135,9 @@ def _other_maps(s: Samples) -> dict:
         valid = s.other_targets >= 0
         # the whole chunk (single-object rows re-explain their own class), so the batch keeps the shape the
         # method's relevance program was built for
-        maps = s.explain(s.model, s.x, torch.where(valid, s.other_targets, s.targets)).detach()
+        other = torch.where(valid, s.other_targets, s.targets)
+        keys = [(image, c) for (image, _), c in zip(s.keys, other.tolist())]
+        maps = s.explain(s.model, s.x, other, keys=keys).detach()
         if maps.shape[-2:] != s.maps.shape[-2:]:
             maps = resize_maps(maps, s.maps.shape[-2:])
         return {"maps": maps, "valid": valid}
@@ -156,7 +166,8 @@ METRICS: dict[str, MetricSpec] = {
                            "RSP Table 1 (mean threshold)"),
     "sparseness": MetricSpec("Gini", True, lambda s: metrics.sparseness(s.maps), "Chalasani et al. 2020"),
     "faithfulness": MetricSpec(
-        "Fid", True, lambda s: metrics.faithfulness_correlation(s.model, s.x, s.maps, s.targets),
+        "Fid", True, lambda s: metrics.faithfulness_correlation(s.model, s.x, s.maps, s.targets, seed=s.seed,
+                                                                keys=s.keys),
         "Bhatt et al. 2020"),
     "insertion": MetricSpec("Ins", True, lambda s: _insdel(s)["insertion"], "Petsiuk et al. 2018"),
     "deletion": MetricSpec("Del", False, lambda s: _insdel(s)["deletion"], "Petsiuk et al. 2018"),
@@ -168,7 +179,8 @@ METRICS: dict[str, MetricSpec] = {
     "density_negative": MetricSpec("D-", False, lambda s: _density(s)["negative"],
                                    "Jalwana et al. 2021 (UCAG Table 5)"),
     "stability": MetricSpec(
-        "Stab", False, lambda s: metrics.max_sensitivity(s.explain, s.model, s.x, s.targets, radius=0.05, samples=3),
+        "Stab", False, lambda s: metrics.max_sensitivity(_keyed(s), s.model, s.x, s.targets, radius=0.05, samples=3,
+                                                         seed=s.seed, keys=s.keys),
         "Yeh et al. 2019 (max sensitivity, 3 samples, r=0.05)"),
     "randomisation": MetricSpec(
         "MPRT", False, lambda s: _randomised_similarity(s), "Adebayo et al. 2018 (cascading, mean Spearman)"),
@@ -177,9 +189,14 @@ METRICS: dict[str, MetricSpec] = {
 DEFAULT_METRICS = tuple(name for name in METRICS if name != "randomisation")
 
 
+def _keyed(s: Samples) -> ExplainFn:
+    """The method as ``(model, x, targets) → maps`` with its random draws keyed by the rows' pairs."""
+    return lambda model, x, targets: s.explain(model, x, targets, keys=s.keys)
+
+
 def _randomised_similarity(s: Samples) -> torch.Tensor:
     """Mean Spearman similarity to the original map over the cascade (lower: more sensitive to the weights)."""
-    steps = metrics.cascading_randomisation(s.model, s.explain, s.x, s.targets, similarity="spearman")
+    steps = metrics.cascading_randomisation(s.model, _keyed(s), s.x, s.targets, similarity="spearman", seed=s.seed)
     return torch.stack(list(steps.values())).nanmean(dim=0)
 
 
@@ -243,11 +260,15 @@ def _pairs(labels: torch.Tensor, indices: Sequence[int]) -> list[tuple[int, int]
 
 def evaluate(models: dict[str, nn.Module], scenes, methods: Sequence[str] = DEFAULT_METHODS,
              metric_names: Sequence[str] = DEFAULT_METRICS, *, indices: Iterable[int] | None = None,
-             batch_size: int = 16, device: torch.device | str = "cpu",
+             batch_size: int = 16, device: torch.device | str = "cpu", seed: int = 0,
              progress: Callable[[str], None] | None = None) -> EvalResult:
     """Evaluate ``methods`` on ``models`` over the (image, present class) pairs of ``scenes`` (a
     :class:`fxrel.demo.SceneBatch`, or anything with ``images``, ``labels``, ``masks``, ``boxes``); ``indices``
-    restricts the images (a distributed shard). ``progress(description)`` is called after every chunk."""
+    restricts the images (a distributed shard). ``progress(description)`` is called after every chunk.
+
+    Every random draw (faithfulness subsets, max-sensitivity noise, SmoothGrad's noise) comes from a stream keyed by
+    ``(seed, metric, image, class)`` (:mod:`fxrel.streams`), so a pair's figure is the same for any batch size,
+    shard, process count, order or device (up to floating-point rounding)."""
     import time
 
     unknown = [m for m in metric_names if m not in METRICS]
@@ -265,7 +286,7 @@ def evaluate(models: dict[str, nn.Module], scenes, methods: Sequence[str] = DEFA
                 chunk = pairs[chunk_start:chunk_start + batch_size]
                 # the last chunk is padded with its last pair: one batch shape, one relevance program per method
                 padded = chunk + chunk[-1:] * (min(batch_size, len(pairs)) - len(chunk))
-                samples, predicted = _samples(model, scenes, padded, fn, device)
+                samples, predicted = _samples(model, scenes, padded, fn, device, seed)
                 for name in metric_names:
                     values = METRICS[name].compute(samples).detach().double().cpu().tolist()[:len(chunk)]
                     rows = result.records.setdefault((model_name, spec, name), {})
@@ -276,7 +297,8 @@ def evaluate(models: dict[str, nn.Module], scenes, methods: Sequence[str] = DEFA
     return result
 
 
-def _samples(model: nn.Module, scenes, chunk: list[tuple[int, int]], fn: MapFn, device) -> tuple[Samples, list]:
+def _samples(model: nn.Module, scenes, chunk: list[tuple[int, int]], fn: MapFn, device,
+             seed: int) -> tuple[Samples, list]:
     img = torch.tensor([i for i, _ in chunk])
     cls = torch.tensor([c for _, c in chunk])
     x = scenes.images[img].to(device)
@@ -293,12 +315,12 @@ def _samples(model: nn.Module, scenes, chunk: list[tuple[int, int]], fn: MapFn, 
     following = (torch.arange(scenes.labels.shape[1])[None] - cls[:, None]) % scenes.labels.shape[1]
     following = torch.where(present, following, torch.full_like(following, scenes.labels.shape[1]))
     other_targets = torch.where(present.any(1), following.argmin(1), torch.full_like(cls, -1)).to(device)
-    maps = fn(model, x, targets).detach()
+    maps = fn(model, x, targets, keys=chunk).detach()
     if maps.shape[-2:] != (height, width):
         maps = resize_maps(maps, (height, width))
     with torch.no_grad():
         predicted = (model(x).gather(1, targets[:, None])[:, 0] > 0).cpu().tolist()
-    return Samples(model, x, targets, masks, boxes, maps, fn, others, other_targets), predicted
+    return Samples(model, x, targets, masks, boxes, maps, fn, others, other_targets, chunk, seed), predicted
 
 
 # -- distributed ----------------------------------------------------------------------------------------------------

@@ -23,14 +23,15 @@ sets) are usually wanted with ``multiply_by_inputs=False``: the path-averaged re
 
     ŝ(x) = 1/n Σ_{j=1..n} g(x + ε_j),    ε_j ~ N(0, σ²),    σ = noise · (max x − min x)  (per image)
 
-``squared=True`` averages ``g(x + ε_j)²`` instead. The noise comes from a local ``torch.Generator`` seeded with
-``seed`` (the global RNG is untouched): one ``torch.randn(x.shape, generator=…)`` draw per sample ``j`` in order,
-scaled per image by ``σ``; the result does not depend on the chunk size.
+``squared=True`` averages ``g(x + ε_j)²`` instead. Each image's noise comes from its own keyed stream
+(:mod:`fxrel.streams`, seeded with ``seed`` and the image's key; the global RNG is untouched): one
+``torch.randn(image shape)`` draw per sample ``j`` in order, scaled by ``σ``; the result does not depend on the
+chunk size, nor on the batch an image is in when it keeps its key.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ import torch
 from fxrel.catalog.registry import register_wrapper, signature_defaults
 from fxrel.errors import InputError
 from fxrel.explainer import Explainer, Target, cached_explainer
+from fxrel.streams import Key, draw_rows, row_generators
 
 INTEGRATION_RULES = ("riemann_trapezoid", "riemann_right", "riemann_left", "riemann_middle", "gausslegendre")
 DEFAULT_MAX_BATCH = 64
@@ -192,12 +194,12 @@ def integrated_gradients(explainer: Explainer, x: torch.Tensor, target: Target =
 
 # -- SmoothGrad -----------------------------------------------------------------------------------------------------
 class _NoiseStream:
-    """Noise of sample ``j``: the ``j``-th ``torch.randn(shape, generator=…)`` draw of a generator seeded with
-    ``seed``, drawn in order on demand and dropped once no later chunk can need it."""
+    """Noise of sample ``j``: for each image ``i`` the ``j``-th ``torch.randn(image shape)`` draw of its own keyed
+    stream (:mod:`fxrel.streams`), drawn in order on demand and dropped once no later chunk can need it."""
 
-    def __init__(self, like: torch.Tensor, seed: int) -> None:
+    def __init__(self, like: torch.Tensor, seed: int, keys: Sequence[Key] | torch.Tensor | None) -> None:
         self.like = like
-        self.generator = torch.Generator(device=like.device).manual_seed(seed)
+        self.generators = row_generators(seed, "smoothgrad", keys, len(like))
         self.drawn: dict[int, torch.Tensor] = {}
         self.next = 0
 
@@ -205,8 +207,8 @@ class _NoiseStream:
         """Noise for the given sample indices, one image-batch shaped tensor per index, stacked."""
         lo, hi = int(samples.min()), int(samples.max())
         while self.next <= hi:
-            self.drawn[self.next] = torch.randn(self.like.shape, generator=self.generator, dtype=self.like.dtype,
-                                                device=self.like.device)
+            self.drawn[self.next] = draw_rows(self.generators, self.like.shape[1:], normal=True,
+                                              dtype=self.like.dtype, device=self.like.device)
             self.next += 1
         for j in [j for j in self.drawn if j < lo]:  # rows arrive in increasing order
             del self.drawn[j]
@@ -215,16 +217,18 @@ class _NoiseStream:
 
 def smoothgrad(explainer: Explainer, x: torch.Tensor, target: Target = None, *, samples: int = 16,
                noise: float = 0.15, squared: bool = False, seed: int = 0, chunk_size: int | None = None,
-               max_batch: int = DEFAULT_MAX_BATCH) -> torch.Tensor:
+               max_batch: int = DEFAULT_MAX_BATCH, keys: Sequence[Key] | torch.Tensor | None = None) -> torch.Tensor:
     """SmoothGrad of ``explainer`` on the batch ``x`` (Smilkov et al. 2017, Eq. 1):
 
         ŝ(x) = 1/n Σ_j g(x + ε_j),   ε_j ~ N(0, σ²),   σ = noise · (max x − min x) per image,
 
-    or the mean of ``g(x + ε_j)²`` with ``squared=True`` (SmoothGrad²). ``g`` is the explainer's map. Noise: the
-    ``j``-th draw ``torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))`` (on ``x``'s device and
-    dtype) times ``σ`` per image, for ``j = 0 … samples−1``; the global RNG is untouched and the result does not
-    depend on the chunking. ``target``: as for the explainer (``None``/``"top-k"`` resolved once on ``x``). The
-    ``len(x) · samples`` noisy copies run as a batch in equally shaped chunks (see :func:`integrated_gradients`).
+    or the mean of ``g(x + ε_j)²`` with ``squared=True`` (SmoothGrad²). ``g`` is the explainer's map. Noise of image
+    ``i``: the ``j``-th ``torch.randn(x.shape[1:])`` draw (``j = 0 … samples−1``, in ``x``'s dtype, on the CPU, then
+    moved to ``x``'s device) of its own stream keyed ``(seed, keys[i])`` (:mod:`fxrel.streams`; ``keys``, one per
+    image, default: the positions ``0 … N−1``), times ``σ``. The global RNG is untouched, and an image's map depends
+    on neither the chunking nor, when it keeps its key, the batch it is in or the device. ``target``: as for the
+    explainer (``None``/``"top-k"`` resolved once on ``x``). The ``len(x) · samples`` noisy copies run as a batch in
+    equally shaped chunks (see :func:`integrated_gradients`).
     Returns a tensor shaped like ``x``.
     """
     explainer.check_call(x)
@@ -235,7 +239,7 @@ def smoothgrad(explainer: Explainer, x: torch.Tensor, target: Target = None, *, 
     n = len(x)
     flat = x.flatten(1)
     sigma = (noise * (flat.max(1).values - flat.min(1).values)).view((-1,) + (1,) * (x.dim() - 1))
-    stream = _NoiseStream(x, seed)
+    stream = _NoiseStream(x, seed, keys)
 
     def make_rows(rows: torch.Tensor) -> torch.Tensor:
         j, i = rows // n, rows % n

@@ -62,13 +62,24 @@ def test_records_are_the_metrics_of_each_image_class_pair():
     assert "PG(L)↑" in table and "PG(P)↑" in table and "Gini↑" in table and "grad_cam" in table
 
 
-def test_chunking_does_not_change_the_records():
+def test_chunking_order_and_seed_of_the_random_metrics():
+    """Every random draw is keyed by (seed, metric, image, class): batch size and order leave each pair's figure as
+    it is (faithfulness subsets, max-sensitivity noise, SmoothGrad's noise), another seed changes it."""
     scenes, model = toy_scenes(), toy_model()
-    a = evaluation.evaluate({"toy": model}, scenes, ["gradient"], ["energy_pointing_game", "iou"], batch_size=2)
-    b = evaluation.evaluate({"toy": model}, scenes, ["gradient"], ["energy_pointing_game", "iou"], batch_size=16)
-    for key in a.records:
-        for pair, (v, p) in a.records[key].items():
-            assert b.records[key][pair] == (pytest.approx(v, rel=1e-5, abs=1e-7), p)
+    methods = ["gradient", "smoothgrad[samples=3]"]
+    names = ["energy_pointing_game", "iou", "faithfulness", "stability", "class_correlation"]
+    a = evaluation.evaluate({"toy": model}, scenes, methods, names, batch_size=2)
+    b = evaluation.evaluate({"toy": model}, scenes, methods, names, batch_size=16)
+    c = evaluation.evaluate({"toy": model}, scenes, methods, names, batch_size=3, indices=[4, 2, 0, 3, 1])
+    for other in (b, c):
+        for key in a.records:
+            assert a.records[key].keys() == other.records[key].keys()
+            for pair, (v, p) in a.records[key].items():
+                assert other.records[key][pair] == (pytest.approx(v, rel=1e-5, abs=1e-7, nan_ok=True), p), (key, pair)
+    reseeded = evaluation.evaluate({"toy": model}, scenes, ["gradient"], ["faithfulness"], batch_size=16, seed=1)
+    key = ("toy", "gradient", "faithfulness")
+    assert reseeded.records[key].keys() == a.records[key].keys()
+    assert any(abs(reseeded.records[key][pair][0] - v) > 1e-3 for pair, (v, _) in a.records[key].items())
 
 
 def test_unknown_metric_and_method_are_named():
@@ -99,25 +110,31 @@ def test_method_specs_carry_parameters():
 
 
 def _eval_argv(out: Path) -> list[str]:
-    return ["eval", "--models", "demo-vgg", "--methods", "gradient_x_input,grad_cam", "--metrics",
-            "pointing_game,energy_pointing_game,sparseness,insertion", "--images", "5", "--json", str(out), "-q"]
+    return ["eval", "--models", "demo-vgg", "--methods", "gradient_x_input,grad_cam,smoothgrad[samples=2]", "--metrics",
+            "pointing_game,energy_pointing_game,sparseness,insertion,faithfulness,stability", "--images", "5",
+            "--json", str(out), "-q"]
 
 
 def test_torchrun_two_processes_reproduce_the_single_process_table(tmp_path):
-    """`fxrel eval` under torchrun (gloo, 2 CPU processes, DistributedSampler shards, gather to rank 0)."""
+    """`fxrel eval` under torchrun (gloo, 2 CPU processes, DistributedSampler shards, gather to rank 0) and with
+    another batch size: the same figure for every metric, the random ones (faithfulness, max-sensitivity, SmoothGrad)
+    included, to floating-point rounding."""
     pytest.importorskip("fxrel.demo")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    single, double = tmp_path / "single.json", tmp_path / "double.json"
-    run = subprocess.run([sys.executable, "-m", "fxrel.cli", *_eval_argv(single)], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr
+    single, double, small = tmp_path / "single.json", tmp_path / "double.json", tmp_path / "small.json"
+    for argv in (_eval_argv(single), [*_eval_argv(small), "--batch-size", "3"]):
+        run = subprocess.run([sys.executable, "-m", "fxrel.cli", *argv], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_port", "29517", "-m", "fxrel.cli", *_eval_argv(double)], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     assert "2 processes" in run.stdout and run.stdout.count("PG(L)") == 1   # only rank 0 reports
-    a, b = json.loads(single.read_text()), json.loads(double.read_text())
-    assert len(a["rows"]) == len(b["rows"]) == 2
-    for row_a, row_b in zip(a["rows"], b["rows"]):
-        for metric in a["metrics"]:
-            assert row_b[metric] == pytest.approx(row_a[metric], rel=1e-6, abs=1e-9), metric
+    a = json.loads(single.read_text())
+    assert len(a["rows"]) == 3
+    for other in (json.loads(double.read_text()), json.loads(small.read_text())):
+        assert len(other["rows"]) == 3
+        for row_a, row_b in zip(a["rows"], other["rows"]):
+            for metric in a["metrics"]:
+                assert row_b[metric] == pytest.approx(row_a[metric], rel=1e-6, abs=1e-9), (row_a["method"], metric)

@@ -8,6 +8,7 @@ from captum.attr import IntegratedGradients
 from torch import nn
 
 import fxrel
+from fxrel.streams import stream_seed
 from fxrel.wrappers import INTEGRATION_RULES, integrated_gradients, integration_parameters, smoothgrad
 from tests.helpers import autograd_input_gradient, rel_error
 
@@ -97,12 +98,14 @@ def test_ig_top1_target_resolved_on_input() -> None:
 # -- SmoothGrad -----------------------------------------------------------------------------------------------------
 def smoothgrad_reference(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, samples: int, noise: float,
                          seed: int, squared: bool) -> torch.Tensor:
-    """Autograd over the documented noise: the j-th randn(x.shape) draw of a generator seeded with ``seed``."""
-    g = torch.Generator().manual_seed(seed)
+    """Autograd over the documented noise: for image i, the j-th randn(x.shape[1:]) draw of a generator seeded with
+    the BLAKE2b stream seed of ``(seed, "smoothgrad", i)``."""
+    gens = [torch.Generator().manual_seed(stream_seed(seed, "smoothgrad", i)) for i in range(len(x))]
     sigma = noise * (x.flatten(1).max(1).values - x.flatten(1).min(1).values).view(-1, 1, 1, 1)
     total = torch.zeros_like(x)
     for _ in range(samples):
-        grad = autograd_input_gradient(model, x + sigma * torch.randn(x.shape, generator=g), targets)
+        eps = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens])
+        grad = autograd_input_gradient(model, x + sigma * eps, targets)
         total += grad.square() if squared else grad
     return total / samples
 
@@ -130,6 +133,19 @@ def test_smoothgrad_deterministic_chunk_independent_and_leaves_global_rng() -> N
     assert rel_error(b, a) < 1e-6
     assert rel_error(c, a) > 1e-3
     assert len(explainer._graphs) <= 2
+
+
+def test_smoothgrad_of_a_keyed_image_does_not_depend_on_its_batch() -> None:
+    """The noise of an image comes from its key's stream: alone, or second in a batch of three, same map."""
+    model, x = relu_net(), images(3)
+    explainer = fxrel.Explainer(model, "gradient")
+    batch = smoothgrad(explainer, x, torch.tensor([0, 1, 4]), samples=4, seed=2, keys=[(7, 0), (9, 1), (3, 4)])
+    alone = smoothgrad(explainer, x[1:2], torch.tensor([1]), samples=4, seed=2, keys=[(9, 1)])
+    assert rel_error(alone[0], batch[1]) < 1e-6
+    other_key = smoothgrad(explainer, x[1:2], torch.tensor([1]), samples=4, seed=2, keys=[(9, 2)])
+    assert rel_error(other_key[0], batch[1]) > 1e-3
+    with pytest.raises(fxrel.InputError, match="keys must name each of the 1 rows"):
+        smoothgrad(explainer, x[1:2], torch.tensor([1]), samples=4, keys=[1, 2])
 
 
 def test_smoothgrad_without_noise_is_the_plain_map() -> None:

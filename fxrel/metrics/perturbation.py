@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from fxrel.errors import InputError
 from fxrel.imageops import gaussian_blur, minmax_normalise
 from fxrel.metrics.localisation import _check_maps
+from fxrel.streams import Key, row_generators
 
 Score = Literal["softmax", "sigmoid", "logit", "accuracy"]
 
@@ -119,14 +120,18 @@ def _rank_curve(model: nn.Module, ranks: Tensor, counts: Tensor, first: Tensor, 
     return _score(logits, targets.repeat(counts.numel()), score).view(-1, batch).T
 
 
-def _random_subsets(batch: int, pixels: int, size: int, runs: int, seed: int) -> Tensor:
-    """``[runs, batch, size]`` pixel indices, each row a uniform subset drawn without replacement (CPU generator)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.stack([torch.rand(batch, pixels, generator=g).argsort(1)[:, :size] for _ in range(runs)])
+def _random_subsets(pixels: int, size: int, runs: int, seed: int, keys: Sequence[Key] | Tensor | None,
+                    batch: int) -> Tensor:
+    """``[runs, batch, size]`` pixel indices: for row ``b``, ``runs`` uniform subsets drawn without replacement
+    (the first ``size`` of the argsort of ``runs × pixels`` uniforms) from the keyed stream
+    ``(seed, "faithfulness_correlation", keys[b])`` (:mod:`fxrel.streams`)."""
+    generators = row_generators(seed, "faithfulness_correlation", keys, batch)
+    rows = [torch.rand(runs, pixels, generator=g).argsort(1)[:, :size] for g in generators]
+    return torch.stack(rows, 1)
 
 
-def _subset_indices(indices: Tensor | None, subset_size: int | float, runs: int, seed: int, batch: int,
-                    pixels: int, device: torch.device) -> Tensor:
+def _subset_indices(indices: Tensor | None, subset_size: int | float, runs: int, seed: int,
+                    keys: Sequence[Key] | Tensor | None, batch: int, pixels: int, device: torch.device) -> Tensor:
     """The checked ``[runs, B, s]`` pixel subsets of faithfulness correlation (given or drawn)."""
     if indices is None:
         size = round(subset_size * pixels) if isinstance(subset_size, float) else subset_size
@@ -134,7 +139,7 @@ def _subset_indices(indices: Tensor | None, subset_size: int | float, runs: int,
             raise InputError(f"subset_size gives {size} pixels; it must be in [1, {pixels - 1}] for {pixels} pixels")
         if runs < 2:
             raise InputError(f"runs must be >= 2 for a correlation, got {runs}")
-        indices = _random_subsets(batch, pixels, size, runs, seed)
+        indices = _random_subsets(pixels, size, runs, seed, keys, batch)
     if indices.dim() != 3 or indices.shape[1] != batch or indices.shape[0] < 2:
         raise InputError(f"indices must be [runs >= 2, B = {batch}, subset size], got {tuple(indices.shape)}")
     if indices.min() < 0 or indices.max() >= pixels:
@@ -144,20 +149,23 @@ def _subset_indices(indices: Tensor | None, subset_size: int | float, runs: int,
 
 def faithfulness_correlation(model: nn.Module, x: Tensor, maps: Tensor, targets: Tensor,
                              subset_size: int | float = 0.05, runs: int = 50, baseline: float | Tensor = 0.0,
-                             seed: int = 0, batch_size: int = 256, indices: Tensor | None = None) -> Tensor:
+                             seed: int = 0, batch_size: int = 256, indices: Tensor | None = None,
+                             keys: Sequence[Key] | Tensor | None = None) -> Tensor:
     """Faithfulness correlation (Bhatt et al., IJCAI 2020, "Evaluating and aggregating feature-based model
     explanations"). Higher ↑.
 
     For ``runs`` random pixel subsets ``S`` (all channels of a pixel replaced by ``baseline``):
     ``corr_S( Σ_{p∈S} M_p , f_t(x) − f_t(x_{S←baseline}) )`` with ``f_t`` the target logit, Pearson over the runs.
     Defaults for small images: ``subset_size=0.05`` (a float is a fraction of the ``H·W`` pixels, an int a count)
-    and ``runs=50`` (the paper/quantus: 224 pixels of 224², 100 runs). ``indices`` (``[runs, B, s]`` flat pixel
-    indices) replaces the random draw. A constant series (e.g. an all-zero map) has no correlation: 0.
+    and ``runs=50`` (the paper/quantus: 224 pixels of 224², 100 runs). The subsets of row ``b`` come from its own
+    stream keyed ``(seed, keys[b])`` (:mod:`fxrel.streams`; ``keys`` default: the row positions), so a row scores the
+    same in any batch, process or device when it keeps its key. ``indices`` (``[runs, B, s]`` flat pixel indices)
+    replaces the random draw. A constant series (e.g. an all-zero map) has no correlation: 0.
     """
     maps, targets, logits = _prepare(model, x, maps, targets)
     batch, _, height, width = x.shape
     pixels = height * width
-    indices = _subset_indices(indices, subset_size, runs, seed, batch, pixels, x.device)
+    indices = _subset_indices(indices, subset_size, runs, seed, keys, batch, pixels, x.device)
     base = _baseline(x, baseline)
     runs = indices.shape[0]
 
