@@ -524,6 +524,28 @@ def _demo_grid(args: argparse.Namespace, model_name: str, methods: list[str], ou
     return len(scenes), pairs
 
 
+def _provenance(args: argparse.Namespace) -> str:
+    """How to make a table again: the command line that made it, and the versions and date it was made with."""
+    import datetime
+    import platform
+    import shlex
+    import subprocess
+
+    import timm
+    import torch
+
+    from fxrel import __version__
+
+    version = __version__
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0 and commit.stdout.strip():
+            version += f" (git {commit.stdout.strip()})"
+    return (f"Made by `fxrel {shlex.join(args.argv)}` with fxrel {version}, torch {torch.__version__}, "
+            f"timm {timm.__version__}, Python {platform.python_version()}, on {datetime.date.today().isoformat()}.")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
@@ -560,12 +582,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if result is None:   # a non-zero rank: rank 0 reports
         return EXIT_OK
     header = (f"{len(scenes)} test scenes (seed {args.seed}, {args.size} px), {total} (image, class) pairs, "
-              f"{world} process{'es' if world > 1 else ''}; ↑/↓: higher/lower is better; (L) all labels, "
-              "(P) correctly predicted labels; s: seconds")
+              f"{world} process{'es' if world > 1 else ''}, metric seed {args.metric_seed}; ↑/↓: higher/lower is "
+              f"better; (L) all labels, (P) correctly predicted labels; s: seconds; {result.LEGEND}")
     table = result.table()
     with outputs:
         if args.markdown:
-            outputs.write_text(args.markdown, header + "\n\n" + result.table(markdown=True))
+            outputs.write_text(args.markdown, f"{_provenance(args)}\n\n{header}\n\n{result.table(markdown=True)}\n")
         if args.json:
             outputs.write_text(args.json, json.dumps(result.to_json(), indent=1))
     print(header)
@@ -598,14 +620,12 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
         result = evaluation.evaluate(models, scenes, methods, metric_names, batch_size=args.batch_size,
                                      device=device, seed=args.metric_seed, progress=step)
     header = (f"{len(scenes)} test scenes (seed {args.seed}, 64 px), {int(scenes.labels.sum())} (image, class) pairs, "
-              f"{int((scenes.labels.sum(1) > 1).sum())} scenes with several objects; every method with its default "
-              "parameters")
+              f"{int((scenes.labels.sum(1) > 1).sum())} scenes with several objects, metric seed {args.metric_seed}; "
+              f"every method with its default parameters; {result.LEGEND}")
     verdicts = fidelity.verdict_table(result, model_names, seeds)
     with outputs:
         if args.markdown:
-            command = ("fxrel fidelity " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["fidelity"]
-                       else "fxrel fidelity")
-            text = (f"# Seed methods on the evaluation zoo\n\n{fidelity.__doc__.strip()}\n\nCommand: `{command}`\n\n"
+            text = (f"# Seed methods on the evaluation zoo\n\n{fidelity.__doc__.strip()}\n\n{_provenance(args)}\n\n"
                     f"{fidelity.model_summary(model_names)}\n\n{header}; ↑/↓: higher/lower is better, s: seconds\n\n"
                     f"{result.table(markdown=True)}\n\n## The bar\n\n{verdicts}\n")
             outputs.write_text(args.markdown, text)
@@ -640,7 +660,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         rows = coverage.coverage(names, peers=args.peers, progress=step, journal=args.journal, isolate=args.isolate)
     with outputs:
         if args.markdown:
-            outputs.write_text(args.markdown, coverage.table(rows, markdown=True, peers=args.peers))
+            outputs.write_text(args.markdown,
+                               f"{_provenance(args)}\n\n{coverage.table(rows, markdown=True, peers=args.peers)}\n")
         if args.json:
             outputs.write_text(args.json, coverage.to_json(rows))
     print(coverage.table(rows, peers=args.peers))
@@ -801,6 +822,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         try:
             args = parser.parse_args(argv)
+            args.argv = list(sys.argv[1:] if argv is None else argv)
         except SystemExit as exc:  # --help / --version
             return exc.code if isinstance(exc.code, int) else EXIT_OK
         if args.command is None:

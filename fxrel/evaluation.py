@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fxrel import metrics
+from fxrel import metrics, statistics
 from fxrel.catalog.registry import REGISTRY, make_method, method_info
 from fxrel.errors import InputError, RuleError
 from fxrel.explainer import explain
@@ -203,11 +203,18 @@ def _randomised_similarity(s: Samples) -> torch.Tensor:
 # -- running --------------------------------------------------------------------------------------------------------
 @dataclass
 class EvalResult:
-    """Per-sample records ``(model, method, metric) → {(image, class): (value, predicted)}`` and their table."""
+    """Per-sample records ``(model, method, metric) → {(image, class): (value, predicted)}`` and their table: each
+    cell the mean over pairs with its 95% bootstrap interval (:mod:`fxrel.statistics`, resamples keyed by
+    ``seed``)."""
 
     records: dict[tuple[str, str, str], dict[tuple[int, int], tuple[float, bool]]] = field(default_factory=dict)
     metrics: tuple[str, ...] = ()
     seconds: dict[tuple[str, str], float] = field(default_factory=dict)
+    seed: int = 0
+
+    #: what the table's cells mean (printed with it)
+    LEGEND = ("cells: mean ± half-width of its 95% bootstrap interval over the pairs (1,000 resamples); *: the best "
+              "of its model and column, or its interval overlaps the best one's")
 
     def merge(self, other: "EvalResult") -> None:
         for key, rows in other.records.items():
@@ -215,10 +222,24 @@ class EvalResult:
         for key, sec in other.seconds.items():
             self.seconds[key] = max(self.seconds.get(key, 0.0), sec)
 
-    def mean(self, model: str, method: str, metric: str, predicted_only: bool = False) -> float:
+    def _values(self, model: str, method: str, metric: str, predicted_only: bool) -> list[float]:
+        """The finite values in pair order (``predicted_only``: the correctly predicted pairs)."""
         rows = self.records.get((model, method, metric), {})
-        values = [v for _, (v, pred) in sorted(rows.items()) if (pred or not predicted_only) and math.isfinite(v)]
+        return [v for _, (v, pred) in sorted(rows.items()) if (pred or not predicted_only) and math.isfinite(v)]
+
+    def mean(self, model: str, method: str, metric: str, predicted_only: bool = False) -> float:
+        values = self._values(model, method, metric, predicted_only)
         return sum(values) / len(values) if values else float("nan")
+
+    def estimate(self, model: str, method: str, metric: str, predicted_only: bool = False) -> statistics.Estimate:
+        """The mean with its bootstrap interval."""
+        return statistics.estimate(self._values(model, method, metric, predicted_only), self.seed)
+
+    def difference(self, model: str, method: str, other: str, metric: str) -> statistics.Estimate:
+        """``method − other`` on ``metric``, pair by pair over the pairs both have a finite value for, with the
+        paired bootstrap interval of its mean: an interval that holds 0 is a difference within the noise."""
+        a, b = self.records.get((model, method, metric), {}), self.records.get((model, other, metric), {})
+        return statistics.estimate([a[p][0] - b[p][0] for p in sorted(a.keys() & b.keys())], self.seed)
 
     def rows(self) -> list[tuple[str, str]]:
         seen: dict[tuple[str, str], None] = {}
@@ -226,32 +247,53 @@ class EvalResult:
             seen[(model, method)] = None
         return list(seen)
 
-    def table(self, markdown: bool = False) -> str:
-        """The methods × metrics table (means; ``(P)``: correctly predicted pairs only), as aligned text or
-        ``markdown``."""
-        header = ["model", "method"]
-        columns: list[tuple[str, bool]] = []
+    def _columns(self) -> list[tuple[str, str, bool]]:
+        """``(header, metric, predicted_only)`` of every column; the pointing game has an (L) and a (P) column."""
+        columns = []
         for name in self.metrics:
             spec = METRICS[name]
             arrow = "↑" if spec.higher_is_better else "↓"
             if name == "pointing_game":
-                header += [f"PG(L){arrow}", f"PG(P){arrow}"]
-                columns += [(name, False), (name, True)]
+                columns += [(f"PG(L){arrow}", name, False), (f"PG(P){arrow}", name, True)]
             else:
-                header.append(f"{spec.label}{arrow}")
-                columns.append((name, False))
-        header.append("s")
-        body = [[model, method, *[f"{self.mean(model, method, m, p):.3f}" for m, p in columns],
-                 f"{self.seconds.get((model, method), float('nan')):.1f}"] for model, method in self.rows()]
+                columns.append((f"{spec.label}{arrow}", name, False))
+        return columns
+
+    def _cells(self) -> dict[tuple[str, str], list[tuple[statistics.Estimate, bool]]]:
+        """``(model, method) → [(estimate, same as the best)]`` per column, the best taken within each model."""
+        rows, columns = self.rows(), self._columns()
+        cells: dict[tuple[str, str], list[tuple[statistics.Estimate, bool]]] = {row: [] for row in rows}
+        for _, metric, predicted in columns:
+            for model in dict.fromkeys(model for model, _ in rows):
+                group = [row for row in rows if row[0] == model]
+                estimates = [self.estimate(*row, metric, predicted) for row in group]
+                marks = statistics.same_as_best(estimates, METRICS[metric].higher_is_better)
+                for row, e, mark in zip(group, estimates, marks):
+                    cells[row].append((e, mark))
+        return cells
+
+    def table(self, markdown: bool = False) -> str:
+        """The methods × metrics table (``(P)``: correctly predicted pairs only), as aligned text or ``markdown``;
+        :attr:`LEGEND` says what a cell holds."""
+        header = ["model", "method", *(label for label, _, _ in self._columns()), "s"]
+        body = [[model, method, *[f"{e.mean:.3f}±{e.half_width:.3f}{'*' if mark else ''}" for e, mark in cells],
+                 f"{self.seconds.get((model, method), float('nan')):.1f}"]
+                for (model, method), cells in self._cells().items()]
         return (format_markdown if markdown else format_table)(header, body)
 
     def to_json(self) -> dict:
-        return {"metrics": list(self.metrics),
-                "rows": [{"model": model, "method": method, "seconds": self.seconds.get((model, method)),
-                          **{m: self.mean(model, method, m) for m in self.metrics},
-                          **({"pointing_game_predicted": self.mean(model, method, "pointing_game", True)}
-                             if "pointing_game" in self.metrics else {})}
-                         for model, method in self.rows()]}
+        """Per row: every column's mean (``pointing_game_predicted`` for PG(P)), its interval under ``ci95`` and its
+        mark under ``same_as_best``."""
+        keys = [metric + ("_predicted" if predicted else "") for _, metric, predicted in self._columns()]
+        rows = []
+        for (model, method), cells in self._cells().items():
+            rows.append({"model": model, "method": method, "seconds": self.seconds.get((model, method)),
+                         **{k: e.mean for k, (e, _) in zip(keys, cells)},
+                         "pairs": {k: e.n for k, (e, _) in zip(keys, cells)},
+                         "ci95": {k: [e.low, e.high] for k, (e, _) in zip(keys, cells)},
+                         "same_as_best": {k: mark for k, (_, mark) in zip(keys, cells)}})
+        return {"metrics": list(self.metrics), "seed": self.seed, "bootstrap_resamples": statistics.RESAMPLES,
+                "rows": rows}
 
 
 def _pairs(labels: torch.Tensor, indices: Sequence[int]) -> list[tuple[int, int]]:
@@ -277,7 +319,7 @@ def evaluate(models: dict[str, nn.Module], scenes, methods: Sequence[str] = DEFA
     fns = {spec: method_fn(spec) for spec in methods}   # fails fast on an unknown method
     indices = list(range(len(scenes.labels))) if indices is None else list(indices)
     pairs = _pairs(scenes.labels, indices)
-    result = EvalResult(metrics=tuple(metric_names))
+    result = EvalResult(metrics=tuple(metric_names), seed=seed)
     for model_name, model in models.items():
         model = model.eval().to(device)
         for spec, fn in fns.items():
@@ -349,7 +391,7 @@ def evaluate_distributed(models: dict[str, nn.Module], scenes, methods: Sequence
         dist.gather_object(local, gathered if rank == 0 else None, dst=0)
         if rank != 0:
             return None
-        merged = EvalResult(metrics=local.metrics)
+        merged = EvalResult(metrics=local.metrics, seed=local.seed)
         for part in gathered:
             merged.merge(part)
         return merged

@@ -10,7 +10,9 @@ A (model, method) pair *holds* when
   feature map), and, for UCAG, ``PG ≥ PG(base)`` and ``EPG ≥ EPG(base)``.
 
 PG: pointing game over all labels; EPG: energy pointing game; Disc: :func:`fxrel.metrics.discrimination` on the
-multi-object scenes. ``fxrel fidelity --markdown docs/fidelity.md`` regenerates the table.
+multi-object scenes. A failed comparison with a base also gives the paired difference ``Δ`` (method − base, pair by
+pair) with its 95% bootstrap interval, and says *within noise* when that interval holds 0 (:mod:`fxrel.statistics`).
+``fxrel fidelity --markdown docs/fidelity.md`` regenerates the table.
 """
 from __future__ import annotations
 
@@ -75,14 +77,18 @@ def judge(result: EvalResult, model: str, method: str) -> Verdict:
         failures.append(f"PG {pg:.2f} < {PG_FRACTION}×{ref_pg:.2f}")
     if not disc >= ref_disc - DISC_MARGIN:
         failures.append(f"Disc {disc:.2f} < {ref_disc:.2f}−{DISC_MARGIN}")
+    def below_base(label: str, metric: str, value: float, base: str) -> None:
+        if not value >= get(base, metric):
+            d = result.difference(model, method, base, metric)
+            noise = " (within noise)" if d.low <= 0 <= d.high else ""
+            failures.append(f"{label} {value:.2f} < {base} {get(base, metric):.2f}: Δ {d.mean:+.3f} "
+                            f"[{d.low:+.3f}, {d.high:+.3f}]{noise}")
+
     for base in BASES.get(method, ()):
-        if not disc >= get(base, "discrimination"):
-            failures.append(f"Disc {disc:.2f} < {base} {get(base, 'discrimination'):.2f}")
+        below_base("Disc", "discrimination", disc, base)
         if method.startswith("ucag:"):
-            if not pg >= get(base, "pointing_game"):
-                failures.append(f"PG {pg:.2f} < {base} {get(base, 'pointing_game'):.2f}")
-            if not epg >= get(base, "energy_pointing_game"):
-                failures.append(f"EPG {epg:.2f} < {base} {get(base, 'energy_pointing_game'):.2f}")
+            below_base("PG", "pointing_game", pg, base)
+            below_base("EPG", "energy_pointing_game", epg, base)
     return Verdict(model, method, not failures, tuple(failures))
 
 

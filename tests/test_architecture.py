@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fxrel"
 #: its submodules; the longest matching prefix decides.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("fxrel.errors", "fxrel.outputs", "fxrel.text", "fxrel.imageops", "fxrel.sample_images", "fxrel.random_weights",
-     "fxrel.validation", "fxrel.streams"),
+     "fxrel.validation", "fxrel.streams", "fxrel.statistics"),
     ("fxrel.graphs",),
     ("fxrel.rules",),
     ("fxrel.catalog",),

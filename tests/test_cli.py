@@ -6,6 +6,7 @@ Small inputs (16–32 px) keep every relevance-graph build around a second on CP
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import fxrel  # noqa: E402
 from fxrel import cli  # noqa: E402
 from fxrel.cli import CLIError, main, parse_params, parse_targets  # noqa: E402
 from fxrel.text import parse_value  # noqa: E402
@@ -263,10 +265,15 @@ def test_eval_prints_and_writes_the_table(tmp_path, capsys):
                  "pointing_game,sparseness", "--images", "3", "--markdown", str(md), "--json", str(js), "-q"]) == 0
     out = capsys.readouterr().out
     assert "PG(L)↑" in out and "Gini↑" in out and "demo-vgg" in out
-    assert md.read_text().count("| demo-vgg |") == 2
+    page = md.read_text()
+    assert page.count("| demo-vgg |") == 2 and "metric seed 0" in page and "95% bootstrap interval" in page
+    assert page.startswith("Made by `fxrel eval --models demo-vgg --methods gradient,grad_cam --metrics ")
+    assert f"torch {torch.__version__}" in page and f"fxrel {fxrel.__version__}" in page
+    assert re.search(r"\| \d\.\d{3}±\d\.\d{3}\*? \|", page)
     rows = json.loads(js.read_text())["rows"]
     assert [r["method"] for r in rows] == ["gradient", "grad_cam"]
     assert all(0 <= r["pointing_game"] <= 1 and 0 <= r["sparseness"] <= 1 for r in rows)
+    assert all(r["ci95"]["sparseness"][0] <= r["sparseness"] <= r["ci95"]["sparseness"][1] for r in rows)
     assert main(["eval", "--metrics", "bogus", "-q"]) == 2
     assert "bogus" in capsys.readouterr().err
 
@@ -365,5 +372,6 @@ def test_fidelity_writes_the_page_and_judges_against_the_reference_and_the_base(
     page = out.read_text()
     assert page.startswith("# Seed methods on the evaluation zoo") and "## The bar" in page and "zoo-resnet" in page
     assert "(model, method) pairs hold" in page
+    assert "Made by `fxrel fidelity --models zoo-resnet --methods clrp" in page
     assert main(["fidelity", "--methods", "gradient", "-q"]) == 2   # not a seed method: a usage error
     assert "unknown methods gradient" in capsys.readouterr().err

@@ -35,3 +35,25 @@ def test_every_seed_method_runs_with_its_bases_and_the_reference():
     assert names[0] == REFERENCE and len(names) == len(set(names))
     for seed, bases in BASES.items():
         assert seed in names and all(names.index(b) < names.index(seed) for b in bases)
+
+
+def test_a_failed_comparison_with_a_base_says_whether_it_is_within_noise():
+    """Δ is the paired difference: a method a hair below its base on every pair is significantly below; one that
+    is below on the mean but above on half the pairs is within noise."""
+    result = EvalResult(metrics=("pointing_game", "energy_pointing_game", "discrimination"))
+    pairs = [(i, 0) for i in range(20)]
+
+    def put(method: str, disc: list[float]) -> None:
+        result.records[("m", method, "pointing_game")] = {p: (1.0, True) for p in pairs}
+        result.records[("m", method, "energy_pointing_game")] = {p: (0.5, True) for p in pairs}
+        result.records[("m", method, "discrimination")] = {p: (d, True) for p, d in zip(pairs, disc)}
+
+    base = [0.5 + 0.02 * i for i in range(20)]
+    put(REFERENCE, base)
+    put("grad_cam", base)
+    put("srd", [d - 0.001 for d in base])
+    srd = judge(result, "m", "srd")
+    assert not srd.holds and "Δ -0.001" in srd.failures[0] and "within noise" not in srd.failures[0]
+    put("srd", [d + (0.05 if i % 2 else -0.06) for i, d in enumerate(base)])
+    srd = judge(result, "m", "srd")
+    assert not srd.holds and "within noise" in srd.failures[0]
