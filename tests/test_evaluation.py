@@ -138,3 +138,19 @@ def test_torchrun_two_processes_reproduce_the_single_process_table(tmp_path):
         for row_a, row_b in zip(a["rows"], other["rows"]):
             for metric in a["metrics"]:
                 assert row_b[metric] == pytest.approx(row_a[metric], rel=1e-6, abs=1e-9), (row_a["method"], metric)
+
+
+def test_abpc_and_road_in_the_evaluation_are_the_metrics_on_each_pair():
+    """The evaluation's ABPC and ROAD columns are fxrel.metrics.region_perturbation / road on the pair alone,
+    with ROAD's noise keyed by the pair (so a pair scores the same in any chunk)."""
+    scenes, model = toy_scenes(), toy_model()
+    result = evaluation.evaluate({"toy": model}, scenes, ["gradient_x_input"], ["abpc", "road"], batch_size=3)
+    (i, c), = [(i, c) for i in range(5) for c in scenes.labels[i].nonzero().flatten().tolist()][-1:]
+    x, t = scenes.images[i:i + 1], torch.tensor([c])
+    maps = evaluation.method_fn("gradient_x_input")(model, x, t)
+    abpc = metrics.region_perturbation(model, x, maps, t, patch=3, patches_per_step=4, score="sigmoid")["abpc"]
+    road = metrics.road(model, x, maps, t, percentages=evaluation.ROAD_PERCENTAGES, score="sigmoid",
+                        keys=[(i, c)])["difference"]
+    assert result.records[("toy", "gradient_x_input", "abpc")][(i, c)][0] == pytest.approx(float(abpc), abs=1e-6)
+    assert result.records[("toy", "gradient_x_input", "road")][(i, c)][0] == pytest.approx(float(road), abs=1e-6)
+    assert "road" not in evaluation.DEFAULT_METRICS and "abpc" in evaluation.DEFAULT_METRICS

@@ -16,6 +16,9 @@ metric                         dir.  reference
 ``faithfulness_correlation``   ↑     Bhatt et al., IJCAI 2020
 ``insertion_deletion``         ↑/↓   Petsiuk et al., BMVC 2018 (RISE): insertion AUC ↑, deletion AUC ↓
 ``negative_perturbation``      ↑     Gur et al., AAAI 2021 (AGF), least relevant pixels removed first
+``region_perturbation``        ↑     Samek et al., TNNLS 2017; ``abpc`` = LeRF − MoRF AUC (AttnLRP, ICML 2024)
+``road``                       ↑/↓   Rong et al., ICML 2022 (ROAD): MoRF AUC ↓, LeRF AUC ↑, ``difference`` ↑
+``noisy_linear_imputation``    —     ROAD's imputation of removed pixels (a tool, not a metric)
 ``map_density``                ↑/↓   Jalwana et al., CVPR 2021 (CAMERAS), UCAG Table 5: D⁺ ↑, D⁻ ↓
 ``discrimination``             ↑     target's share of the positive relevance on the objects' regions (fxrel)
 ``map_correlation``            ↓     Pearson r of two classes' maps of one image (fxrel)
@@ -35,9 +38,11 @@ from fxrel.metrics.localisation import (
 )
 from fxrel.metrics.perturbation import faithfulness_correlation, insertion_deletion, map_density, negative_perturbation
 from fxrel.metrics.randomisation import cascading_randomisation, spearman, ssim
+from fxrel.metrics.region import noisy_linear_imputation, region_perturbation, road
 from fxrel.metrics.robustness import max_sensitivity
 
 __all__ = ["as_maps", "box_masks", "pointing_game", "energy_pointing_game", "attribution_localisation", "box_iou",
            "sparseness", "discrimination", "map_correlation",
            "faithfulness_correlation", "insertion_deletion", "negative_perturbation", "map_density",
+           "region_perturbation", "road", "noisy_linear_imputation",
            "max_sensitivity", "cascading_randomisation", "spearman", "ssim"]
