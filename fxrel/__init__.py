@@ -7,10 +7,10 @@ from fxrel import cam, ssl, ucag, wrappers  # noqa: F401  (the wrappers register
 from fxrel.catalog import REGISTRY, Method, describe, make_method
 from fxrel.errors import CaptureError, FxrelError, InputError, NumericalError, RuleError, UnsupportedOpError
 from fxrel.explainer import Explainer, Explanation, explain
+from fxrel.version import __version__
 
 __all__ = ["explain", "Explainer", "Explanation", "Method", "make_method", "methods", "REGISTRY", "FxrelError",
-           "CaptureError", "UnsupportedOpError", "RuleError", "InputError", "NumericalError"]
-__version__ = "0.1.0"
+           "CaptureError", "UnsupportedOpError", "RuleError", "InputError", "NumericalError", "__version__"]
 
 
 def methods(detail: bool = False) -> dict[str, str] | dict[str, dict]:

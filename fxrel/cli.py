@@ -1,5 +1,5 @@
-"""Command-line interface: ``fxrel demo``, ``fxrel explain``, ``fxrel eval``, ``fxrel graph``, ``fxrel methods`` and
-``fxrel models``.
+"""Command-line interface: ``fxrel demo``, ``fxrel explain``, ``fxrel explain-dataset``, ``fxrel eval``,
+``fxrel fidelity``, ``fxrel graph``, ``fxrel methods`` and ``fxrel models``.
 
 Every error a user can cause (a bad argument, an unknown method or model, a missing image or weight file, a class
 index out of range, any :class:`fxrel.FxrelError`) is reported as one ``fxrel: error: <message>`` line on stderr with
@@ -9,7 +9,8 @@ A command's output files are all or nothing (:mod:`fxrel.outputs`): their paths 
 outputs naming one file, or a folder in an output's place, is a usage error up front), each is written to a temp file
 in its destination folder, and all are moved into place together at the end, only when the whole command succeeded.
 A failed or interrupted run leaves no new output and no temp file, and files already at the destinations unchanged.
-Paths are printed once the files are in place.
+Paths are printed once the files are in place. (``explain-dataset`` writes a folder shard by shard instead, each
+shard file atomically, so that a killed run resumes: :mod:`fxrel.datasets`.)
 """
 from __future__ import annotations
 
@@ -401,6 +402,57 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_explain_dataset(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from fxrel import sample_images
+    from fxrel.datasets import explain_dataset, image_files, parse_target
+
+    methods = _demo_methods(",".join(args.method), ())   # fails fast on an unknown method or parameter
+    if args.param:
+        parse_params(args.param)
+        if len(methods) != 1 or "[" in methods[0]:
+            raise CLIError("--param sets the parameters of a single --method given by name; with several methods "
+                           "(or parameters in brackets) write each as name[key=value,…]")
+        methods = _demo_methods(f"{methods[0]}[{','.join(item.strip() for item in args.param)}]", ())
+    parse_target(args.target)
+    size = _size(args)
+    _device(args.device)
+    dataset = image_files(args.source, size)   # fails fast on a missing, empty or malformed source
+    model = _prepare_model(argparse.Namespace(**{**vars(args), "device": "cpu"}))   # explain_dataset places it
+    rank = int(os.environ.get("RANK", 0))
+    bar = tqdm(desc="fxrel explain-dataset", unit="img", file=sys.stderr, leave=False,
+               disable=True if args.quiet or rank != 0 else None)
+
+    def progress(done: int, total: int) -> None:
+        if bar.total != total:   # the first call: the images of shards kept from an earlier run count as done
+            bar.reset(total)
+            bar.initial = bar.n = done
+            bar.refresh()
+        bar.update(done - bar.n)
+
+    with bar:
+        run = explain_dataset(model, dataset, args.out, methods, target=args.target, size=size,
+                              transform=None if is_demo(args.model) else sample_images.imagenet_normalize,
+                              batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype,
+                              workers=args.workers, device=args.device, model_name=args.model, png=args.png,
+                              progress=progress)
+    if run.index is None:   # a rank other than 0: rank 0 reports
+        return EXIT_OK
+    source = f" (weights {args.weights})" if args.weights else (" (trained demo weights)" if is_demo(args.model)
+                                                                else " (random weights)")
+    print("\n".join([
+        f"source:  {run.source}",
+        f"model:   {args.model}{source}",
+        f"methods: {', '.join(methods)}",
+        f"target:  {args.target}: {run.maps // len(methods)} (image, class) maps per method",
+        f"stored:  {size}x{size} {args.dtype} maps in {run.shard_files} shard file(s), {run.world} process(es); rank 0 "
+        f"wrote {run.shards_written} now and kept {run.shards_kept} from an earlier run",
+        f"time:    {run.seconds:.1f} s, {run.images_per_second:.1f} images/s (rank 0)",
+        f"wrote {run.index}"]))
+    return EXIT_OK
+
+
 def cmd_graph(args: argparse.Namespace) -> int:
     import json
 
@@ -537,11 +589,15 @@ def _provenance(args: argparse.Namespace) -> str:
     from fxrel import __version__
 
     version = __version__
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                                capture_output=True, text=True, timeout=10)
-        if commit.returncode == 0 and commit.stdout.strip():
-            version += f" (git {commit.stdout.strip()})"
+    checkout = Path(__file__).resolve().parents[1]
+    with contextlib.suppress(OSError, subprocess.SubprocessError):   # the commit, when fxrel runs from its checkout
+        def git(*command: str) -> str:
+            done = subprocess.run(["git", *command], cwd=checkout, capture_output=True, text=True, timeout=10)
+            return done.stdout.strip() if done.returncode == 0 else ""
+
+        top = git("rev-parse", "--show-toplevel")
+        if top and Path(top).resolve() == checkout:
+            version += f" (git {git('describe', '--always', '--dirty', '--abbrev=7')})"   # -dirty: uncommitted edits
     return (f"Made by `fxrel {shlex.join(args.argv)}` with fxrel {version}, torch {torch.__version__}, "
             f"timm {timm.__version__}, Python {platform.python_version()}, on {datetime.date.today().isoformat()}.")
 
@@ -727,6 +783,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", metavar="FILE.txt", help="rule plan text (default: <out stem>.plan.txt)")
     p.add_argument("--compile", action="store_true", help="run the relevance graph through torch.compile")
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("explain-dataset", conflict_handler="resolve",
+                       help="explain every image of a folder or list file and store the maps (resumable; "
+                            "torchrun: several processes)",
+                       description="Explain every image of SOURCE with one or more methods and store the maps "
+                                   "([H, W], channel sums) as sharded safetensors files with an index.jsonl in "
+                                   "--out (read them with fxrel.datasets.MapStore). A run restarted on the same "
+                                   "folder keeps the shard files already written; under torchrun each process "
+                                   "takes every N-th image and writes its own shards.")
+    p.add_argument("source", metavar="SOURCE", help="image folder (ImageFolder layout, one subfolder per class, or "
+                                                    "flat) or list file (one image path per line, optional label)")
+    _add_model_options(p, positional_model=False)
+    p.add_argument("--method", action="append", required=True, metavar="SPEC",
+                   help="method spec, name or name[key=value,…] (repeatable, or several separated by commas)")
+    p.add_argument("--target", default="top1", metavar="T",
+                   help="label (the dataset's), top1 (default), top-k (the k highest-scoring classes) or present "
+                        "(every class of a multi-label vector)")
+    p.add_argument("--out", required=True, metavar="FOLDER", help="output folder (made if needed)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="rows per batch (16)")
+    p.add_argument("--shard-size", type=_positive_int, default=256, metavar="N", help="images per shard file (256)")
+    p.add_argument("--workers", type=int, default=0, metavar="N", help="DataLoader worker processes (0)")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+                   help="storage dtype of the maps (default float16)")
+    p.add_argument("--png", action="store_true", help="also write png/<method>/<image>.c<class>.png overlays")
+    p.set_defaults(func=cmd_explain_dataset)
 
     p = sub.add_parser("methods", help="list the explanation methods")
     p.set_defaults(func=cmd_methods)

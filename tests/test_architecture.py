@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fxrel"
 #: its submodules; the longest matching prefix decides.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("fxrel.errors", "fxrel.outputs", "fxrel.text", "fxrel.imageops", "fxrel.sample_images", "fxrel.random_weights",
-     "fxrel.validation", "fxrel.streams", "fxrel.statistics"),
+     "fxrel.validation", "fxrel.streams", "fxrel.statistics", "fxrel.version"),
     ("fxrel.graphs",),
     ("fxrel.rules",),
     ("fxrel.catalog",),
@@ -23,6 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("fxrel.wrappers", "fxrel.cam", "fxrel.ucag", "fxrel.ssl", "fxrel.srd_maps", "fxrel.apop"),
     ("fxrel.metrics", "fxrel.visualize", "fxrel.demo", "fxrel.zoo", "fxrel.evaluation", "fxrel.fidelity",
      "fxrel.coverage"),
+    ("fxrel.datasets",),
     ("fxrel", "fxrel.cli", "fxrel.__main__"),
 )
 
