@@ -630,7 +630,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             bar.set_description(description)
             bar.update()
 
-        kwargs = dict(batch_size=args.batch_size, device=device, seed=args.metric_seed, progress=step)
+        stores = _map_stores(args, models, scenes, methods, device)
+        kwargs = dict(batch_size=args.batch_size, device=device, seed=args.metric_seed, progress=step,
+                      stored=None if stores is None else lambda model, spec: stores[model].map_fn(spec))
         if world > 1:
             result = evaluation.evaluate_distributed(models, scenes, methods, metric_names, **kwargs)
         else:
@@ -650,6 +652,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(table)
     _print_written(outputs)
     return EXIT_OK
+
+
+def _map_stores(args: argparse.Namespace, models: dict, scenes, methods: list[str], device) -> dict | None:
+    """``eval --save-maps``: explain every (scene, present class) once and store the maps (one folder per model);
+    ``--maps``: open the stores of an earlier run. ``None`` without either."""
+    folder = args.save_maps or args.maps
+    if folder is None:
+        return None
+    from torch.utils.data import TensorDataset
+
+    from fxrel.datasets import MapStore, explain_dataset
+
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise CLIError("--save-maps and --maps run in one process; run them without torchrun")
+    for name, model in models.items() if args.save_maps else ():
+        explain_dataset(model, TensorDataset(scenes.images, scenes.labels), Path(folder) / name, methods,
+                        target="present", size=args.size, batch_size=args.batch_size, dtype="float32",
+                        device=device, model_name=name)
+    stores = {name: MapStore(Path(folder) / name) for name in models}
+    for store in stores.values():
+        for spec in methods:
+            store.map_fn(spec)   # every method is there, or an InputError naming the one missing
+    return stores
 
 
 def cmd_fidelity(args: argparse.Namespace) -> int:
@@ -847,10 +872,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", metavar="A,B,…", help="methods, name[key=value,…] (e.g. agf[residual=official]) "
                    "or ucag:BASE (default: " + ", ".join(DEFAULT_METHODS) + ")")
     p.add_argument("--metrics", metavar="A,B,…", help="metrics (default: all but randomisation, the cascading "
-                                                       "sanity check, which re-captures the model per layer; "
-                                                       "names in fxrel.evaluation.METRICS)")
+                                                       "sanity check, which re-captures the model per layer, and "
+                                                       "road, which imputes 18 images per pair; names in "
+                                                       "fxrel.evaluation.METRICS)")
     _add_table_options(p, images=16, written="table")
     p.add_argument("--size", type=_positive_int, default=64, metavar="N", help="scene side length (default 64)")
+    stored = p.add_mutually_exclusive_group()
+    stored.add_argument("--save-maps", metavar="DIR", help="also store every map (float32, DIR/MODEL, as "
+                                                            "`fxrel explain-dataset` does) for later --maps runs")
+    stored.add_argument("--maps", metavar="DIR", help="score the maps stored by an earlier --save-maps run instead "
+                                                       "of explaining again (metrics that explain perturbed inputs "
+                                                       "still run the method)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("fidelity", help="the seed methods against LRP-ε+♭ and their papers' bases on the zoo",

@@ -100,11 +100,12 @@ class Samples:
     masks: torch.Tensor         #: [P, H, W] bool, the class's pixels
     boxes: torch.Tensor         #: [P, H, W] bool, the class's box
     maps: torch.Tensor          #: [P, H, W]
-    explain: MapFn              #: the method, its random draws keyed by ``keys``
+    explain: MapFn              #: the method, its random draws keyed by ``keys`` (re-explains perturbed inputs)
     others: torch.Tensor        #: [P, H, W] bool, the union of the other present classes' boxes
     other_targets: torch.Tensor  #: [P] another class present in the image (the next one), -1 for single objects
     keys: list[tuple[int, int]]  #: the (image, class) of each row: the key of every random draw (fxrel.streams)
     seed: int = 0                #: the seed of every random draw
+    lookup: MapFn | None = None  #: where the maps of the scenes themselves come from (stored maps), else ``explain``
     shared: dict = field(default_factory=dict)   #: results that several metrics read (insertion and deletion …)
 
     def once(self, key: str, compute: Callable[[], dict]) -> dict:
@@ -137,7 +138,7 @@ def _other_maps(s: Samples) -> dict:
         # method's relevance program was built for
         other = torch.where(valid, s.other_targets, s.targets)
         keys = [(image, c) for (image, _), c in zip(s.keys, other.tolist())]
-        maps = s.explain(s.model, s.x, other, keys=keys).detach()
+        maps = (s.lookup or s.explain)(s.model, s.x, other, keys=keys).detach()
         if maps.shape[-2:] != s.maps.shape[-2:]:
             maps = resize_maps(maps, s.maps.shape[-2:])
         return {"maps": maps, "valid": valid}
@@ -323,6 +324,7 @@ def _pairs(labels: torch.Tensor, indices: Sequence[int]) -> list[tuple[int, int]
 def evaluate(models: dict[str, nn.Module], scenes, methods: Sequence[str] = DEFAULT_METHODS,
              metric_names: Sequence[str] = DEFAULT_METRICS, *, indices: Iterable[int] | None = None,
              batch_size: int = 16, device: torch.device | str = "cpu", seed: int = 0,
+             stored: Callable[[str, str], MapFn] | None = None,
              progress: Callable[[str], None] | None = None) -> EvalResult:
     """Evaluate ``methods`` on ``models`` over the (image, present class) pairs of ``scenes`` (a
     :class:`fxrel.demo.SceneBatch`, or anything with ``images``, ``labels``, ``masks``, ``boxes``); ``indices``
@@ -330,7 +332,11 @@ def evaluate(models: dict[str, nn.Module], scenes, methods: Sequence[str] = DEFA
 
     Every random draw (faithfulness subsets, max-sensitivity noise, SmoothGrad's noise) comes from a stream keyed by
     ``(seed, metric, image, class)`` (:mod:`fxrel.streams`), so a pair's figure is the same for any batch size,
-    shard, process count, order or device (up to floating-point rounding)."""
+    shard, process count, order or device (up to floating-point rounding).
+
+    ``stored(model name, method spec)`` gives a map function that reads the maps of the scenes' pairs instead of
+    explaining them (:meth:`fxrel.datasets.MapStore.map_fn`): the method is explained once and scored many times;
+    the metrics that explain perturbed inputs (max-sensitivity, randomisation) still run the method."""
     import time
 
     unknown = [m for m in metric_names if m not in METRICS]
@@ -348,7 +354,8 @@ def evaluate(models: dict[str, nn.Module], scenes, methods: Sequence[str] = DEFA
                 chunk = pairs[chunk_start:chunk_start + batch_size]
                 # the last chunk is padded with its last pair: one batch shape, one relevance program per method
                 padded = chunk + chunk[-1:] * (min(batch_size, len(pairs)) - len(chunk))
-                samples, predicted = _samples(model, scenes, padded, fn, device, seed)
+                lookup = stored(model_name, spec) if stored is not None else None
+                samples, predicted = _samples(model, scenes, padded, fn, device, seed, lookup)
                 for name in metric_names:
                     values = METRICS[name].compute(samples).detach().double().cpu().tolist()[:len(chunk)]
                     rows = result.records.setdefault((model_name, spec, name), {})
@@ -359,8 +366,8 @@ def evaluate(models: dict[str, nn.Module], scenes, methods: Sequence[str] = DEFA
     return result
 
 
-def _samples(model: nn.Module, scenes, chunk: list[tuple[int, int]], fn: MapFn, device,
-             seed: int) -> tuple[Samples, list]:
+def _samples(model: nn.Module, scenes, chunk: list[tuple[int, int]], fn: MapFn, device, seed: int,
+             lookup: MapFn | None = None) -> tuple[Samples, list]:
     img = torch.tensor([i for i, _ in chunk])
     cls = torch.tensor([c for _, c in chunk])
     x = scenes.images[img].to(device)
@@ -377,12 +384,12 @@ def _samples(model: nn.Module, scenes, chunk: list[tuple[int, int]], fn: MapFn, 
     following = (torch.arange(scenes.labels.shape[1])[None] - cls[:, None]) % scenes.labels.shape[1]
     following = torch.where(present, following, torch.full_like(following, scenes.labels.shape[1]))
     other_targets = torch.where(present.any(1), following.argmin(1), torch.full_like(cls, -1)).to(device)
-    maps = fn(model, x, targets, keys=chunk).detach()
+    maps = (lookup or fn)(model, x, targets, keys=chunk).detach()
     if maps.shape[-2:] != (height, width):
         maps = resize_maps(maps, (height, width))
     with torch.no_grad():
         predicted = (model(x).gather(1, targets[:, None])[:, 0] > 0).cpu().tolist()
-    return Samples(model, x, targets, masks, boxes, maps, fn, others, other_targets, chunk, seed), predicted
+    return Samples(model, x, targets, masks, boxes, maps, fn, others, other_targets, chunk, seed, lookup), predicted
 
 
 # -- distributed ----------------------------------------------------------------------------------------------------

@@ -450,3 +450,19 @@ def test_torchrun_two_processes_store_the_single_process_maps(model, folder, flo
     assert key == [(r["image"], r["class"], r["method"]) for r in one.records] and len(set(key)) == len(key)
     a, b = two.load().maps, one.load().maps
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()))
+
+
+def test_map_fn_refuses_maps_of_other_images(model, folder, float32_run):
+    """MapStore.map_fn checks each map's recorded score against the model: the right image passes, the same keys
+    on other images are refused, naming the pair."""
+    store = MapStore(float32_run)
+    record = store.select(method=METHODS[0])[0]
+    i, c = record["image"], record["class"]
+    fn = store.map_fn(METHODS[0])
+    x = image_files(folder, SIZE)[i][0][None]   # the image as the run read it (the PNG)
+    stored = fn(model, x, torch.tensor([c]), keys=[(i, c)])
+    assert torch.equal(stored[0], store.load(image=i, cls=c, method=METHODS[0]).maps[0])
+    with pytest.raises(InputError, match=rf"\({i}, {c}\).*other images or another model"):
+        fn(model, torch.flip(x, dims=[-1]) * 0.5, torch.tensor([c]), keys=[(i, c)])
+    with pytest.raises(InputError, match="holds no"):
+        fn(model, x, torch.tensor([c]), keys=[(i, (c + 1) % 10)])

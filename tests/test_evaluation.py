@@ -154,3 +154,34 @@ def test_abpc_and_road_in_the_evaluation_are_the_metrics_on_each_pair():
     assert result.records[("toy", "gradient_x_input", "abpc")][(i, c)][0] == pytest.approx(float(abpc), abs=1e-6)
     assert result.records[("toy", "gradient_x_input", "road")][(i, c)][0] == pytest.approx(float(road), abs=1e-6)
     assert "road" not in evaluation.DEFAULT_METRICS and "abpc" in evaluation.DEFAULT_METRICS
+
+
+def test_eval_scores_stored_maps_as_it_scores_fresh_ones(tmp_path, monkeypatch, capsys):
+    """`fxrel eval --save-maps` stores each pair's maps once; `--maps` scores them without explaining (the method
+    is never called) to the same figures; maps of other scenes are refused (a missing pair, or a recorded score
+    the model does not give)."""
+    pytest.importorskip("fxrel.demo")
+    from fxrel.cli import main
+
+    argv = ["eval", "--models", "demo-vgg", "--methods", "gradient_x_input,smoothgrad[samples=2]", "--metrics",
+            "pointing_game,faithfulness,class_correlation,abpc", "--images", "3", "--batch-size", "4", "-q"]
+    fresh, saved, read = tmp_path / "fresh.json", tmp_path / "saved.json", tmp_path / "read.json"
+    maps = tmp_path / "maps"
+    assert main([*argv, "--json", str(fresh)]) == 0
+    assert main([*argv, "--json", str(saved), "--save-maps", str(maps)]) == 0
+    assert (maps / "demo-vgg" / "index.jsonl").is_file()
+
+    def no_explaining(*args, **kwargs):
+        raise AssertionError("the method ran although its maps are stored")
+
+    monkeypatch.setattr(evaluation, "explain", no_explaining)
+    assert main([*argv, "--json", str(read), "--maps", str(maps)]) == 0
+    a = json.loads(fresh.read_text())
+    for other in (json.loads(saved.read_text()), json.loads(read.read_text())):
+        for row_a, row_b in zip(a["rows"], other["rows"]):
+            for metric in a["metrics"]:
+                assert row_b[metric] == pytest.approx(row_a[metric], rel=1e-6, abs=1e-9), (row_a["method"], metric)
+    capsys.readouterr()
+    assert main([*argv, "--seed", "5", "--maps", str(maps)]) == 2
+    err = capsys.readouterr().err     # other scenes: a pair the store lacks, or one whose score differs
+    assert "holds no gradient_x_input map for (image, class)" in err or "other images or another model" in err

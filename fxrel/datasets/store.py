@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from fxrel.datasets.index import missing_shards, read_index
 from fxrel.datasets.layout import INDEX_FILE, RUN_FILE
@@ -104,6 +106,33 @@ class MapStore:
         spec = None if method is None else self._method(method)
         return [r for r in self.records if (index is None or r["image"] == index)
                 and (cls is None or r["class"] == cls) and (spec is None or r["method"] == spec)]
+
+    def map_fn(self, method: str, tolerance: float = 1e-4) -> Callable[..., torch.Tensor]:
+        """The stored maps of ``method`` as a map function ``(model, x, targets, keys) → [N, H, W]``, ``keys`` the
+        rows' ``(image index, class)`` (what :func:`fxrel.evaluation.evaluate` passes). Each map's recorded score is
+        checked against ``model(x)`` (``|Δ| ≤ tolerance · (1 + |score|)``), so maps of other images or another
+        model are refused, naming the image."""
+        spec = self._method(method)
+        where = {(r["image"], r["class"]): r for r in self.records if r["method"] == spec}
+
+        def stored(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, keys=None) -> torch.Tensor:
+            if keys is None or len(keys) != len(x):
+                raise InputError("stored maps are looked up by (image, class) keys, one per row")
+            missing = [key for key in keys if tuple(key) not in where]
+            if missing:
+                raise InputError(f"{self.folder} holds no {spec} map for (image, class) {tuple(missing[0])}")
+            with torch.no_grad():
+                scores = model(x).gather(1, torch.as_tensor(targets, device=x.device).view(-1, 1))[:, 0].cpu()
+            recorded = torch.tensor([where[tuple(key)]["score"] for key in keys], dtype=scores.dtype)
+            bad = ((scores - recorded).abs() > tolerance * (1 + recorded.abs())).nonzero().flatten()
+            if len(bad):
+                k = int(bad[0])
+                raise InputError(f"the stored map of (image, class) {tuple(keys[k])} in {self.folder} was made for "
+                                 f"a score of {float(recorded[k]):.5g}, but the model gives {float(scores[k]):.5g} "
+                                 "on this image: other images or another model")
+            maps = [self.load(image=int(i), cls=int(c), method=spec).maps[0] for i, c in keys]
+            return torch.stack(maps).to(x.device)
+        return stored
 
     def load(self, image: int | str | None = None, cls: int | None = None, method: str | None = None,
              dtype: torch.dtype | None = torch.float32) -> Maps:
